@@ -1,0 +1,26 @@
+# The two commands of the README.  Each does all the set-up it needs (as root on
+# a Debian-like machine: Debian packages, then .venv) and is quick when done.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: lab test unit setup-lab setup-test clean-lab
+
+lab: setup-lab
+	$(VENV)/bin/labkit doctor
+	@echo "make lab: the netns testbed can run here. The replay of the nine iterations is not built yet;"
+	@echo "          when it is, 'make lab' runs it and prints where results/<run-id>/index.html is."
+
+test: setup-test
+	$(VENV)/bin/python -m pytest -q tests
+
+unit: setup-test
+	$(VENV)/bin/python -m pytest -q tests/unit
+
+setup-lab:
+	@bash scripts/setup.sh lab
+
+setup-test:
+	@bash scripts/setup.sh test
+
+clean-lab: setup-lab
+	$(VENV)/bin/labkit clean

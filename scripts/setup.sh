@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Set up what labkit needs on a Debian-like machine, idempotently:
+#   scripts/setup.sh lab    Debian packages for the netns testbed + .venv with labkit
+#   scripts/setup.sh test   the same, plus what the tests need (sshd, vagrant, shellcheck)
+# Quick when all is there: it installs only what is missing.
+set -euo pipefail
+
+mode=${1:-lab}
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv="$here/.venv"
+
+# command -> Debian package
+lab_pkgs="ip:iproute2 iptables:iptables iptables-restore:iptables conntrack:conntrack
+in.tftpd:tftpd-hpa tftp:tftp-hpa atftp:atftp modprobe:kmod pgrep:procps"
+test_pkgs="sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
+vagrant:vagrant shellcheck:shellcheck"
+
+want="$lab_pkgs"
+[ "$mode" = test ] && want="$lab_pkgs $test_pkgs"
+
+missing=""
+for pair in $want; do
+    cmd=${pair%%:*}; pkg=${pair#*:}
+    if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1; then
+        case " $missing " in *" $pkg "*) ;; *) missing="$missing $pkg" ;; esac
+    fi
+done
+if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    missing="$missing python3-venv"
+fi
+
+if [ -n "$missing" ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup: missing Debian packages:$missing" >&2
+        echo "setup: run as root, or: sudo apt-get install$missing" >&2
+        exit 1
+    fi
+    echo "setup: installing Debian packages:$missing"
+    # Packages such as tftpd-hpa and openssh-server start a system service when
+    # installed; the lab runs its own servers inside its namespaces, so keep the
+    # machine's service manager from starting them (only if nothing else does).
+    policy=/usr/sbin/policy-rc.d
+    made_policy=""
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod 755 "$policy"; made_policy=1
+        trap '[ -n "$made_policy" ] && rm -f "$policy"' EXIT
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi
+
+stamp="$venv/.labkit-installed"
+digest=$(cat "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ]; then
+    echo "setup: creating $venv"
+    python3 -m venv "$venv"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$digest-$mode" ] && [ "$(cat "$stamp" 2>/dev/null)" != "$digest-test" ]; then
+    echo "setup: installing labkit and its Python dependencies into $venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    extra=""
+    [ "$mode" = test ] && extra="[test]"
+    "$venv/bin/python" -m pip install -q -e "$here$extra"
+    echo "$digest-$mode" > "$stamp"
+fi
