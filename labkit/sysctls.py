@@ -1,0 +1,155 @@
+"""The machine's global conntrack sysctls: saved before the first write, always restorable.
+
+``net.netfilter.nf_conntrack_max`` and ``nf_conntrack_expect_max`` are global:
+writable only in the initial network namespace, and every namespace is held
+against them.  A lab run that changes them must give them back, on ``down``, on
+an error, on a signal, and through ``labkit clean`` after a crash.  So the
+originals go to a state file (atomically, before anything is written), and one
+machine-wide claim file says which state file owns the globals: two labs on one
+machine never save each other's values as "original".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from labkit.exceptions import SysctlError, TestbedError
+from labkit.host import Host, LocalHost, sysctl_name
+from labkit.util import atomic_write
+
+log = logging.getLogger(__name__)
+
+GLOBAL_SYSCTLS = frozenset({
+    "net.netfilter.nf_conntrack_max",
+    "net.netfilter.nf_conntrack_expect_max",
+    "net.nf_conntrack_max",
+})
+CLAIM_PATH = "/run/lock/labkit-global-sysctls.claim"
+STATE_NAME = "global-sysctls.json"
+
+
+def state_dir() -> Path:
+    """Where labkit keeps run state (ledgers, saved sysctls): $LABKIT_STATE_DIR or /run/labkit."""
+    return Path(os.environ.get("LABKIT_STATE_DIR", "/run/labkit"))
+
+
+def is_global(name: str) -> bool:
+    """True for the sysctls that only the initial network namespace may set."""
+    return sysctl_name(name) in GLOBAL_SYSCTLS
+
+
+class GlobalSysctls:
+    """Set and restore the global sysctls for one lab run.
+
+    Args:
+        owner: the run id that owns the change (kept in the state file).
+        host: the machine (its initial namespace); this machine by default.
+        directory: the state directory; :func:`state_dir` by default.
+        claim_path: the machine-wide claim file (tests may point it elsewhere).
+    """
+
+    def __init__(self, owner: str, *, host: Host | None = None, directory: Path | None = None,
+                 claim_path: str = CLAIM_PATH):
+        self.owner = owner
+        self.host = host or LocalHost()
+        self.dir = Path(directory or state_dir())
+        self.path = self.dir / STATE_NAME
+        self.claim_path = Path(claim_path)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.claim_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(str(self.claim_path) + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _claimant(self) -> str | None:
+        try:
+            return self.claim_path.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _state(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+
+    def saved(self) -> dict[str, str]:
+        """The original values saved by this state directory (empty when none)."""
+        return dict(self._state().get("saved", {}))
+
+    def set(self, values: Mapping[str, int], *, wait: float = 0.0) -> None:
+        """Save the originals (first time only), then write ``values``.
+
+        Args:
+            values: global sysctls (dotted or /proc/sys form) and their new values.
+            wait: seconds to wait while another lab run holds the globals.
+
+        Raises:
+            SysctlError: a name is not a global sysctl, or the kernel refused a value.
+            TestbedError: another run holds the globals (after ``wait``), or a new
+                ``nf_conntrack_max`` is below what the machine already tracks.
+        """
+        names = {sysctl_name(n): v for n, v in values.items()}
+        for name in names:
+            if name not in GLOBAL_SYSCTLS:
+                raise SysctlError(name, self.host.name, "not a global sysctl; set it in its namespace")
+        deadline = time.monotonic() + wait
+        while True:
+            with self._locked():
+                claimant = self._claimant()
+                if claimant in (None, str(self.path)) or not Path(claimant).exists():
+                    self._set_locked(names)
+                    return
+            if time.monotonic() >= deadline:
+                raise TestbedError(
+                    f"the global conntrack sysctls are held by another lab run (state {claimant}); "
+                    "bring it down with `labkit down`, or run `labkit clean` if it crashed")
+            time.sleep(0.2)
+
+    def _set_locked(self, names: dict[str, int]) -> None:
+        state = self._state() or {"owner": self.owner, "saved": {}}
+        saved = state["saved"]
+        for name in names:
+            if name not in saved:
+                saved[name] = self.host.read_sysctl(name)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, json.dumps(state, indent=1).encode())
+        atomic_write(self.claim_path, str(self.path).encode())
+        for name, value in names.items():
+            if name.endswith("nf_conntrack_max"):
+                tracked = int(self.host.read_sysctl("net.netfilter.nf_conntrack_count"))
+                if int(value) < tracked:
+                    raise TestbedError(
+                        f"refusing to set {name}={value}: the machine already tracks {tracked} "
+                        "connections in its own namespace; lowering the max below that would drop them")
+            log.info("global %s=%s (was %s)", name, value, saved[name])
+            self.host.write_sysctl(name, value)
+
+    def restore(self) -> dict[str, str]:
+        """Write the saved originals back and forget them; idempotent.
+
+        Returns:
+            The values restored (empty when nothing was saved).
+        """
+        with self._locked():
+            state = self._state()
+            saved = state.get("saved", {})
+            for name, value in reversed(list(saved.items())):
+                self.host.write_sysctl(name, value)
+                log.info("restored global %s=%s", name, value)
+            self.path.unlink(missing_ok=True)
+            if self._claimant() == str(self.path):
+                self.claim_path.unlink(missing_ok=True)
+            return saved
