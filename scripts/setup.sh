@@ -14,6 +14,9 @@ lab_pkgs="ip:iproute2 iptables:iptables iptables-restore:iptables conntrack:conn
 in.tftpd:tftpd-hpa tftp:tftp-hpa atftp:atftp modprobe:kmod pgrep:procps"
 test_pkgs="sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
 vagrant:vagrant shellcheck:shellcheck"
+# packages with no command of their own (checked with dpkg): the Vagrant libvirt
+# provider, so that `vagrant validate` also checks the libvirt settings
+test_debs="vagrant-libvirt"
 
 want="$lab_pkgs"
 [ "$mode" = test ] && want="$lab_pkgs $test_pkgs"
@@ -25,6 +28,11 @@ for pair in $want; do
         case " $missing " in *" $pkg "*) ;; *) missing="$missing $pkg" ;; esac
     fi
 done
+if [ "$mode" = test ]; then
+    for pkg in $test_debs; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
+    done
+fi
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing="$missing python3-venv"
 fi
