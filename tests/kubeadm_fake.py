@@ -291,7 +291,7 @@ class FakeCluster:
                    "sysctls": sysctls, "ip": f"10.244.1.{10 + i}", "forbidden": forbidden}
             self.next_pid += 17
             self.pods.append(pod)
-        if forbidden or self.faults.get("stuck"):
+        if (forbidden and spec["replicas"]) or self.faults.get("stuck"):
             return 1, ("Waiting for deployment \"tftp-server\" rollout to finish: 0 of "
                        f"{spec['replicas']} updated replicas are available...\n"), \
                 "error: timed out waiting for the condition\n"

@@ -116,13 +116,15 @@ class KubeadmDriver:
             so that :meth:`restore` undoes exactly that, also from another process.
         manifests: the ``k8s-manifests/`` to apply.
         ready_timeout, rollout_timeout: seconds to wait for the node / the rollout.
+        helper_rule: add the explicit TFTP conntrack helper rule (without it,
+            transfers through the NodePort fail on kernels >= 6.0).
         sleep, clock: injectable for tests.
     """
 
     def __init__(self, node: Host, kubectl: Host, *, node_name: str, node_ip: str,
                  state_path: str | os.PathLike, manifests: Manifests | None = None,
                  ready_timeout: float = 120.0, rollout_timeout: float = 180.0,
-                 poll: float = 2.0, sleep: Callable[[float], None] = time.sleep,
+                 helper_rule: bool = True, poll: float = 2.0, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic):
         self.node = node
         self.kubectl = kubectl
@@ -132,6 +134,7 @@ class KubeadmDriver:
         self.manifests = manifests or Manifests()
         self.ready_timeout = ready_timeout
         self.rollout_timeout = rollout_timeout
+        self.use_helper_rule = helper_rule
         self.poll = poll
         self.sleep = sleep
         self.clock = clock
@@ -181,7 +184,8 @@ class KubeadmDriver:
             self.start_plain(iteration)
         else:
             self.stop_plain()
-            self.ensure_helper_rule()
+            if self.use_helper_rule:
+                self.ensure_helper_rule()
             self.apply_workload(iteration)
             self.verify_pods(iteration)
         size = self.state["file"]["size"]

@@ -1,0 +1,261 @@
+"""The ``vagrant`` testbed: labkit's kubeadm cluster on Vagrant VMs (python-vagrant).
+
+``up`` brings the VMs up (``vagrant up``: see the ``Vagrantfile`` and
+``vagrant/settings.yaml``) when they are not running, pins each VM's SSH host
+key in the lab's own known_hosts (``.vagrant/labkit_known_hosts``), builds an
+:class:`~labkit.testbed.cluster.Inventory` from ``vagrant ssh-config``, and
+applies the iteration over SSH like the ``ssh`` testbed does.
+
+Host keys: ``vagrant ssh-config`` says ``StrictHostKeyChecking no``; labkit
+ignores that.  Right after ``vagrant up`` it reads each VM's host key through
+``vagrant ssh`` (the channel Vagrant itself trusts) and pins it; from then on
+every connection is checked against the pin, and a VM re-created behind
+labkit's back is refused until :meth:`VagrantTestbed.destroy` (or removing its
+line) clears the pin.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paramiko
+import yaml
+
+from labkit.exceptions import HostKeyError, ScenarioError, TestbedError
+from labkit.manifests import MANIFEST_DIR
+from labkit.ssh import known_hosts_name, pin_host_key
+from labkit.testbed.cluster import ClusterTestbed, Inventory, InventoryHost
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = MANIFEST_DIR.parent
+CONTROL_PLANE, CLIENT = "control-plane", "client"
+HOST_KEY_FILE = "/etc/ssh/ssh_host_ed25519_key.pub"
+
+
+@dataclass
+class SSHConfigEntry:
+    """One ``Host`` block of ``ssh -F`` style configuration.
+
+    Attributes:
+        name: the block's name (the Vagrant machine).
+        options: lower-cased option name -> list of values (IdentityFile repeats).
+    """
+
+    name: str
+    options: dict[str, list[str]] = field(default_factory=dict)
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        """The first value of an option."""
+        values = self.options.get(key.lower())
+        return values[0] if values else default
+
+    @property
+    def port(self) -> int:
+        """The SSH port (22 when not given)."""
+        return int(self.get("port", "22"))
+
+
+def parse_ssh_config(text: str) -> dict[str, SSHConfigEntry]:
+    """Parse ``vagrant ssh-config`` output into its ``Host`` blocks.
+
+    Accepts ``Key value`` and ``Key=value``, quoted values, comments and blank
+    lines, as ssh_config(5) does.
+
+    Raises:
+        TestbedError: an option before the first ``Host``, a ``Host`` block
+            without ``HostName``, or a non-numeric ``Port``.
+    """
+    entries: dict[str, SSHConfigEntry] = {}
+    current: SSHConfigEntry | None = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"^(\S+?)(?:\s*=\s*|\s+)(.*)$", line)
+        if not match:
+            raise TestbedError(f"vagrant ssh-config, line {number}: option without a value: {raw!r}")
+        key, value = match.group(1).lower(), match.group(2).strip()
+        if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+            value = value[1:-1]
+        if key == "host":
+            current = entries.setdefault(value, SSHConfigEntry(value))
+            continue
+        if current is None:
+            raise TestbedError(f"vagrant ssh-config, line {number}: {raw.strip()!r} before any Host")
+        current.options.setdefault(key, []).append(value)
+    for entry in entries.values():
+        if not entry.get("hostname"):
+            raise TestbedError(f"vagrant ssh-config: Host {entry.name} has no HostName")
+        if not (entry.get("port") or "22").isdigit():
+            raise TestbedError(f"vagrant ssh-config: Host {entry.name}: Port {entry.get('port')!r} "
+                               "is not a number")
+    return entries
+
+
+def load_settings(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read the Vagrant settings file (``vagrant/settings.yaml`` or ``$LABKIT_VAGRANT_SETTINGS``).
+
+    Raises:
+        ScenarioError: unreadable, or a field labkit needs is missing.
+    """
+    path = Path(path or os.environ.get("LABKIT_VAGRANT_SETTINGS")
+                or PROJECT_DIR / "vagrant" / "settings.yaml")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ScenarioError(f"cannot read: {exc}", path=str(path)) from None
+    for key in ("network_prefix", "control_plane_ip", "worker_ip_start", "client_ip", "workers", "provider"):
+        if not isinstance(doc, dict) or key not in doc:
+            raise ScenarioError("missing", path=str(path), field=key)
+    return doc
+
+
+def machine_addresses(settings: dict[str, Any]) -> dict[str, str]:
+    """Machine name -> its fixed private address, as the Vagrantfile assigns them."""
+    net = settings["network_prefix"]
+    out = {CONTROL_PLANE: f"{net}.{settings['control_plane_ip']}", CLIENT: f"{net}.{settings['client_ip']}"}
+    for i in range(1, int(settings["workers"]) + 1):
+        out[f"worker-{i}"] = f"{net}.{int(settings['worker_ip_start']) + i - 1}"
+    return out
+
+
+def inventory_from_ssh_config(entries: dict[str, SSHConfigEntry], settings: dict[str, Any], *,
+                              node: str, known_hosts: Path) -> Inventory:
+    """The cluster's :class:`Inventory` from ``vagrant ssh-config`` and the settings.
+
+    Logins come from ssh-config (address, port, user, keys); the node's service
+    address is its private-network address.  The control plane and the nodes
+    are driven as root through ``sudo``; the client runs the load as the user.
+
+    Raises:
+        TestbedError: a machine of the settings is missing from ssh-config.
+    """
+    addresses = machine_addresses(settings)
+    hosts = {}
+    for name, private_ip in addresses.items():
+        entry = entries.get(name)
+        if entry is None:
+            raise TestbedError(f"vagrant ssh-config has no machine {name!r} (machines: "
+                               f"{', '.join(entries) or 'none'}); is it up? `vagrant status`")
+        hosts[name] = InventoryHost(
+            name, entry.get("hostname"), entry.port, entry.get("user"),
+            tuple(os.path.expanduser(k) for k in entry.options.get("identityfile", [])),
+            sudo=name != CLIENT, node_name=name, node_ip=private_ip)
+    if node not in hosts:
+        raise TestbedError(f"no machine {node!r} to measure; machines: {', '.join(hosts)}")
+    return Inventory(hosts, kubectl=CONTROL_PLANE, node=node, client=CLIENT, known_hosts=known_hosts,
+                     trust_on_first_use=False, source="vagrant ssh-config")
+
+
+def parse_host_key(text: str, where: str) -> paramiko.PKey:
+    """The key of a ``TYPE BASE64 [COMMENT]`` public key line.
+
+    Raises:
+        HostKeyError: not such a line.
+    """
+    parts = text.strip().split()
+    try:
+        return paramiko.PKey.from_type_string(parts[0], base64.b64decode(parts[1]))
+    except Exception as exc:  # any malformed line: say where it came from
+        raise HostKeyError(f"{where}: not a public host key line ({exc}): {text.strip()[:80]!r}") from None
+
+
+class VagrantTestbed(ClusterTestbed):
+    """labkit's Vagrant cluster as a testbed.
+
+    Args:
+        root: the directory of the ``Vagrantfile`` (default: labkit's project, or
+            ``$LABKIT_VAGRANT_DIR``).
+        node: the worker to measure (default ``worker-1``).
+        settings: the settings file (default as the Vagrantfile reads it).
+        vagrant: a python-vagrant ``Vagrant`` object (made for ``root`` by default).
+        driver_options: passed to :class:`~labkit.testbed.kubeadm.KubeadmDriver`.
+    """
+
+    name = "vagrant"
+
+    def __init__(self, *, root: str | os.PathLike | None = None, node: str = "worker-1",
+                 settings: str | os.PathLike | None = None, vagrant: Any = None,
+                 helper_rule: bool = True, **ignored: Any):
+        self.root = Path(root or os.environ.get("LABKIT_VAGRANT_DIR") or PROJECT_DIR)
+        self.settings = load_settings(settings)
+        self.node_machine = node
+        self.known_hosts = self.root / ".vagrant" / "labkit_known_hosts"
+        if vagrant is None:
+            import vagrant as python_vagrant  # python-vagrant: only needed for this testbed
+            vagrant = python_vagrant.Vagrant(root=str(self.root), quiet_stdout=False, quiet_stderr=False)
+        self.vagrant = vagrant
+        super().__init__(self._inventory_from_vagrant, state_path=self.root / ".vagrant" / "labkit-state.json",
+                         helper_rule=helper_rule)
+
+    def machines(self) -> dict[str, str]:
+        """Machine name -> state (``running``, ``not_created``, ``shutoff``, ...)."""
+        return {s.name: s.state for s in self.vagrant.status()}
+
+    def bring_up(self) -> None:
+        """``vagrant up`` unless every machine runs; then pin every machine's host key."""
+        states = self.machines()
+        if not states or any(state != "running" for state in states.values()):
+            log.info("vagrant up (machines: %s); the first bring-up takes 10-20 minutes", states)
+            try:
+                self.vagrant.up(provider=self.settings["provider"])
+            except Exception as exc:  # python-vagrant raises CalledProcessError
+                raise TestbedError(f"vagrant up failed in {self.root}: {exc}; see its output above "
+                                   "and docs/vagrant.md") from None
+        self.pin_host_keys()
+
+    def pin_host_keys(self) -> None:
+        """Pin each machine's host key, read through ``vagrant ssh``, in the lab's known_hosts.
+
+        Raises:
+            HostKeyError: a machine now has a different key than the pinned one.
+        """
+        entries = parse_ssh_config(self.vagrant.ssh_config())
+        for name, entry in entries.items():
+            label = known_hosts_name(entry.get("hostname"), entry.port)
+            line = self.vagrant.ssh(vm_name=name, command=shlex.join(["cat", HOST_KEY_FILE]))
+            pin_host_key(self.known_hosts, label, parse_host_key(line, f"{name}:{HOST_KEY_FILE}"))
+
+    def _inventory_from_vagrant(self) -> Inventory:
+        try:
+            text = self.vagrant.ssh_config()
+        except Exception as exc:  # CalledProcessError when the machines are not up
+            raise TestbedError(f"vagrant ssh-config failed in {self.root} ({exc}); are the VMs up? "
+                               "`labkit up --testbed vagrant` brings them up") from None
+        return inventory_from_ssh_config(parse_ssh_config(text), self.settings,
+                                         node=self.node_machine, known_hosts=self.known_hosts)
+
+    def up(self, iteration) -> None:
+        """Bring the VMs up if needed, then apply ``iteration`` over SSH."""
+        self.bring_up()
+        super().up(iteration)
+
+    def status(self) -> dict[str, Any]:
+        """The status document, with the machines' states."""
+        try:
+            machines = self.machines()
+        except Exception as exc:  # vagrant itself failed: report, do not crash status
+            machines = {"error": str(exc)}
+        if self.state_path.exists():
+            doc = super().status()
+        else:
+            doc = {"testbed": self.name, "state": "down", "hosts": []}
+        doc["machines"] = machines
+        doc["vagrant_dir"] = str(self.root)
+        return doc
+
+    def destroy(self) -> None:
+        """Undo labkit's changes if any, ``vagrant destroy`` the VMs, forget their keys."""
+        if self.state_path.exists() and all(s == "running" for s in self.machines().values()):
+            self.down()
+        self.vagrant.destroy()
+        self.state_path.unlink(missing_ok=True)
+        self.known_hosts.unlink(missing_ok=True)
