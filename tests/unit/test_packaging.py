@@ -8,7 +8,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 # conda-forge names that differ from PyPI's
-CONDA_NAMES = {}
+CONDA_NAMES = {"python-kubernetes": "kubernetes"}
 
 
 def _name(spec: str) -> str:
