@@ -23,7 +23,6 @@ yields its output line by line (the monitor's remote agent).
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import math
 import os
@@ -39,12 +38,11 @@ import paramiko
 
 from labkit.exceptions import CommandFailed, CommandTimedOut, HostKeyError, SSHError, SysctlError
 from labkit.host import Command, Host, Result, command_text, sysctl_name
-from labkit.util import atomic_write
+from labkit.hostkeys import (DEFAULT_KNOWN_HOSTS, PinOnFirstUse, RefuseUnknownKey, changed_key_error,
+                             known_hosts_name)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KNOWN_HOSTS = Path(os.environ.get("LABKIT_KNOWN_HOSTS")
-                           or Path.home() / ".config" / "labkit" / "known_hosts")
 # Extra seconds the remote `timeout` allows beyond the local deadline, so that the
 # local side reports the timeout first; then TERM, and KILL KILL_AFTER s later.
 REMOTE_GRACE = 1
@@ -53,85 +51,6 @@ KILL_AFTER = 2
 # (a background child keeping the pipes open would otherwise hold the call).
 DRAIN_AFTER_EXIT = 2.0
 _CHUNK = 65536
-
-
-def known_hosts_name(hostname: str, port: int) -> str:
-    """The name a host has in a known_hosts file: ``host`` or ``[host]:port``."""
-    return hostname if port == 22 else f"[{hostname}]:{port}"
-
-
-def describe_key(key: paramiko.PKey) -> str:
-    """A key as OpenSSH shows it: its type and SHA256 fingerprint."""
-    return f"{key.get_name()} {key.fingerprint}"
-
-
-def pin_host_key(path: str | os.PathLike, name: str, key: paramiko.PKey) -> None:
-    """Add ``name key`` to the known_hosts file ``path`` (created if missing).
-
-    The file is rewritten atomically under an exclusive lock, so concurrent
-    pinning from several processes keeps every line.
-
-    Raises:
-        HostKeyError: ``name`` is already pinned with a different key of that type.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        keys = paramiko.HostKeys()
-        if path.exists():
-            keys.load(str(path))
-        known = keys.lookup(name) or {}
-        old = known.get(key.get_name())
-        if old is not None:
-            if old == key:
-                return
-            raise HostKeyError(f"{name}: {path} already pins {describe_key(old)}, not "
-                               f"{describe_key(key)}; remove the old line first "
-                               f"(ssh-keygen -R '{name}' -f {path})")
-        text = path.read_text() if path.exists() else ""
-        if text and not text.endswith("\n"):
-            text += "\n"
-        text += f"{name} {key.get_name()} {key.get_base64()}\n"
-        atomic_write(path, text.encode(), 0o600)
-
-
-class _RefuseUnknownKey(paramiko.RejectPolicy):
-    """Paramiko's RejectPolicy, raising an error that says what to do."""
-
-    def __init__(self, known_hosts: Path):
-        self.known_hosts = known_hosts
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        raise HostKeyError(
-            f"{hostname}: host key not in the lab's known_hosts {self.known_hosts}; the server "
-            f"offers {describe_key(key)}. Compare it with the host's own key (on the host: "
-            f"ssh-keygen -lf /etc/ssh/ssh_host_{_key_file_kind(key)}_key.pub), then pin it "
-            "by connecting once with trust_on_first_use=True (labkit: --trust-on-first-use), "
-            f"or add the host's key line to {self.known_hosts}."
-        )
-
-
-class _PinOnFirstUse(paramiko.MissingHostKeyPolicy):
-    """Trust-on-first-use: accept an unknown key once and pin it in known_hosts."""
-
-    def __init__(self, known_hosts: Path):
-        self.known_hosts = known_hosts
-
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        pin_host_key(self.known_hosts, hostname, key)
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        log.warning("%s: trusted on first use and pinned in %s: %s", hostname, self.known_hosts,
-                    describe_key(key))
-
-
-def _key_file_kind(key: paramiko.PKey) -> str:
-    name = key.get_name()
-    if "ed25519" in name:
-        return "ed25519"
-    if "ecdsa" in name:
-        return "ecdsa"
-    return "rsa"
 
 
 def _os_error(stderr: str, path: str) -> OSError:
@@ -222,8 +141,8 @@ class SSHHost(Host):
             # load_host_keys makes Paramiko save to this file on its own; we pin atomically instead.
             client._host_keys_filename = None
             client.set_missing_host_key_policy(
-                _PinOnFirstUse(self.known_hosts) if self.trust_on_first_use
-                else _RefuseUnknownKey(self.known_hosts))
+                PinOnFirstUse(self.known_hosts) if self.trust_on_first_use
+                else RefuseUnknownKey(self.known_hosts))
             try:
                 client.connect(
                     self.hostname, port=self.port, username=self.username,
@@ -247,15 +166,8 @@ class SSHHost(Host):
         if isinstance(exc, HostKeyError):
             return exc
         if isinstance(exc, paramiko.BadHostKeyException):
-            label = known_hosts_name(self.hostname, self.port)
-            return HostKeyError(
-                f"{where}: HOST KEY CHANGED for {label}: the lab's known_hosts {self.known_hosts} "
-                f"pins {describe_key(exc.expected_key)} but the server now offers "
-                f"{describe_key(exc.key)}. Refusing to connect (this can be a man-in-the-middle). "
-                "If the machine was re-created (e.g. vagrant destroy + up), remove the old key "
-                f"with: ssh-keygen -R '{label}' -f {self.known_hosts} -- then connect again with "
-                "trust_on_first_use=True to pin the new one."
-            )
+            return changed_key_error(where, known_hosts_name(self.hostname, self.port),
+                                     self.known_hosts, exc)
         if isinstance(exc, paramiko.AuthenticationException):
             keys = ", ".join(self.key_filename) if self.key_filename else "agent/default keys"
             return SSHError(f"{where}: authentication failed for user {self.username!r} "
@@ -641,21 +553,13 @@ class SSHStream:
         self._chan.shutdown_write()
 
     def __iter__(self) -> Iterator[str]:
-        chan, err = self._chan, bytearray()
-        pending = b""
+        chan, err, pending = self._chan, bytearray(), bytearray()
         last = time.monotonic()
         while not self._stopped.is_set():
-            got = False
-            while chan.recv_ready():
-                chunk = chan.recv(_CHUNK)
-                if not chunk:
-                    break
-                got = True
-                pending += chunk
-            while chan.recv_stderr_ready():
-                err += chan.recv_stderr(_CHUNK)
-                del err[:-_CHUNK]
-            *lines, pending = pending.split(b"\n")
+            got = _drain(chan, pending, err)
+            del err[:-_CHUNK]
+            *lines, rest = pending.split(b"\n")
+            pending[:] = rest
             for line in lines:
                 yield line.decode("utf-8", "replace")
             if got:
@@ -673,7 +577,7 @@ class SSHStream:
         if self._stopped.is_set():
             return
         if pending:
-            yield pending.decode("utf-8", "replace")
+            yield bytes(pending).decode("utf-8", "replace")
         if not chan.status_event.wait(DRAIN_AFTER_EXIT) or not self._transport.is_active():
             if not self._transport.is_active():
                 raise SSHError(f"{self.name}: SSH connection lost while streaming {self.display!r}")
@@ -705,18 +609,16 @@ def _feed(chan: paramiko.Channel, data: bytes) -> None:
 
 def _drain(chan: paramiko.Channel, out: bytearray, err: bytearray) -> int:
     """Move what the channel holds into ``out`` and ``err``; return the byte count."""
+    return _take(chan.recv_ready, chan.recv, out) + _take(chan.recv_stderr_ready, chan.recv_stderr, err)
+
+
+def _take(ready: Any, recv: Any, buf: bytearray) -> int:
     got = 0
-    while chan.recv_ready():
-        chunk = chan.recv(_CHUNK)
+    while ready():
+        chunk = recv(_CHUNK)
         if not chunk:
             break
-        out += chunk
-        got += len(chunk)
-    while chan.recv_stderr_ready():
-        chunk = chan.recv_stderr(_CHUNK)
-        if not chunk:
-            break
-        err += chunk
+        buf += chunk
         got += len(chunk)
     return got
 

@@ -34,7 +34,8 @@ import yaml
 from labkit.exceptions import ScenarioError, TestbedError
 from labkit.host import Host
 from labkit.manifests import Manifests
-from labkit.ssh import DEFAULT_KNOWN_HOSTS, SSHHost
+from labkit.hostkeys import DEFAULT_KNOWN_HOSTS
+from labkit.ssh import SSHHost
 from labkit.testbed.base import ServedFile, Testbed
 from labkit.testbed.kubeadm import KubeadmDriver
 

@@ -30,7 +30,7 @@ import yaml
 
 from labkit.exceptions import HostKeyError, ScenarioError, TestbedError
 from labkit.manifests import MANIFEST_DIR
-from labkit.ssh import known_hosts_name, pin_host_key
+from labkit.hostkeys import known_hosts_name, pin_host_key
 from labkit.testbed.cluster import ClusterTestbed, Inventory, InventoryHost
 
 log = logging.getLogger(__name__)

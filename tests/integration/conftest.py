@@ -171,21 +171,21 @@ class SSHServer:
                        known_hosts=known_hosts, **options)
 
 
-@pytest.fixture(scope="module")
-def sshd():
-    """A real OpenSSH server on loopback for the module's tests."""
+def _serve():
     need_root()
     need_program("sshd", "ssh-keygen")
     server = SSHServer().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def sshd():
+    """A real OpenSSH server on loopback for the module's tests."""
+    yield from _serve()
 
 
 @pytest.fixture
 def fresh_sshd():
     """A real OpenSSH server of its own, for tests that stop or re-key it."""
-    need_root()
-    need_program("sshd", "ssh-keygen")
-    server = SSHServer().start()
-    yield server
-    server.stop()
+    yield from _serve()

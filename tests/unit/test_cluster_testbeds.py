@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import paramiko
@@ -13,7 +12,7 @@ from labkit.exceptions import HostKeyError, ScenarioError, TestbedError
 from labkit.scenario import load_scenario
 from labkit.ssh import SSHHost, SSHNetnsHost
 from labkit.testbed import get_testbed
-from labkit.testbed.cluster import ClusterTestbed, Inventory, InventoryHost, parse_inventory
+from labkit.testbed.cluster import ClusterTestbed, parse_inventory
 from labkit.testbed.kubeadm import KubeadmDriver
 from labkit.testbed.vagrant import (inventory_from_ssh_config, load_settings, machine_addresses,
                                     parse_host_key, parse_ssh_config)

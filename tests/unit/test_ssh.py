@@ -10,7 +10,8 @@ import paramiko
 import pytest
 
 from labkit.exceptions import HostKeyError
-from labkit.ssh import SSHHost, known_hosts_name, pin_host_key
+from labkit.hostkeys import known_hosts_name, pin_host_key
+from labkit.ssh import SSHHost
 
 PACKAGE = Path(__file__).resolve().parents[2] / "labkit"
 
