@@ -212,3 +212,20 @@ def test_a_connection_dropped_mid_command_is_reported(fresh_sshd):
     with pytest.raises(SSHError, match="connection lost while running"):
         host.run("sleep 20", timeout=30)
     assert time.monotonic() - start < 10
+
+
+def test_a_server_that_never_sends_its_banner_is_given_up_on_in_time(tmp_path):
+    import socket
+
+    from labkit.ssh import SSHHost
+
+    with socket.socket() as listener:  # accepts the TCP connection, then says nothing
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        host = SSHHost("127.0.0.1", port=port, username="nobody", known_hosts=tmp_path / "kh",
+                       connect_timeout=2, banner_timeout=1.5, auth_timeout=2)
+        start = time.monotonic()
+        with pytest.raises(SSHError, match=rf"127.0.0.1:{port}: .*banner"):
+            host.run("true")
+        assert time.monotonic() - start < 6
