@@ -42,6 +42,11 @@ from labkit.hostkeys import (DEFAULT_KNOWN_HOSTS, PinOnFirstUse, RefuseUnknownKe
                              known_hosts_name)
 
 log = logging.getLogger(__name__)
+# Paramiko's transport thread logs every failed connection with a traceback; the
+# SSHError raised here already says what failed and where.  A caller that wants
+# Paramiko's own diagnostics sets this logger's level back.
+if logging.getLogger("paramiko.transport").level == logging.NOTSET:
+    logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 # Extra seconds the remote `timeout` allows beyond the local deadline, so that the
 # local side reports the timeout first; then TERM, and KILL KILL_AFTER s later.
