@@ -40,6 +40,8 @@ containerd config default > /etc/containerd/config.toml
 sed -i 's/SystemdCgroup = false/SystemdCgroup = true/' /etc/containerd/config.toml
 systemctl restart containerd
 systemctl enable containerd
+# crictl (labkit reads a pod's container PID with it) talks to containerd
+echo "runtime-endpoint: unix:///run/containerd/containerd.sock" > /etc/crictl.yaml
 
 # kubeadm, kubelet, kubectl at exactly K8S_VERSION
 install -d -m 0755 /etc/apt/keyrings

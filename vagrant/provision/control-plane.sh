@@ -50,7 +50,7 @@ cgroupDriver: systemd
 CONFIG
     # kube-proxy in iptables mode, leaving nf_conntrack_max to the lab
     grep -v '^#' "$manifests/kube-proxy-config.yaml" >> "$config"
-    kubeadm init --config "$config" --upload-certs
+    kubeadm init --config "$config"
     rm -f "$config"
 fi
 
