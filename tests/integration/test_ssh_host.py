@@ -229,3 +229,32 @@ def test_a_server_that_never_sends_its_banner_is_given_up_on_in_time(tmp_path):
         with pytest.raises(SSHError, match=rf"127.0.0.1:{port}: .*banner"):
             host.run("true")
         assert time.monotonic() - start < 6
+
+
+def test_the_sudo_path_of_a_vagrant_box(sshd, netns, tmp_path):
+    """As the Vagrant testbeds drive their nodes: commands, files and sysctls via sudo -n."""
+    from tests.conftest import need_program
+
+    need_program("sudo")
+    ns = netns()
+    remote = str(sshd.dir / f"{unique_name()}.conf")
+    with sshd.ssh_host(sudo=True) as host:
+        assert host.run("id -u").stdout.strip() == "0"
+        host.write_file(remote, b"allowedUnsafeSysctls: []\n", mode=0o600)
+        assert host.read_file(remote) == b"allowedUnsafeSysctls: []\n"
+        assert os.stat(remote).st_mode & 0o777 == 0o600
+        with pytest.raises(OSError) as info:
+            host.read_file(remote + ".missing")
+        assert info.value.errno == 2
+        view = host.netns(ns)
+        view.write_sysctl("net.ipv4.ip_forward", 1)
+        assert NetnsHost(ns).read_sysctl("net.ipv4.ip_forward") == "1"
+        assert [line for line in view.stream("echo a; echo b")] == ["a", "b"]
+
+
+def test_a_silent_stream_ends_at_its_line_timeout(sshd):
+    with sshd.ssh_host() as host:
+        start = time.monotonic()
+        with pytest.raises(CommandTimedOut, match="timed out after 1 s"):
+            list(host.stream("echo first; sleep 30", line_timeout=1))
+        assert time.monotonic() - start < 4

@@ -20,7 +20,6 @@ from labkit.scenario import load_scenario
 from labkit.testbed import kubeadm as K
 from tests.kubeadm_fake import DATA, DEFAULTS, FakeCluster, ReplayHost, Transcript, clock
 
-TRANSCRIPT = DATA / "transcript-lab.yaml"
 SCENARIO = load_scenario()
 
 
@@ -36,22 +35,24 @@ def driver(node, control, state_path, **kw) -> K.KubeadmDriver:
     return K.KubeadmDriver(node, control, **options)
 
 
-def story(d: K.KubeadmDriver) -> None:
+def story(d: K.KubeadmDriver, profile: str = "lab") -> None:
     for n in SCENARIO.numbers:
-        d.apply(iteration(n))
+        d.apply(iteration(n, profile))
     d.restore()
 
 
-def test_every_iteration_sends_the_recorded_commands_in_order(tmp_path):
+@pytest.mark.parametrize("profile", ["lab", "article"])
+def test_every_iteration_sends_the_recorded_commands_in_order(tmp_path, profile):
+    path = DATA / f"transcript-{profile}.yaml"
     if os.environ.get("LABKIT_RECORD_TRANSCRIPTS"):
         sim = FakeCluster()
-        story(driver(sim.host("node"), sim.host("control"), tmp_path / "rec.json"))
-        header = ("# The kubeadm driver's commands for iterations 1..9 (lab profile) and restore,\n"
+        story(driver(sim.host("node"), sim.host("control"), tmp_path / "rec.json"), profile)
+        header = (f"# The kubeadm driver's commands for iterations 1..9 ({profile} profile) and restore,\n"
                   "# with the answers of a one-worker kubeadm cluster (tests/kubeadm_fake.py).\n")
-        TRANSCRIPT.write_text(header + yaml.safe_dump(sim.transcript(), sort_keys=False, width=100))
-    transcript = Transcript.load(TRANSCRIPT)
+        path.write_text(header + yaml.safe_dump(sim.transcript(), sort_keys=False, width=100))
+    transcript = Transcript.load(path)
     node, control = ReplayHost("worker-1", transcript), ReplayHost("control-plane", transcript)
-    story(driver(node, control, tmp_path / "state.json"))
+    story(driver(node, control, tmp_path / "state.json"), profile)
     assert transcript.done, f"{len(transcript.steps) - transcript.pos} recorded commands not sent"
     assert not (tmp_path / "state.json").exists()
 
