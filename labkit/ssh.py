@@ -139,12 +139,11 @@ class SSHHost(Host):
                 self._drop()
             client = paramiko.SSHClient()
             if self.known_hosts.exists():
+                # loaded as keys only: Paramiko never rewrites the file; pinning is atomic and ours
                 try:
-                    client.load_host_keys(str(self.known_hosts))
+                    client.get_host_keys().load(str(self.known_hosts))
                 except (OSError, paramiko.SSHException) as exc:
                     raise SSHError(f"{self.name}: cannot read known_hosts {self.known_hosts}: {exc}") from None
-            # load_host_keys makes Paramiko save to this file on its own; we pin atomically instead.
-            client._host_keys_filename = None
             client.set_missing_host_key_policy(
                 PinOnFirstUse(self.known_hosts) if self.trust_on_first_use
                 else RefuseUnknownKey(self.known_hosts))
@@ -333,7 +332,7 @@ class SSHHost(Host):
         """Open a session channel and start ``command`` on it.
 
         A connection that died while idle is noticed here: the command has not
-        started, so one reconnect is safe.
+        started, so one reconnect is safe (and tried once).
         """
         for attempt in (1, 2):
             transport = self.connect()
@@ -342,8 +341,10 @@ class SSHHost(Host):
                 chan.exec_command(command)
                 return transport, chan
             except (paramiko.SSHException, OSError, EOFError) as exc:
-                if attempt == 1 and not transport.is_active():
-                    log.info("%s: connection closed under us; reconnecting", host)
+                if attempt == 1 and _dies(transport, within=2.0):
+                    # the connection is gone (not just this channel refused) and nothing
+                    # started yet: one fresh connection is safe to try
+                    log.info("%s: connection closed under us; reconnecting once", host)
                     continue
                 reason = str(exc) or "the server closed the connection"
                 raise SSHError(f"{host}: cannot start {display!r}: {reason}") from None
@@ -602,6 +603,14 @@ class SSHStream:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _dies(transport: paramiko.Transport, within: float) -> bool:
+    """True when ``transport`` is, or within ``within`` s turns out to be, dead."""
+    deadline = time.monotonic() + within
+    while transport.is_active() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not transport.is_active()
 
 
 def _feed(chan: paramiko.Channel, data: bytes) -> None:
