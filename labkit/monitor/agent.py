@@ -43,8 +43,10 @@ from labkit.monitor.sampler import KmsgFollower, NetnsSampler, NetnsTarget, Tick
 log = logging.getLogger(__name__)
 
 #: Files of the labkit package the agent needs (standard library only).
-AGENT_MODULES = ("__init__.py", "exceptions.py", "monitor/__init__.py", "monitor/parse.py",
+AGENT_MODULES = ("exceptions.py", "monitor/__init__.py", "monitor/parse.py",
                  "monitor/sampler.py", "monitor/agent.py")
+# labkit/__init__.py imports the rest of labkit; the agent needs none of it.
+_PACKAGE_INIT = '"""labkit, reduced to the monitor agent (standard library only)."""\n'
 _MAIN = "import sys\nfrom labkit.monitor.agent import main\nsys.exit(main())\n"
 
 
@@ -162,6 +164,7 @@ def build_agent_zip() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("__main__.py", _MAIN)
+        zf.writestr("labkit/__init__.py", _PACKAGE_INIT)
         for name in AGENT_MODULES:
             zf.write(root / name, f"labkit/{name}")
     return buf.getvalue()

@@ -222,6 +222,19 @@ class Monitor:
         return sum(getattr(t, "lost", 0) for t in self._threads if isinstance(t, KmsgFollower)) + \
             sum((s.end or {}).get("lost", 0) for s in self._sessions)
 
+    def latest(self) -> dict[tuple[str, str], tuple[float, dict[str, int]]]:
+        """The newest sample of each namespace: ``{(host, role): (time, {metric: value})}``."""
+        out: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
+        for machine in list(self._machines.values()):
+            for t, role, values in reversed(machine.ticks[-4 * len(self.targets) - 4:]):
+                out.setdefault((machine.name, role), (t, values))
+        return out
+
+    def new_events(self, since: int = 0) -> list[tuple[str, float, KernelEvent]]:
+        """Kernel events recorded after the first ``since`` ones (all machines, arrival order)."""
+        events = [(m.name, wall, ev) for m in list(self._machines.values()) for wall, ev in list(m.events)]
+        return events[since:]
+
     # -- tables ------------------------------------------------------------------------
 
     @property
