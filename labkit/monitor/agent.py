@@ -97,8 +97,6 @@ def run_agent(targets: Sequence[NetnsTarget], *, hz: float, kmsg: bool, duration
     stop = stop or threading.Event()
     roles = {t.role: t.inode() for t in targets}
     own = os.stat("/proc/self/ns/net").st_ino
-    writer.write({"type": "hello", "host": socket.gethostname(), "own_inode": own, "netns": roles,
-                  "hz": hz, "pid": os.getpid()})
 
     def on_tick(tick: Tick) -> None:
         writer.write({"type": "tick", "t": tick[0], "role": tick[1], "values": tick[2]})
@@ -114,6 +112,11 @@ def run_agent(targets: Sequence[NetnsTarget], *, hz: float, kmsg: bool, duration
     threads += [NetnsSampler(t, hz, on_tick, stop) for t in targets]
     for thread in threads:
         thread.start()
+    for thread in threads:
+        thread.ready.wait(10)
+    # hello once every namespace has its first sample: the client's start() returns then
+    writer.write({"type": "hello", "host": socket.gethostname(), "own_inode": own, "netns": roles,
+                  "hz": hz, "pid": os.getpid()})
     deadline = None if duration is None else time.monotonic() + duration
     status = 0
     while not stop.is_set():

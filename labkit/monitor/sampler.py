@@ -144,7 +144,6 @@ class NetnsSampler(threading.Thread):
             if self.target.path:
                 join_netns(self.target.path)
             self._open()
-            self.ready.set()
             self._loop()
         except BaseException as exc:  # handed to the Monitor, raised by stop()
             self.error = exc
@@ -189,6 +188,7 @@ class NetnsSampler(threading.Thread):
             stopping = self.stop_event.is_set()
             self.emit((time.time(), self.target.role, self.sample()))
             self.ticks += 1
+            self.ready.set()    # start() returns once each namespace has its first sample
             if stopping:
                 return
             next_tick += self.period
