@@ -29,6 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--netns", action="append", default=[], metavar="ROLE=NAME",
                    help="a named network namespace to sample as ROLE (repeatable); "
                    "ROLE=- samples this machine's own namespace")
+    p.add_argument("--testbed", default="netns",
+                   help="without --netns, sample this testbed's namespaces when it is up (default netns)")
     p.add_argument("--no-kmsg", action="store_true", help="do not follow the kernel log")
     p.add_argument("--quiet", action="store_true", help="no live lines, only the summary")
     p.set_defaults(func=cmd_monitor)
@@ -51,16 +53,20 @@ def parse_netns_args(items: list[str]) -> dict[str, Host]:
     return targets
 
 
-def default_targets() -> tuple[dict[str, Host], dict[int, str]]:
-    """The running netns testbed's targets and roles, or this machine's namespace."""
+def default_targets(testbed_name: str = "netns") -> tuple[dict[str, Host], dict[int, str]]:
+    """The running testbed's monitor targets and namespace roles, or this machine's namespace."""
     try:
-        from labkit.testbed import current_testbed  # type: ignore[attr-defined]
+        from labkit.testbed import get_testbed
     except ImportError:
         return {"init": LocalHost()}, {}
-    testbed = current_testbed()
-    if testbed is None:
+    testbed = get_testbed(testbed_name)
+    if not testbed.is_up:
         return {"init": LocalHost()}, {}
-    return dict(testbed.monitor_targets()), dict(testbed.netns_roles())
+    try:
+        roles = dict(testbed.netns_roles())
+    except OSError:  # e.g. /proc/1/ns/net unreadable in a sandbox; the Monitor maps its own targets
+        roles = {}
+    return dict(testbed.monitor_targets()), roles
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
@@ -70,7 +76,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if args.netns:
         targets, roles = parse_netns_args(args.netns), {}
     else:
-        targets, roles = default_targets()
+        targets, roles = default_targets(args.testbed)
     mon = Monitor(targets, hz=args.hz, kmsg=not args.no_kmsg, netns_roles=roles)
     mon.start()
     start = time.monotonic()
