@@ -124,8 +124,10 @@ def _role_key(role: str) -> tuple:
 
 def _against_max(ax, data: pd.DataFrame, metric: str, max_metric: str, palette: dict, label: str) -> None:
     rows = data[data["metric"] == metric]
-    sns.lineplot(data=rows, x="t", y="value", hue="netns", palette=palette, ax=ax, errorbar=None,
-                 drawstyle="steps-post")
+    # the node drawn wider, so a pod pinned at the same max does not hide it
+    sizes = {role: (3.0 if role == "node" else 1.5) for role in palette}
+    sns.lineplot(data=rows, x="t", y="value", hue="netns", size="netns", sizes=sizes, palette=palette,
+                 ax=ax, errorbar=None, drawstyle="steps-post", alpha=0.85)
     limits = data[data["metric"] == max_metric].groupby("t", as_index=False)["value"].max()
     if not limits.empty:
         ax.plot(limits["t"], limits["value"], color="black", linestyle="--", linewidth=1,
