@@ -123,9 +123,9 @@ class Monitor:
             raise
         return self
 
-    def _split(self) -> tuple[list[NetnsTarget], dict[int, tuple[Any, list[NetnsTarget]]]]:
+    def _split(self) -> tuple[list[NetnsTarget], dict[Any, tuple[Any, list[NetnsTarget]]]]:
         local: list[NetnsTarget] = []
-        remote: dict[int, tuple[Any, list[NetnsTarget]]] = {}
+        remote: dict[Any, tuple[Any, list[NetnsTarget]]] = {}
         for role, host in self.targets.items():
             target = None if self.agent else local_target(role, host)
             if target is not None:
@@ -136,7 +136,7 @@ class Monitor:
                 key = 0
             else:
                 transport, target = remote_target(role, host)
-                key = id(transport)
+                key = getattr(transport, "name", None) or id(transport)   # one agent per machine
             remote.setdefault(key, (transport, []))[1].append(target)
         return local, remote
 

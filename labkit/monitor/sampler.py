@@ -19,7 +19,7 @@ import select
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Dict, Tuple
 
 from labkit.exceptions import MonitorError
 from labkit.monitor.parse import (
@@ -48,7 +48,7 @@ SYSCTL_METRICS = {
 _libc = ctypes.CDLL(None, use_errno=True)
 
 #: One tick of one namespace: (wall-clock time, role, {metric: value}).
-Tick = tuple[float, str, dict[str, int]]
+Tick = Tuple[float, str, Dict[str, int]]  # typing forms: nodes may run Python 3.8
 
 
 @dataclass(frozen=True)
