@@ -244,6 +244,8 @@ class AgentSession:
         self._stream: Any = None
         self._thread: threading.Thread | None = None
         self._path = f"/tmp/labkit-monitor-agent-{uuid.uuid4().hex[:12]}.pyz"
+        self._lock = threading.Lock()
+        self._ticks: dict[str, int] = {}
 
     def argv(self) -> list[str]:
         """The agent's command line on that machine."""
@@ -279,6 +281,8 @@ class AgentSession:
                 kind = obj.get("type")
                 if kind == "tick":
                     self.on_tick(obj)
+                    with self._lock:
+                        self._ticks[obj["role"]] = self._ticks.get(obj["role"], 0) + 1
                 elif kind == "event":
                     self.on_event(obj)
                 elif kind == "hello":
@@ -299,7 +303,20 @@ class AgentSession:
             self.ready.set()
 
     def stop(self) -> None:
-        """Stop the agent, wait for its last lines, remove the uploaded file."""
+        """Stop the agent once each namespace sent a sample taken after this call; clean up.
+
+        Closing the channel loses what is still in flight, so first wait (at most
+        two seconds) until every namespace has sent one more sample.
+        """
+        if self._stream is not None and self.error is None and self._thread and self._thread.is_alive():
+            with self._lock:
+                seen = dict(self._ticks)
+            deadline = time.monotonic() + max(2.0, 3.0 / self.hz)
+            while time.monotonic() < deadline and self._thread.is_alive():
+                with self._lock:
+                    if all(self._ticks.get(t.role, 0) > seen.get(t.role, 0) for t in self.targets):
+                        break
+                time.sleep(0.02)
         if self._stream is not None:
             self._stream.stop()
         if self._thread is not None:

@@ -46,5 +46,5 @@ def test_one_agent_over_ssh_samples_the_node_and_a_namespace_of_it(ssh_node):
     assert counts.iloc[0] == 0 and counts.iloc[-1] == count == 30
     expect = pod_rows[pod_rows.metric == "expect_count"].sort_values("time")["value"]
     assert expect.iloc[-1] == 30
-    assert samples[samples.netns == "node"]["time"].nunique() >= 8
+    assert samples[samples.netns == "node"]["time"].nunique() >= 5
     assert set(glob.glob("/tmp/labkit-monitor-agent-*")) == before     # the uploaded agent is removed
