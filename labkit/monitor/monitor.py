@@ -14,6 +14,7 @@ host, or a namespace of one) through one streaming agent per machine
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import threading
@@ -288,8 +289,13 @@ class Monitor:
             ]
         return out
 
-    def write(self, directory: str | os.PathLike) -> dict[str, Path]:
+    def write(self, directory: str | os.PathLike, *, compress: bool = False) -> dict[str, Path]:
         """Write ``samples.csv`` and ``events.csv`` into ``directory``, atomically.
+
+        Args:
+            directory: created if missing.
+            compress: write ``samples.csv.gz`` / ``events.csv.gz`` instead (about
+                a tenth of the size; pandas reads them as they are).
 
         Returns:
             ``{"samples": path, "events": path}``.
@@ -298,8 +304,10 @@ class Monitor:
         directory.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name, frame in (("samples", self.samples), ("events", self.events)):
-            path = directory / f"{name}.csv"
-            atomic_write(path, frame.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%fZ").encode())
+            path = directory / (f"{name}.csv.gz" if compress else f"{name}.csv")
+            text = frame.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%fZ").encode()
+            # mtime=0: the same rows give the same bytes
+            atomic_write(path, gzip.compress(text, mtime=0) if compress else text)
             paths[name] = path
         return paths
 

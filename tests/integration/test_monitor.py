@@ -154,6 +154,16 @@ def test_cli_writes_tidy_csv_files(lab, tmp_path):
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
+def test_compressed_tables_read_back_the_same(lab, tmp_path):
+    with Monitor(lab.hosts(), hz=10, kmsg=False) as mon:
+        lab.send(10, port=5000)
+    plain, packed = mon.write(tmp_path / "plain"), mon.write(tmp_path / "packed", compress=True)
+    assert packed["samples"].name == "samples.csv.gz"
+    assert packed["samples"].stat().st_size < plain["samples"].stat().st_size / 4
+    assert read_samples(packed["samples"]).equals(read_samples(plain["samples"]))
+    assert read_samples(plain["samples"])["value"].tolist() == mon.samples["value"].tolist()
+
+
 def test_a_missing_namespace_is_refused_at_start():
     need_root()
     from labkit.exceptions import MonitorError
