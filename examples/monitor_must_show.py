@@ -86,10 +86,7 @@ def main() -> int:
     references, load_result = [], {}
     try:
         testbed.up(iteration)
-        try:
-            roles = testbed.netns_roles()
-        except OSError:
-            roles = {}
+        roles = testbed.netns_roles()
         node = testbed.host("node")
         node_ip, node_port = testbed.service
         spec = LoadSpec(node_ip, node_port, testbed.file.name, expected_size=testbed.file.size,

@@ -62,11 +62,7 @@ def default_targets(testbed_name: str = "netns") -> tuple[dict[str, Host], dict[
     testbed = get_testbed(testbed_name)
     if not testbed.is_up:
         return {"init": LocalHost()}, {}
-    try:
-        roles = dict(testbed.netns_roles())
-    except OSError:  # e.g. /proc/1/ns/net unreadable in a sandbox; the Monitor maps its own targets
-        roles = {}
-    return dict(testbed.monitor_targets()), roles
+    return dict(testbed.monitor_targets()), dict(testbed.netns_roles())
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
