@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, default=None, metavar="S",
                    help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--out", default=None, metavar="DIR", help="write samples.csv and events.csv here")
+    p.add_argument("--gzip", action="store_true", help="write samples.csv.gz and events.csv.gz")
     p.add_argument("--netns", action="append", default=[], metavar="ROLE=NAME",
                    help="a named network namespace to sample as ROLE (repeatable); "
                    "ROLE=- samples this machine's own namespace")
@@ -92,7 +93,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
           f"{len(samples)} rows over {len(targets)} namespaces; {len(events)} kernel lines "
           f"({', '.join(f'{k} {n}' for k, n in events['kind'].value_counts().items()) or 'none'})")
     if args.out:
-        paths = mon.write(args.out)
+        paths = mon.write(args.out, compress=args.gzip)
         print(f"monitor: wrote {paths['samples']} and {paths['events']}")
     return 0
 
