@@ -23,6 +23,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -81,7 +82,8 @@ def dmesg_usecs(inode: int, usec_from: int, usec_to: int) -> set[int]:
 def drop_storm(lab: PressureLab, hz: float, seconds: float, rate: float) -> dict:
     """Flood ``node`` with new flows under a lowered max; compare the events with dmesg."""
     inode = lab.inode(lab.node)
-    globals_ = GlobalSysctls(f"bench-{lab.tag}", directory=Path(f"/tmp/{lab.tag}-state"))
+    state = tempfile.TemporaryDirectory(prefix=f"{lab.tag}-state-")
+    globals_ = GlobalSysctls(f"bench-{lab.tag}", directory=Path(state.name))
     stop = threading.Event()
     sent = [0]
 
@@ -101,6 +103,7 @@ def drop_storm(lab: PressureLab, hz: float, seconds: float, rate: float) -> dict
             sender.join()
         finally:
             globals_.restore()
+            state.cleanup()
         time.sleep(0.5)
     mono1 = time.monotonic()
     kmsg = {ev.usec for _, _, ev in mon.new_events() if ev.kind == TABLE_FULL and ev.netns_inode == inode}
