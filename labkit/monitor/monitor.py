@@ -97,7 +97,6 @@ class Monitor:
         self._threads: list[Any] = []
         self._sessions: list[AgentSession] = []
         self._machines: dict[str, _Machine] = {}
-        self._lock = threading.Lock()
         self.started: float | None = None
         self.stopped: float | None = None
 

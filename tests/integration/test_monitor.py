@@ -91,7 +91,7 @@ def test_under_pressure_count_pins_at_max_and_drops_are_attributed(lab, tmp_path
     t0, mono0 = time.time(), time.monotonic()
     with Monitor(lab.hosts(), hz=20) as mon:
         globals_.set({"net.netfilter.nf_conntrack_max": 300, "net.netfilter.nf_conntrack_expect_max": 50},
-                     wait=120)
+                     wait=300)
         try:
             lab.send(60, port=69)
             # the kernel's rate limiter (10 lines / 5 s, machine-wide) may be spent: keep
@@ -122,7 +122,10 @@ def test_under_pressure_count_pins_at_max_and_drops_are_attributed(lab, tmp_path
     full = events[events.kind == TABLE_FULL]
     assert len(full) >= 1 and set(full.netns) == {"node"}
     assert all(f"in netns {node_inode}," in m for m in full.message)
-    assert set(events[events.kind == EXPECT_TABLE_FULL].netns) == {"node"}
+    # "expectation table full" names no namespace: it goes to the one at its max then
+    # (another lab's lines in the same moments would go there too: the kernel cannot tell)
+    expect_full = events[events.kind == EXPECT_TABLE_FULL]
+    assert "node" in set(expect_full.netns) and "client" not in set(expect_full.netns)
     times = events["time"].astype("int64") / 1e9
     assert times.min() >= t0 - 0.5 and times.max() <= time.time() + 0.5
 
