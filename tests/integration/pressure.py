@@ -38,6 +38,7 @@ class PressureLab:
         self.node = f"{tag}n"
         self.extra = [f"{tag}x{i}" for i in range(extra)]
         self.made: list[str] = []
+        self._next_port = 10000
         try:
             for name in (self.client, self.node, *self.extra):
                 _run("ip", "netns", "add", name)
@@ -70,10 +71,14 @@ class PressureLab:
     def send(self, count: int, port: int = 5000, rate: float | None = None) -> float:
         """Send ``count`` datagrams from fresh ports in ``client`` to ``node``; return seconds taken.
 
+        Source ports are handed out in turn (10000-59999), so each datagram is a
+        new flow (the kernel's random ephemeral ports would repeat now and then).
         Port 69 sends TFTP read requests (one expectation each in ``node``).
         ``rate`` (datagrams per second) paces them; None sends at once.
         """
-        return in_netns(self.client, _send, count, port, rate)
+        first = self._next_port
+        self._next_port = 10000 + (first - 10000 + count) % 50000
+        return in_netns(self.client, _send, count, port, rate, first)
 
     def node_run(self, *argv: str) -> str:
         """Run a command in ``node`` and return its stdout (stderr appended)."""
@@ -88,7 +93,7 @@ class PressureLab:
         self.made.clear()
 
 
-def _send(count: int, port: int, rate: float | None) -> float:
+def _send(count: int, port: int, rate: float | None, first_port: int) -> float:
     payload = RRQ if port == 69 else b"x"
     start = time.monotonic()
     for i in range(count):
@@ -97,5 +102,6 @@ def _send(count: int, port: int, rate: float | None) -> float:
             if delay > 0:
                 time.sleep(delay)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("0.0.0.0", 10000 + (first_port - 10000 + i) % 50000))
             s.sendto(payload, (NODE_IP, port))
     return time.monotonic() - start
