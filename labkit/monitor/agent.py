@@ -264,7 +264,11 @@ class AgentSession:
         """
         self.transport.write_file(self._path, build_agent_zip(), 0o600)
         argv = self.argv()
-        self._stream = _LocalStream(argv) if self.local else self.transport.stream(argv)
+        try:
+            self._stream = _LocalStream(argv) if self.local else self.transport.stream(argv)
+        except BaseException:
+            self.stop()     # removes the uploaded file
+            raise
         self._thread = threading.Thread(target=self._read, name="lk-agent-reader", daemon=True)
         self._thread.start()
         if not self.ready.wait(timeout) or self.error:
@@ -317,14 +321,16 @@ class AgentSession:
                     if all(self._ticks.get(t.role, 0) > seen.get(t.role, 0) for t in self.targets):
                         break
                 time.sleep(0.02)
-        if self._stream is not None:
-            self._stream.stop()
-        if self._thread is not None:
-            self._thread.join(15)
         try:
-            self.transport.run(["rm", "-f", self._path], timeout=30, check=False)
-        except LabkitError as exc:
-            log.warning("could not remove %s: %s", self._path, exc)
+            if self._stream is not None:
+                self._stream.stop()
+            if self._thread is not None:
+                self._thread.join(15)
+        finally:
+            try:
+                self.transport.run(["rm", "-f", self._path], timeout=30, check=False)
+            except LabkitError as exc:
+                log.warning("could not remove %s: %s", self._path, exc)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import subprocess
@@ -45,6 +46,7 @@ def expectations_listed(lab) -> int:
 
 @pytest.mark.parametrize("agent", [False, True], ids=["in-process", "agent"])
 def test_figures_agree_with_conntrack_tools(lab, agent):
+    uploaded = set(glob.glob("/tmp/labkit-monitor-agent-*"))
     with Monitor(lab.hosts(), hz=20, agent=agent) as mon:
         lab.send(40, port=69)          # 40 TFTP read requests: 40 entries, 40 expectations
         lab.send(25, port=5000)
@@ -68,6 +70,7 @@ def test_figures_agree_with_conntrack_tools(lab, agent):
     # the count rose while the monitor ran, and it saw that happen
     node_counts = samples[(samples.netns == "node") & (samples.metric == "nf_conntrack_count")]["value"]
     assert node_counts.iloc[0] == 0 and node_counts.max() == 65
+    assert set(glob.glob("/tmp/labkit-monitor-agent-*")) <= uploaded    # the agent's file is removed
 
 
 def test_samples_come_at_the_asked_rate(lab):
