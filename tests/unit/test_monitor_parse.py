@@ -120,3 +120,25 @@ def test_events_are_attributed_to_roles():
     assert event_role(no_netns, roles, None) == "init"
     assert event_role(no_netns, {123: "node"}, 123) == "node"             # a VM node's own namespace
     assert event_role(parse_kmsg_line(lines("kmsg-6.18.txt")[10]), roles, None) == ""
+
+
+def test_follower_turns_records_into_wall_clock_events_and_counts_gaps(tmp_path):
+    import threading
+    import time
+
+    from labkit.monitor.sampler import KmsgFollower
+
+    device = tmp_path / "kmsg"
+    device.write_text("")
+    got = []
+    follower = KmsgFollower(lambda wall, ev: got.append((wall, ev)), threading.Event(), path=str(device))
+    now_usec = int(time.monotonic() * 1e6)
+    follower._handle(f"4,100,{now_usec},-;nf_conntrack: nf_conntrack: table full in netns 7, dropping packet")
+    follower._handle(f"6,101,{now_usec},-;eth0: link up")
+    follower._handle(f"4,105,{now_usec + 2_000_000},-;nf_conntrack: expectation table full")
+    assert follower.records == 3 and follower.lost == 3          # 102..104 never reached us
+    (wall1, ev1), (wall2, ev2) = got
+    assert ev1.netns_inode == 7 and ev2.kind == EXPECT_TABLE_FULL
+    assert abs(wall1 - time.time()) < 0.5 and abs(wall2 - wall1 - 2.0) < 1e-3
+    import os
+    os.close(follower._fd)    # never started: run() would close it
