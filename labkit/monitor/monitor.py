@@ -239,7 +239,10 @@ class Monitor:
 
     @property
     def samples(self) -> pd.DataFrame:
-        """Long table ``time, host, netns, metric, value`` (time: UTC timestamps), by time."""
+        """Long table ``time, host, netns, metric, value`` (time: UTC timestamps), by time.
+
+        Built afresh on each access (also while running): keep the frame you use.
+        """
         rows = []
         for machine in list(self._machines.values()):
             for t, role, values in list(machine.ticks):
