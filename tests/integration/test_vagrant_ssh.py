@@ -112,3 +112,28 @@ def test_the_ssh_testbed_inventory_reaches_a_real_server(sshd, tmp_path):
         pid.kill()
         pid.wait()
     tofu.inventory.close()
+
+
+def test_the_monitor_runs_on_the_worker_through_sudo(sshd, tmp_path, netns):
+    """The vagrant testbed's worker host (sudo, as on a Vagrant box) carries the monitor's agent."""
+    import time
+
+    from labkit.host import NetnsHost
+    from labkit.monitor import Monitor
+    from tests.conftest import need_program
+
+    need_program("sudo", "iptables")
+    ns = netns()
+    NetnsHost(ns).run(["iptables", "-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])
+    tb, _ = _testbed(sshd, tmp_path)
+    tb.pin_host_keys()
+    worker = tb.inventory.ssh("worker-1")
+    assert worker.sudo
+    with Monitor({"node": worker, "pod-1": worker.netns(ns, host_name="pod-1")}, hz=10) as mon:
+        time.sleep(1.0)
+    samples = mon.samples
+    assert set(samples["host"]) == {"worker-1"} and set(samples["netns"]) == {"node", "pod-1"}
+    assert list(samples.columns) == ["time", "host", "netns", "metric", "value"]
+    pod = samples[(samples.netns == "pod-1") & (samples.metric == "nf_conntrack_count")]
+    assert len(pod) >= 5 and pod["value"].max() == 0  # an idle namespace of its own
+    tb.inventory.close()
