@@ -9,6 +9,7 @@ import sys
 import time
 
 from labkit.exceptions import TestbedError
+from labkit.host import LocalHost, NetnsHost
 from labkit.testbed import TESTBEDS, get_testbed
 
 
@@ -18,6 +19,10 @@ def _testbed(args):
         options["helper_rule"] = False
     if getattr(args, "wait", None):
         options["global_wait"] = args.wait
+    if getattr(args, "inventory", None):
+        if args.testbed != "ssh":
+            raise TestbedError("--inventory is for --testbed ssh")
+        options["inventory"] = args.inventory
     return get_testbed(args.testbed, **options)
 
 
@@ -81,10 +86,10 @@ def _cmd_exec(args) -> int:
     if not command:
         raise TestbedError("exec: give a command after the role, e.g. labkit exec client -- ip addr")
     host = _testbed(args).host(args.role)
-    netns = getattr(host, "netns", None)
-    if netns is None and args.role == "init":
+    netns = host.netns if isinstance(host, NetnsHost) else None
+    if isinstance(host, LocalHost):
         return subprocess.call(command)
-    if netns is None:  # a remote host: run it and print what it said
+    if netns is None:  # a remote host (or a namespace of one): run it and print what it said
         result = host.run(command, check=False, timeout=None)
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)
@@ -99,6 +104,8 @@ def register(sub) -> None:
     def testbed_arg(p):
         p.add_argument("--testbed", default="netns", choices=sorted(TESTBEDS),
                        help="which testbed (default: netns, the embedded one)")
+        p.add_argument("--inventory", help="the ssh testbed's inventory file "
+                       "(default: $LABKIT_INVENTORY or ./inventory.yaml)")
 
     p = sub.add_parser("up", help="build the testbed for an iteration, or reconfigure the running one")
     testbed_arg(p)

@@ -246,6 +246,8 @@ class ClusterTestbed(Testbed):
         self.inventory.close()
 
     def _require(self) -> dict[str, Any]:
+        if not self.state_path.exists():
+            raise TestbedError(f"the {self.name} testbed is not up; run `labkit up --testbed {self.name}`")
         state = self.driver.state
         if not state.get("iteration"):
             raise TestbedError(f"the {self.name} testbed is not up; run `labkit up --testbed {self.name}`")
@@ -253,7 +255,7 @@ class ClusterTestbed(Testbed):
 
     def roles(self) -> list[str]:
         """``node``, ``pod-1``.. and ``client`` (the node's namespace is also ``init``)."""
-        if not self.driver.state.get("iteration"):
+        if not self.state_path.exists() or not self.driver.state.get("iteration"):
             return []
         return ["node", *(f"pod-{i}" for i in range(1, len(self.driver.pods) + 1)), "client"]
 
