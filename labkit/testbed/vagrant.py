@@ -213,14 +213,18 @@ class VagrantTestbed(ClusterTestbed):
         self.pin_host_keys()
 
     def pin_host_keys(self) -> None:
-        """Pin each machine's host key, read through ``vagrant ssh``, in the lab's known_hosts.
+        """Pin each machine's host key, read through ``vagrant ssh``, in the lab's known_hosts
+        (machines already pinned are left alone).
 
         Raises:
             HostKeyError: a machine now has a different key than the pinned one.
         """
         entries = parse_ssh_config(self.vagrant.ssh_config())
+        pinned = paramiko.HostKeys(str(self.known_hosts)) if self.known_hosts.exists() else paramiko.HostKeys()
         for name, entry in entries.items():
             label = known_hosts_name(entry.get("hostname"), entry.port)
+            if pinned.lookup(label):
+                continue  # already pinned: a changed key is refused when labkit connects
             line = self.vagrant.ssh(vm_name=name, command=shlex.join(["cat", HOST_KEY_FILE]))
             pin_host_key(self.known_hosts, label, parse_host_key(line, f"{name}:{HOST_KEY_FILE}"))
 

@@ -84,9 +84,14 @@ def test_a_recreated_vm_with_a_new_key_is_refused_until_its_pin_is_cleared(sshd,
     tb.pin_host_keys()  # pinned: the "old VM"'s key
     with pytest.raises(HostKeyError, match=r"HOST KEY CHANGED.*ssh-keygen -R"):
         tb.inventory.ssh("client").run("true")
-    fresh, _ = _testbed(sshd, tmp_path)  # the VM now reports its real (new) key
-    with pytest.raises(HostKeyError, match=r"already pins .* remove the old line first"):
-        fresh.pin_host_keys()
+    fresh, cli = _testbed(sshd, tmp_path)  # the VM now reports its real (new) key
+    fresh.pin_host_keys()
+    assert cli.calls == []  # pinned machines are not asked again: the pin stands
+    with pytest.raises(HostKeyError, match=r"HOST KEY CHANGED"):
+        fresh.inventory.ssh("worker-1").run("true")
+    (tmp_path / ".vagrant" / "labkit_known_hosts").unlink()  # what destroy() does
+    fresh.pin_host_keys()
+    assert fresh.inventory.ssh("worker-1").run("echo new").stdout == "new\n"
 
 
 def test_the_ssh_testbed_inventory_reaches_a_real_server(sshd, tmp_path):
