@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import yaml
 
-from labkit.exceptions import PodRejected, SysctlError, TestbedError
+from labkit.exceptions import PodRejected, SSHError, SysctlError, TestbedError
 from labkit.host import Host, Result, sysctl_name
 from labkit.manifests import SYSCTL_FORBIDDEN, Manifests, admit_sysctls, check_allowlist, dump_yaml
 from labkit.testbed.base import ServedFile
@@ -177,6 +177,13 @@ class KubeadmDriver:
         allowed = check_allowlist(iteration.allowed_unsafe_sysctls)
         if iteration.setup == "nodeport":
             admit_sysctls(f"{self.template.deployment}-*", iteration.pod_sysctls, allowed)
+        try:
+            self._apply(iteration, allowed)
+        except SSHError as exc:
+            raise SSHError(f"{exc}\n  what was applied so far is recorded in {self.state_path}; "
+                           "`labkit down` undoes it once the host answers again") from exc
+
+    def _apply(self, iteration, allowed: tuple[str, ...]) -> None:
         self.apply_node_sysctls({sysctl_name(k): v for k, v in iteration.node_sysctls.items()})
         self.apply_kubelet(list(allowed))
         if iteration.setup == "plain":

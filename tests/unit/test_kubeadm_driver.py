@@ -158,8 +158,9 @@ def test_ssh_dropped_mid_run_is_reported_and_the_state_allows_restore(tmp_path):
     # drop the connection at the patch of the Deployment in iteration 8
     sim.faults["drop_at"] = len(sim.steps) + 1 + next(
         i for i, c in enumerate(_dry_run(iteration(8))) if c[:2] == ["kubectl", "patch"])
-    with pytest.raises(SSHError, match="control-plane: SSH connection lost while running 'kubectl patch"):
+    with pytest.raises(SSHError, match="control-plane: SSH connection lost while running 'kubectl patch") as info:
         d.apply(iteration(8))
+    assert f"recorded in {tmp_path / 'state.json'}; `labkit down` undoes it" in str(info.value)
     del sim.faults["drop_at"]
     state = json.loads((tmp_path / "state.json").read_text())
     assert state["kubelet_backup"] and state["originals"] and state["workload"]
