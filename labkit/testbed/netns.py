@@ -87,21 +87,39 @@ def _udp_port_bound(port: int) -> bool:
         return any(int(line.split()[1].split(":")[1], 16) == port for line in f)
 
 
-@contextmanager
-def _signals_raise() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt (as SIGINT is) while building, in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _Interrupts:
+    """SIGINT/SIGTERM while building are noted, and raised at the next safe point.
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+    A signal raised at an arbitrary point could land while a child (``ip netns add``)
+    is still being started, and the cleanup would run before the child made what
+    it makes.  So the handler only notes the signal; :meth:`check` (called before
+    each ledger record and in waits) raises KeyboardInterrupt.
+    """
 
-    old = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {self.signum}")
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum, frame):
+            self.signum = signum
+
+        old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+            self.check()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.signum = None
 
 
 @contextmanager
@@ -141,6 +159,7 @@ class NetnsTestbed(Testbed):
         self._helper_option = helper_rule
         self._procs: dict[int, subprocess.Popen] = {}
         self._state: dict[str, Any] | None = None
+        self._interrupts = _Interrupts()
         self.run_id: str | None = None
         for run in reversed(run_dirs(self.state_dir)):
             if (run / STATE_NAME).exists():
@@ -159,8 +178,8 @@ class NetnsTestbed(Testbed):
 
     @property
     def ledger(self) -> Ledger:
-        """The run's ledger."""
-        return Ledger(self.run_dir)
+        """The run's ledger (each record is a safe point for a pending SIGINT/SIGTERM)."""
+        return Ledger(self.run_dir, before_record=self._interrupts.check)
 
     def ns(self, what: str) -> str:
         """The namespace name of ``client``, ``node`` or ``pod<k>`` in this run."""
@@ -194,8 +213,9 @@ class NetnsTestbed(Testbed):
             pod_name = f"{template.deployment}-{_template_hash(template, '')[:10]}-xxxxx"
             admit_sysctls(pod_name, template.sysctls, iteration.allowed_unsafe_sysctls)
         started = time.monotonic()
+        self._waited = 0.0
         try:
-            with _signals_raise():
+            with self._interrupts.deferred():
                 if self._state is None:
                     self._build_base()
                 self._state["state"] = "building"
@@ -207,7 +227,10 @@ class NetnsTestbed(Testbed):
                     self._apply_plain(template, iteration)
                 else:
                     self._apply_pods(template, iteration)
-                self._state.update(state="up", iteration=iteration.to_dict())
+                took = time.monotonic() - started
+                self._state.update(state="up", iteration=iteration.to_dict(),
+                                   last_up={"seconds": round(took, 3),
+                                            "waited_for_globals_s": round(self._waited, 3)})
                 self._save()
         except BaseException:
             log.error("up failed; removing what this run made")
@@ -277,7 +300,17 @@ class NetnsTestbed(Testbed):
         if not entries:
             self.ledger.record("global-sysctls", dir=str(self.state_dir), owner=gs.owner,
                                claim=str(gs.claim_path))
-        gs.set(wanted, wait=self.global_wait)
+        start = time.monotonic()
+        while True:
+            try:
+                gs.set(wanted)
+                break
+            except TestbedError as exc:
+                if "held by another lab run" not in str(exc) or time.monotonic() >= start + self.global_wait:
+                    raise
+                self._interrupts.check()
+                time.sleep(0.2)
+                self._waited = time.monotonic() - start
         self._state["globals"] = dict(wanted)
 
     def _apply_node_sysctls(self, wanted: dict[str, int]) -> None:
@@ -318,6 +351,7 @@ class NetnsTestbed(Testbed):
         self.ledger.note(ident, pid=proc.pid, start=start)
         deadline = time.monotonic() + READY_TIMEOUT
         while not in_netns(netns, _udp_port_bound, 69):
+            self._interrupts.check()
             if proc.poll() is not None or time.monotonic() > deadline:
                 text = log_path.read_text(errors="replace").strip()[-500:]
                 raise TestbedError(f"{label}: in.tftpd did not start in {netns}"
@@ -550,7 +584,7 @@ class NetnsTestbed(Testbed):
             "helper_rule": s["helper_rule"], "pods_track_conntrack": it.get("pods_track_conntrack"),
             "node_sysctls": it.get("node_sysctls", {}), "pod_sysctls": it.get("pod_sysctls", {}),
             "allowed_unsafe_sysctls": it.get("allowed_unsafe_sysctls", []),
-            "endpoints": s.get("endpoints", []), "updated": s.get("updated"),
+            "endpoints": s.get("endpoints", []), "updated": s.get("updated"), "last_up": s.get("last_up"),
         }
 
 
