@@ -34,7 +34,7 @@ from typing import Any, Iterator
 from labkit import cgroups
 from labkit.exceptions import TestbedError
 from labkit.host import NETNS_DIR, Host, LocalHost, NetnsHost, in_netns
-from labkit.kubeproxy import Endpoint, render_rules
+from labkit.kubeproxy import Endpoint, render_helper_rule, render_rules
 from labkit.ledger import Ledger, netns_inode, proc_start_time
 from labkit.manifests import Manifests, PodTemplate, admit_sysctls, check_allowlist
 from labkit.sysctls import GlobalSysctls
@@ -218,6 +218,8 @@ class NetnsTestbed(Testbed):
             with self._interrupts.deferred():
                 if self._state is None:
                     self._build_base()
+                if self._helper_option is not None and not self._state["rules_applied"]:
+                    self._state["helper_rule"] = self._helper_option
                 self._state["state"] = "building"
                 self._save()
                 self._ensure_file(iteration.file_size)
@@ -441,7 +443,14 @@ class NetnsTestbed(Testbed):
         text = render_rules(svc, [Endpoint(p["ip"], port) for p in current], cluster_ip=CLUSTER_IP,
                             helper_rule=self._state["helper_rule"], jumps=not self._state["rules_applied"],
                             stale_endpoints=[Endpoint(p["ip"], port) for p in stale])
-        NetnsHost(self.ns("node")).run(["iptables-restore", "-w", "--noflush"], input=text)
+        node = NetnsHost(self.ns("node"))
+        if self._state["rules_applied"] and self._helper_option not in (None, self._state["helper_rule"]):
+            # The helper switch changed on a running testbed: the raw table holds only that rule.
+            node.run(["iptables-restore", "-w"], input="*raw\nCOMMIT\n")
+            if self._helper_option:
+                node.run(["iptables-restore", "-w", "--noflush"], input=render_helper_rule(svc))
+            self._state["helper_rule"] = self._helper_option
+        node.run(["iptables-restore", "-w", "--noflush"], input=text)
         self._state["rules_applied"] = True
         self._state["endpoints"] = [f"{p['ip']}:{port}" for p in current]
         self._save()

@@ -200,3 +200,19 @@ def test_labkit_up_takes_under_five_seconds(state, iteration):
     # Time spent waiting for another lab run to give the global sysctls back is not ours.
     waited = json.loads(res.stdout)["last_up"]["waited_for_globals_s"]
     assert took - waited < 5.0, f"labkit up --iteration {iteration} took {took:.2f} s ({waited:.1f} s waiting)"
+
+
+def test_exec_runs_a_command_as_a_role(state):
+    assert labkit(state, "up", "--iteration", "1", "--profile", "quick").returncode == 0
+    try:
+        client = labkit(state, "exec", "client", "--", "ip", "-br", "addr")
+        assert client.returncode == 0 and "10.69.0.2/24" in client.stdout
+        node = labkit(state, "exec", "node", "--", "cat", "/proc/sys/net/ipv4/ip_forward")
+        assert node.stdout.strip() == "1"
+        assert labkit(state, "exec", "client", "--", "false").returncode == 1
+        missing = labkit(state, "exec", "pod-1", "--", "true")
+        assert missing.returncode == 1 and "roles: init, node, client" in missing.stderr
+        status = labkit(state, "status")
+        assert status.returncode == 0 and "iteration 1" in status.stdout and "10.69.0.1:69" in status.stdout
+    finally:
+        labkit(state, "down")
