@@ -16,6 +16,7 @@ is made; ``down`` and :func:`clean` undo exactly what the ledgers list.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ from labkit import cgroups
 from labkit.exceptions import TestbedError
 from labkit.host import NETNS_DIR, Host, LocalHost, NetnsHost, in_netns
 from labkit.kubeproxy import Endpoint, render_helper_rule, render_rules
-from labkit.ledger import Ledger, netns_inode, proc_start_time
+from labkit.ledger import Ledger, describe, netns_inode, proc_start_time
 from labkit.manifests import Manifests, PodTemplate, admit_sysctls, check_allowlist
 from labkit.sysctls import GlobalSysctls
 from labkit.sysctls import state_dir as default_state_dir
@@ -161,6 +162,11 @@ class NetnsTestbed(Testbed):
         self._state: dict[str, Any] | None = None
         self._interrupts = _Interrupts()
         self.run_id: str | None = None
+        self._load()
+
+    def _load(self) -> None:
+        """Attach to the run recorded in the state directory (the newest), if any."""
+        self.run_id, self._state = None, None
         for run in reversed(run_dirs(self.state_dir)):
             if (run / STATE_NAME).exists():
                 self.run_id = run.name[len(RUN_DIR_PREFIX):]
@@ -212,6 +218,15 @@ class NetnsTestbed(Testbed):
         if iteration.setup == "nodeport":
             pod_name = f"{template.deployment}-{_template_hash(template, '')[:10]}-xxxxx"
             admit_sysctls(pod_name, template.sysctls, iteration.allowed_unsafe_sysctls)
+        with _state_lock(self.state_dir):
+            self._load()
+            if self._state is not None and self._state.get("state") != "up":
+                raise TestbedError(
+                    f"netns run {self.run_id} did not finish being built or taken down (a crash?); "
+                    "run `labkit clean` first")
+            self._up_locked(iteration, template)
+
+    def _up_locked(self, iteration, template: PodTemplate) -> None:
         started = time.monotonic()
         self._waited = 0.0
         try:
@@ -236,8 +251,7 @@ class NetnsTestbed(Testbed):
                 self._save()
         except BaseException:
             log.error("up failed; removing what this run made")
-            with _signals_ignored():
-                self.down()
+            self._down_locked()
             raise
         log.info("netns testbed %s up for iteration %s in %.2f s", self.run_id, iteration.number,
                  time.monotonic() - started)
@@ -487,18 +501,31 @@ class NetnsTestbed(Testbed):
     # --- down, status, hosts -------------------------------------------------------------
 
     def down(self) -> None:
-        """Remove everything the run's ledger lists, in reverse order; restore the globals."""
+        """Remove everything the run's ledger lists, in reverse order; restore the globals.
+
+        Idempotent: nothing to do when the testbed is down.
+
+        Raises:
+            TestbedError: something could not be removed (the rest was; `labkit clean` retries).
+        """
+        if not self.state_dir.exists():
+            self._state, self.run_id = None, None
+            return
+        with _state_lock(self.state_dir):
+            if self.run_id and not (self.run_dir / STATE_NAME).exists():
+                self._load()  # taken down by another process meanwhile
+            self._down_locked()
+
+    def _down_locked(self) -> None:
         if not self.run_id:
             return
         with _signals_ignored():
-            self.ledger.undo()
-            for proc in self._procs.values():
-                proc.wait()
-            self._procs.clear()
-            (self.run_dir / STATE_NAME).unlink(missing_ok=True)
-            for leftover in self.run_dir.glob("*.log"):
-                leftover.unlink()
-            self.ledger.discard()
+            try:
+                _discard_run(self.run_dir)
+            finally:
+                for proc in self._procs.values():
+                    proc.wait()
+                self._procs.clear()
         log.info("netns testbed %s down", self.run_id)
         self._state, self.run_id = None, None
 
@@ -607,15 +634,34 @@ def clean(directory: str | os.PathLike | None = None) -> list[str]:
     """
     directory = Path(directory or default_state_dir())
     removed: list[str] = []
-    from labkit.ledger import describe
-    with _signals_ignored():
+    if not directory.exists():
+        return removed
+    with _state_lock(directory), _signals_ignored():
         for run in run_dirs(directory):
-            ledger = Ledger(run)
-            removed += [describe(e) for e in ledger.undo()]
-            (run / STATE_NAME).unlink(missing_ok=True)
-            for leftover in run.glob("*.log"):
-                leftover.unlink()
-            ledger.discard()
+            removed += [describe(e) for e in _discard_run(run)]
         restored = GlobalSysctls("clean", directory=directory).restore()
         removed += [f"global sysctl {k} restored to {v}" for k, v in restored.items()]
     return removed
+
+
+def _discard_run(run: Path) -> list[dict[str, Any]]:
+    """Undo a run's ledger, then remove its state files and directory; return what was removed."""
+    ledger = Ledger(run)
+    done = ledger.undo()
+    (run / STATE_NAME).unlink(missing_ok=True)
+    for leftover in run.glob("*.log"):
+        leftover.unlink()
+    ledger.discard()
+    return done
+
+
+@contextmanager
+def _state_lock(directory: Path) -> Iterator[None]:
+    """Serialize up/down/clean of one state directory across processes (flock on the directory)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

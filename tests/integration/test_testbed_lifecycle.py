@@ -149,6 +149,9 @@ def test_clean_after_a_sigkill_restores_everything_and_spares_look_alikes(state,
     entries = Ledger(run_dirs(state)[0]).entries()
     servers = [(e["pid"], e["start"]) for e in entries if e["kind"] == "process" and e.get("pid")]
     assert servers and f"lk{run_id}-node" in host.run(["ip", "netns", "list"]).stdout  # left behind
+    refused = labkit(state, "up", "--iteration", "1", "--profile", "quick")
+    assert refused.returncode == 1 and "labkit clean" in refused.stderr
+    assert json.loads(labkit(state, "status", "--json").stdout)["state"] == "broken"
     # Someone else's look-alikes: same prefix and run id, not in the ledger.
     look_alike = f"lk{run_id}-pod99"
     host.run(["ip", "netns", "add", look_alike])
