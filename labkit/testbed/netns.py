@@ -123,18 +123,10 @@ class _Interrupts:
             self.signum = None
 
 
-@contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM off while cleaning up, so a second signal cannot leave half a lab."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM off while cleaning up (a second signal must not leave half a lab);
+    one that came meanwhile is raised as KeyboardInterrupt once the cleanup is done."""
+    return _Interrupts().deferred()
 
 
 class NetnsTestbed(Testbed):
@@ -519,7 +511,7 @@ class NetnsTestbed(Testbed):
     def _down_locked(self) -> None:
         if not self.run_id:
             return
-        with _signals_ignored():
+        with _signals_deferred():
             try:
                 _discard_run(self.run_dir)
             finally:
@@ -636,7 +628,7 @@ def clean(directory: str | os.PathLike | None = None) -> list[str]:
     removed: list[str] = []
     if not directory.exists():
         return removed
-    with _state_lock(directory), _signals_ignored():
+    with _state_lock(directory), _signals_deferred():
         for run in run_dirs(directory):
             removed += [describe(e) for e in _discard_run(run)]
         restored = GlobalSysctls("clean", directory=directory).restore()
