@@ -10,6 +10,7 @@ made or removed meanwhile; everything else must be identical.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -54,6 +55,25 @@ def spawn_up(state_dir: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def unclaimed_globals(timeout: float = 300) -> dict:
+    """The global sysctls at a moment no lab run holds them (then they are the machine's own).
+
+    Another lab run on this machine may hold them for a while; wait for it, under the
+    machine-wide lock GlobalSysctls itself takes.
+    """
+    from labkit.sysctls import CLAIM_PATH
+    host = LocalHost()
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(CLAIM_PATH + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not os.path.exists(CLAIM_PATH):
+                return {MAX: host.read_sysctl(MAX), EXPECT: host.read_sysctl(EXPECT)}
+        if time.monotonic() > deadline:
+            pytest.fail("another lab run held the global sysctls for too long")
+        time.sleep(0.2)
+
+
 def snapshot() -> dict:
     """The machine's namespaces, its own links and iptables rules, and the global sysctls."""
     host = LocalHost()
@@ -63,7 +83,7 @@ def snapshot() -> dict:
         "links": {line.split(":")[1].strip().split("@")[0]
                   for line in host.run(["ip", "-o", "link"]).stdout.splitlines()},
         "iptables": [line for line in rules.splitlines() if not line.startswith("#")],
-        "globals": {MAX: host.read_sysctl(MAX), EXPECT: host.read_sysctl(EXPECT)},
+        "globals": unclaimed_globals(),
     }
 
 
