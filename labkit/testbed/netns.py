@@ -489,6 +489,19 @@ class NetnsTestbed(Testbed):
                 self.ledger.remove(e)
         self._state["pods"] = [p for p in self._state["pods"] if p["serial"] != pod["serial"]]
         self._save()
+        self._forget_udp_flows(pod["ip"])
+
+    def _forget_udp_flows(self, ip: str) -> None:
+        """Delete the node's UDP conntrack entries to or from a removed pod, as kube-proxy does.
+
+        Otherwise a client that reuses a source port matches the old request entry
+        and is sent to the pod that is gone.
+        """
+        node = NetnsHost(self.ns("node"))
+        for match in ("--reply-src", "--orig-src"):
+            res = node.run(["conntrack", "-D", "-p", "udp", match, ip], check=False, timeout=30)
+            if not res.ok and "0 flow entries" not in res.stderr:
+                res.check()
 
     # --- down, status, hosts -------------------------------------------------------------
 

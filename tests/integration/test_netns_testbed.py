@@ -251,3 +251,20 @@ def test_a_pods_in_tftpd_runs_under_its_cpu_limit(lab):
         else:
             assert open(f"{cgroup}/cpu.max").read().split()[0] == "25000"
         assert open(f"/proc/{h['pid']}/comm").read().strip() == "in.tftpd"
+
+
+def test_a_client_reusing_its_port_reaches_the_new_pod_after_a_rollout(lab, tmp_path):
+    # kube-proxy deletes the UDP conntrack entries of removed endpoints; without that the
+    # node's old request entry (30 s) would still send this client to the pod that is gone.
+    need_program("tftp")
+    tb = lab()
+    tb.up(local_iteration(2))
+    node_ip, port = tb.service
+    cmd = ["tftp", "-R", "40000:40000", node_ip, str(port), "-m", "binary", "-c", "get", tb.file.name]
+    tb.host("client").run([*cmd, str(tmp_path / "a.bin")], timeout=30)
+    old = tb.status()["hosts"][2]["ip"]
+    tb.up(local_iteration(8))  # new pod template: the pod is replaced by one with a new address
+    assert tb.status()["hosts"][2]["ip"] != old
+    tb.host("client").run([*cmd, str(tmp_path / "b.bin")], timeout=30)
+    assert sha256(tmp_path / "b.bin") == tb.file.sha256
+    assert old not in tb.host("node").run(["conntrack", "-L", "-p", "udp"]).stdout
