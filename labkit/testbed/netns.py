@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from labkit import cgroups
-from labkit.exceptions import TestbedError
+from labkit.exceptions import GlobalSysctlsHeld, TestbedError
 from labkit.host import NETNS_DIR, Host, LocalHost, NetnsHost, in_netns
 from labkit.kubeproxy import Endpoint, render_helper_rule, render_rules
 from labkit.ledger import Ledger, describe, netns_inode, proc_start_time
@@ -221,9 +221,10 @@ class NetnsTestbed(Testbed):
     def _up_locked(self, iteration, template: PodTemplate) -> None:
         started = time.monotonic()
         self._waited = 0.0
+        fresh = self._state is None
         try:
             with self._interrupts.deferred():
-                if self._state is None:
+                if fresh:
                     self._build_base()
                 if self._helper_option is not None and not self._state["rules_applied"]:
                     self._state["helper_rule"] = self._helper_option
@@ -241,6 +242,16 @@ class NetnsTestbed(Testbed):
                                    last_up={"seconds": round(took, 3),
                                             "waited_for_globals_s": round(self._waited, 3)})
                 self._save()
+        except GlobalSysctlsHeld:
+            if fresh:
+                self._down_locked()
+            else:  # nothing was changed yet: the running testbed stays as it was
+                for e in self.ledger.entries():
+                    if e["kind"] == "global-sysctls" and not self._state.get("globals"):
+                        self.ledger.remove(e)
+                self._state["state"] = "up"
+                self._save()
+            raise
         except BaseException:
             log.error("up failed; removing what this run made")
             self._down_locked()
@@ -313,8 +324,8 @@ class NetnsTestbed(Testbed):
             try:
                 gs.set(wanted)
                 break
-            except TestbedError as exc:
-                if "held by another lab run" not in str(exc) or time.monotonic() >= start + self.global_wait:
+            except GlobalSysctlsHeld:
+                if time.monotonic() >= start + self.global_wait:
                     raise
                 self._interrupts.check()
                 time.sleep(0.2)

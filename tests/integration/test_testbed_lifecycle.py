@@ -239,3 +239,24 @@ def test_exec_runs_a_command_as_a_role(state):
         assert status.returncode == 0 and "iteration 1" in status.stdout and "10.69.0.1:69" in status.stdout
     finally:
         labkit(state, "down")
+
+
+def test_a_reconfiguration_refused_for_held_globals_keeps_the_testbed_running(state, tmp_path, monkeypatch):
+    from labkit.exceptions import GlobalSysctlsHeld
+    from labkit.scenario import load_scenario
+    from labkit.sysctls import GlobalSysctls
+    from labkit.testbed import get_testbed
+    monkeypatch.setenv("LABKIT_STATE_DIR", str(state))
+    scenario = load_scenario()
+    tb = get_testbed("netns", global_wait=0.5)
+    tb.up(scenario.iteration(1, "quick"))
+    other = GlobalSysctls("someone-else", directory=tmp_path / "other")
+    other.set({EXPECT: int(LocalHost().read_sysctl(EXPECT))}, wait=300)  # held, value unchanged
+    try:
+        with pytest.raises(GlobalSysctlsHeld):
+            tb.up(scenario.iteration(2, "quick"))
+        assert tb.status()["state"] == "up" and tb.status()["iteration"] == 1
+        assert tb.service == ("10.69.0.1", 69)
+    finally:
+        other.restore()
+    tb.down()
