@@ -16,6 +16,7 @@ namespaced) is refused.  A refused pod raises
 from __future__ import annotations
 
 import copy
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,13 +181,16 @@ class PodTemplate:
 class Manifests:
     """The manifests of one directory, checked on load.
 
+    The directory is ``directory``, else $LABKIT_MANIFEST_DIR, else the repository's
+    ``k8s-manifests/``.
+
     Attributes:
         directory: where they came from.
         deployment, service, kubelet_config, kube_proxy_config: the parsed documents.
     """
 
     def __init__(self, directory: str | Path | None = None):
-        self.directory = Path(directory) if directory else MANIFEST_DIR
+        self.directory = Path(directory or os.environ.get("LABKIT_MANIFEST_DIR") or MANIFEST_DIR)
         self.deployment = self._load(DEPLOYMENT_FILE, "Deployment")
         self.service = self._load(SERVICE_FILE, "Service")
         self.kubelet_config = self._load(KUBELET_FILE, "KubeletConfiguration")
