@@ -75,6 +75,21 @@ def new_run_id() -> str:
             return rid
 
 
+def link_name(run_id: str, what: str) -> str:
+    """An interface name of run ``run_id``: ``lk<run><what>``, at most 15 characters.
+
+    ``what`` is ``n0``/``c0`` (node and client ends of their veth), ``br`` (the pods'
+    bridge), ``v<k>``/``e<k>`` (node and pod ends of pod k's veth).
+
+    Raises:
+        TestbedError: the name would not fit the kernel's 15 characters.
+    """
+    name = f"lk{run_id}{what}"
+    if len(name) > 15:
+        raise TestbedError(f"interface name {name!r} is longer than 15 characters")
+    return name
+
+
 def _template_hash(template: PodTemplate, file_path: str) -> str:
     text = json.dumps([template.args, template.cpu_limit, sorted(template.sysctls.items()),
                        template.track_conntrack, file_path])
@@ -271,7 +286,7 @@ class NetnsTestbed(Testbed):
         client, node = self.ns("client"), self.ns("node")
         self._add_netns(client)
         self._add_netns(node)
-        n0, c0, br = f"lk{self.run_id}n0", f"lk{self.run_id}c0", f"lk{self.run_id}br"
+        n0, c0, br = (link_name(self.run_id, w) for w in ("n0", "c0", "br"))
         self.ledger.record("link", netns=node, name=n0, peer=c0, peer_netns=client)
         self._ip(node, "link", "add", n0, "type", "veth", "peer", "name", c0, "netns", client)
         self._ip(node, "addr", "add", f"{NODE_IP}/{LINK_PREFIX}", "dev", n0)
@@ -430,7 +445,7 @@ class NetnsTestbed(Testbed):
         self._state["next_serial"] = serial + 1
         ip = self._next_ip()
         ns, node = self.ns(f"pod{serial}"), self.ns("node")
-        veth, eth = f"lk{self.run_id}v{serial}", f"lk{self.run_id}e{serial}"
+        veth, eth = link_name(self.run_id, f"v{serial}"), link_name(self.run_id, f"e{serial}")
         pod = {"serial": serial, "name": f"{template.deployment}-{tpl}-{secrets.token_hex(3)[:5]}",
                "netns": ns, "ip": ip, "template": tpl, "veth": veth, "cpu_limit": iteration.cpu_limit,
                "sysctls": dict(template.sysctls), "track_conntrack": template.track_conntrack}
@@ -439,7 +454,7 @@ class NetnsTestbed(Testbed):
         self._add_netns(ns)
         pod["link_id"] = self.ledger.record("link", netns=node, name=veth, peer=eth, peer_netns=ns)
         self._ip(node, "link", "add", veth, "type", "veth", "peer", "name", eth, "netns", ns)
-        self._ip(node, "link", "set", veth, "master", f"lk{self.run_id}br", "up")
+        self._ip(node, "link", "set", veth, "master", link_name(self.run_id, "br"), "up")
         self._ip(ns, "addr", "add", f"{ip}/24", "dev", eth)
         self._ip(ns, "link", "set", eth, "up")
         self._ip(ns, "route", "add", "default", "via", POD_GATEWAY)
