@@ -154,3 +154,16 @@ class GlobalSysctls:
             if self._claimant() == str(self.path):
                 self.claim_path.unlink(missing_ok=True)
             return saved
+
+
+def restore_crashed(directory: Path | None = None, *, host: Host | None = None,
+                    claim_path: str = CLAIM_PATH) -> dict[str, str]:
+    """Give back the globals a crashed run of ``directory`` saved (for ``labkit clean``).
+
+    Only the originals saved in that state directory are written back, and only its
+    own claim is released: another run's globals are never touched.
+
+    Returns:
+        The values restored (empty when that directory saved none).
+    """
+    return GlobalSysctls("clean", host=host, directory=directory, claim_path=claim_path).restore()

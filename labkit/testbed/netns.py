@@ -38,7 +38,7 @@ from labkit.host import NETNS_DIR, Host, LocalHost, NetnsHost, in_netns
 from labkit.kubeproxy import Endpoint, render_helper_rule, render_rules
 from labkit.ledger import Ledger, describe, netns_inode, proc_start_time
 from labkit.manifests import Manifests, PodTemplate, admit_sysctls, check_allowlist
-from labkit.sysctls import GlobalSysctls
+from labkit.sysctls import GlobalSysctls, restore_crashed
 from labkit.sysctls import state_dir as default_state_dir
 from labkit.testbed.base import ServedFile, Testbed
 from labkit.util import atomic_write
@@ -670,7 +670,7 @@ def clean(directory: str | os.PathLike | None = None) -> list[str]:
     with _state_lock(directory), _signals_deferred():
         for run in run_dirs(directory):
             removed += [describe(e) for e in _discard_run(run)]
-        restored = GlobalSysctls("clean", directory=directory).restore()
+        restored = restore_crashed(directory)
         removed += [f"global sysctl {k} restored to {v}" for k, v in restored.items()]
     return removed
 
