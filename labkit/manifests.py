@@ -16,6 +16,7 @@ namespaced) is refused.  A refused pod raises
 from __future__ import annotations
 
 import copy
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,13 +181,16 @@ class PodTemplate:
 class Manifests:
     """The manifests of one directory, checked on load.
 
+    The directory is ``directory``, else $LABKIT_MANIFEST_DIR, else the repository's
+    ``k8s-manifests/``.
+
     Attributes:
         directory: where they came from.
         deployment, service, kubelet_config, kube_proxy_config: the parsed documents.
     """
 
     def __init__(self, directory: str | Path | None = None):
-        self.directory = Path(directory) if directory else MANIFEST_DIR
+        self.directory = Path(directory or os.environ.get("LABKIT_MANIFEST_DIR") or MANIFEST_DIR)
         self.deployment = self._load(DEPLOYMENT_FILE, "Deployment")
         self.service = self._load(SERVICE_FILE, "Service")
         self.kubelet_config = self._load(KUBELET_FILE, "KubeletConfiguration")
@@ -248,13 +252,16 @@ class Manifests:
             protocol=protocol, port=int(self._get(s, f, "spec.ports.0.port")),
             target_port=target, node_port=node_port)
 
-    def pod_template(self) -> PodTemplate:
+    def pod_template(self, deployment: dict | None = None) -> PodTemplate:
         """The Deployment's pod template as the netns testbed runs it.
+
+        Args:
+            deployment: a sized copy of the Deployment (the file's own by default).
 
         Raises:
             ScenarioError: a field the testbed needs is missing or wrong.
         """
-        f, d = DEPLOYMENT_FILE, self.deployment
+        f, d = DEPLOYMENT_FILE, deployment or self.deployment
         where = str(self.directory / f)
         spec = self._get(d, f, "spec.template.spec")
         container = self._get(d, f, "spec.template.spec.containers.0")
@@ -318,14 +325,8 @@ class Manifests:
         return doc
 
     def pod_template_for(self, iteration) -> PodTemplate:
-        """The pod template the netns testbed runs for ``iteration`` (same path as the files)."""
-        sized = Manifests.__new__(Manifests)
-        sized.directory = self.directory
-        sized.deployment = self.deployment_for(iteration)
-        sized.service = self.service
-        sized.kubelet_config = self.kubelet_config_for(iteration)
-        sized.kube_proxy_config = self.kube_proxy_config
-        return sized.pod_template()
+        """The pod template the netns testbed runs for ``iteration``: read from the sized Deployment."""
+        return self.pod_template(self.deployment_for(iteration))
 
 
 def dump_yaml(doc: Mapping) -> str:

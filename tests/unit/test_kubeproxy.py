@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from labkit.kubeproxy import Endpoint, probability, render_rules, sep_chain, svc_chain
 from labkit.manifests import Manifests, ServicePort
@@ -59,3 +61,19 @@ def test_three_endpoints_get_statistic_rules_and_a_dnat_each(svc):
 def test_the_helper_rule_is_left_out_when_asked(svc):
     assert "--helper" not in render_rules(svc, EPS, helper_rule=False)
     assert "*raw" not in render_rules(svc, EPS, helper_rule=False)
+
+
+@given(st.integers(min_value=1, max_value=40))
+def test_any_number_of_endpoints_gets_an_even_share_and_its_own_chain(n):
+    svc = ServicePort("default", "tftp-server", "tftp", "UDP", 69, 69, 30069)
+    eps = [Endpoint(f"10.244.{i // 250}.{i % 250 + 2}", 69) for i in range(n)]
+    text = render_rules(svc, eps)
+    svc_rules = [line for line in text.splitlines() if line.startswith(f"-A {svc_chain(svc)} ")]
+    assert [line.split()[-1] for line in svc_rules] == [sep_chain(svc, ep) for ep in eps]
+    left, shares = 1.0, []
+    for line in svc_rules:
+        p = float(line.split("--probability ")[1].split()[0]) if "--probability" in line else 1.0
+        shares.append(left * p)
+        left -= left * p
+    assert shares == pytest.approx([1 / n] * n, rel=1e-6)
+    assert len({sep_chain(svc, ep) for ep in eps}) == n
