@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -118,7 +119,9 @@ def _run_workers(spec: LoadSpec, paths: list, progress: Progress | None) -> list
     """Fork one process per worker (same namespace), collect and return their records."""
     ctx = multiprocessing.get_context("fork")
     parts = spec.split()
-    board = ctx.Array("d", len(parts) * len(_PROGRESS_FIELDS), lock=False)
+    # an anonymous shared mapping the forked workers write their progress into (no fd)
+    shared = mmap.mmap(-1, 8 * len(parts) * len(_PROGRESS_FIELDS))
+    board = memoryview(shared).cast("d")
     t0 = time.monotonic() + 0.05     # every worker starts on the same second boundary
     procs, conns = [], []
     for i, part in enumerate(parts):
@@ -159,6 +162,8 @@ def _run_workers(spec: LoadSpec, paths: list, progress: Progress | None) -> list
                 proc.join()
         for conn in conns:
             conn.close()
+        board.release()
+        shared.close()
     missing = [i for i in range(len(parts)) if i not in records]
     if missing:
         codes = {i: procs[i].exitcode for i in missing}
