@@ -17,12 +17,14 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from labkit.exceptions import LoadgenError
 from labkit.loadgen.engine import HIST_SCALE, OK, TRANSFER_COLUMNS
 from labkit.util import atomic_write
+
+if TYPE_CHECKING:  # pandas is imported when a table is made: the CLI starts faster without it
+    import pandas as pd
 
 SERIES = ("started", "completed", "in_flight", "rss_bytes")
 PERCENTILES = (50, 90, 99)
@@ -76,6 +78,8 @@ class LoadResult:
         for metric, values in columns.items():
             for i, value in enumerate(values):
                 rows.append((t0 + i, i, metric, value))
+        import pandas as pd
+
         return pd.DataFrame(rows, columns=["time", "elapsed_s", "metric", "value"])
 
     def to_json(self) -> str:
@@ -217,6 +221,8 @@ def read_transfers(text: str) -> pd.DataFrame:
     Raises:
         LoadgenError: the columns are not the loadgen's.
     """
+    import pandas as pd
+
     frame = pd.read_csv(io.StringIO(text)) if text.strip() else pd.DataFrame(columns=TRANSFER_COLUMNS)
     if list(frame.columns) != TRANSFER_COLUMNS:
         raise LoadgenError(f"not a loadgen transfers table: columns {list(frame.columns)}, "
