@@ -109,7 +109,7 @@ class _Engine:
 
     def run(self) -> dict:
         spec = self.spec
-        self.counts = {"started": 0, OK: 0, "skipped": 0, "retransmits": 0, "duplicates": 0,
+        self.counts = {"started": 0, OK: 0, "ok_in_window": 0, "skipped": 0, "retransmits": 0, "duplicates": 0,
                        "wrong_sender": 0, "ignored": 0}
         self.failed: dict[str, int] = {}
         self.series = {"started": [0], "completed": [0], "in_flight": [0], "rss_bytes": [0]}
@@ -118,6 +118,7 @@ class _Engine:
         self.content = None
         self.end = None
         self._closed = 0
+        self.stop_at = self.t0 + spec.duration if spec.duration is not None else math.inf
         self.interrupted = False
         self.table: dict[int, _Transfer] = {}
         self.timers: list = []
@@ -201,7 +202,7 @@ class _Engine:
         limit = spec.concurrency if closed else spec.max_in_flight
         rate = spec.rate
         remaining = spec.count if spec.count is not None else math.inf
-        stop_at = t0 + spec.duration if spec.duration is not None else math.inf
+        stop_at = self.stop_at
         offered = 0                 # open loop: starts due so far (started + skipped)
         starting = True
         next_tick = t0 + 1.0
@@ -424,13 +425,14 @@ class _Engine:
         elif isinstance(pkt, packet.Data) and not t.negotiated and pkt.block == 1:
             # the server ignored our options (RFC 2347 allows it): plain transfer
             t.negotiated = True
-            self._handle_data_again(t, data, addr, now)
+            self._take_first_data(t, data, addr, now)
         elif isinstance(pkt, packet.Data):
             self.counts["ignored"] += 1
         else:
             self._abandon(t, "protocol", now)
 
-    def _handle_data_again(self, t, data, addr, now) -> None:
+    def _take_first_data(self, t: _Transfer, data: bytes, addr, now: float) -> None:
+        """DATA 1 when options were asked for and the server ignored them: a plain transfer."""
         size = len(data) - 4
         t.nbytes += size
         if size > t.blksize or t.nbytes > (self.spec.expected_size or t.nbytes):
@@ -489,6 +491,8 @@ class _Engine:
         latency = now - t.start
         if outcome == OK:
             self.counts[OK] += 1
+            if now <= self.stop_at:
+                self.counts["ok_in_window"] += 1
             self._bin(self.series["completed"], sec)
             micros = latency * 1e6
             bucket = int(math.log(micros) * HIST_SCALE) if micros > 1 else 0

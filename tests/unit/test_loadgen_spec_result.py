@@ -65,6 +65,7 @@ def _record(worker, started, completed, failed, lat_buckets, cpu=(1.0, 2.0)):
                                                concurrency=4, duration=2.0).__dict__,
             "t0_wall": 1000.0, "duration_s": 2.0 + worker * 0.1,
             "counts": {"started": sum(started), "ok": sum(completed), "skipped": 0,
+                       "ok_in_window": sum(completed) - 1,
                        "retransmits": 1, "duplicates": 0, "wrong_sender": 0, "ignored": 0},
             "failed": {k: sum(v) for k, v in failed.items()},
             "series": {"started": started, "completed": completed, "in_flight": [4] * n,
@@ -83,7 +84,9 @@ def test_records_of_workers_merge_into_one_result():
     assert (s["ok"], s["failed"], s["started"], s["workers"]) == (29, 2, 31, 2)
     assert s["by_reason"] == {"error_1": 1, "timeout": 1}
     assert s["duration_s"] == pytest.approx(2.1)
-    assert s["transfers_per_s"] == pytest.approx(29 / 2.1)
+    # over the 2 s window: one ok of each worker ended after it
+    assert (s["window_s"], s["ok_in_window"]) == (2.0, 27)
+    assert s["transfers_per_s"] == pytest.approx(27 / 2.0)
     assert s["ok_per_cpu_s"] == pytest.approx(29 / 6.0)
     assert result.series["started"] == [15, 14, 2]
     assert result.spec["concurrency"] == 8
