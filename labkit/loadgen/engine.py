@@ -204,6 +204,7 @@ class _Engine:
         remaining = spec.count if spec.count is not None else math.inf
         stop_at = self.stop_at
         offered = 0                 # open loop: starts due so far (started + skipped)
+        last_offer = math.ceil(spec.duration * rate - 1e-9) if rate and spec.duration else 0
         starting = True
         next_tick = t0 + 1.0
         # the C socket type without socket.socket's Python-level wrapper: a few us per transfer
@@ -220,13 +221,19 @@ class _Engine:
                 sec = self._tick(now)
                 next_tick = t0 + sec + 1.0
             if starting:
-                if now >= stop_at or remaining <= 0:
+                if remaining <= 0 or (closed and now >= stop_at):
                     starting = False
                 else:
                     if closed:
                         n = min(limit - len(table), remaining)
                     else:
-                        due = min(int((now - t0) * rate) + 1, remaining + offered) - offered
+                        # starts fall at t0 + k / rate; a late wake catches up, also at the end
+                        if now >= stop_at:
+                            starting = False
+                            target = last_offer
+                        else:
+                            target = int((now - t0) * rate) + 1
+                        due = min(target, remaining + offered) - offered
                         n = min(due, limit - len(table))
                         if n < due:
                             counts["skipped"] += due - n

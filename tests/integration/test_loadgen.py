@@ -104,3 +104,13 @@ def test_human_output_when_not_on_a_terminal(pair):
                           capture_output=True, text=True, check=True)
     assert proc.stdout.startswith("ok 20  failed 0")
     assert "\r" not in proc.stderr     # no progress line off a terminal
+
+
+def test_open_loop_offers_the_rate_it_was_given(pair):
+    result = run_load_on(pair.client, _spec(pair, rate=400.0, duration=2.0))
+    s = result.summary
+    assert s["started"] + s["skipped"] == 800
+    assert s["ok"] == 800 and s["skipped"] == 0
+    assert s["transfers_per_s"] == pytest.approx(400, rel=0.05)
+    per_second = result.timeseries.query("metric == 'started'")["value"].tolist()
+    assert per_second[:2] == [400, 400]

@@ -187,7 +187,7 @@ def test_open_loop_over_the_in_flight_cap_skips_and_counts(serve):
                           max_in_flight=2, duration=0.5, timeout=1.0)).summary
     assert s["ok"] >= 2
     assert s["skipped"] > 0
-    assert s["started"] + s["skipped"] == pytest.approx(100, abs=3)
+    assert s["started"] + s["skipped"] == 100      # 200/s for 0.5 s, late or not
 
 
 def test_mixed_outcomes_add_up_across_workers(serve):
