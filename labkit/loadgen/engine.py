@@ -178,8 +178,6 @@ class _Engine:
         ep = self.ep
         poll = ep.poll
         series_started = self.series["started"]
-        series_completed = self.series["completed"]
-        hist = self.hist
         heappush, heappop = heapq.heappush, heapq.heappop
         acks = packet._ACKS
         build_ack = packet.build_ack
@@ -195,8 +193,6 @@ class _Engine:
         server = (spec.host, spec.port)
         rrq = packet.build_rrq(spec.filename, "octet", spec.options)
         bufsize = max(spec.blksize or 0, packet.DEFAULT_BLKSIZE) + 5   # +1: see an oversized packet
-        log_scale = HIST_SCALE
-        log = math.log
         err5 = packet.build_error(packet.UNKNOWN_TID)
         closed = spec.concurrency is not None
         limit = spec.concurrency if closed else spec.max_in_flight
