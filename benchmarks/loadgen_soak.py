@@ -41,8 +41,8 @@ def main() -> int:
     print(f"loadgen CPU {s['cpu_user_s'] + s['cpu_sys_s']:.1f} s: {s['ok_per_cpu_s']:.0f} "
           f"transfers per CPU-second; ru_maxrss {s['maxrss_kb'] / 1024:.1f} MiB")
     print("resident memory (MiB) at the end of each minute:")
-    marks = list(range(0, len(rss), 60))[1:] + [len(rss) - 2]
-    print("  " + "  ".join(f"{m}s:{rss[m] / 2**20:.1f}" for m in [0] + marks if 0 <= m < len(rss)))
+    marks = sorted(set(range(0, len(rss), 60)) | {len(rss) - 1})
+    print("  " + "  ".join(f"{m}s:{rss[m] / 2**20:.1f}" for m in marks))
     steady = rss[60:-1] or rss
     print(f"after the first minute: min {min(steady) / 2**20:.1f} MiB, max "
           f"{max(steady) / 2**20:.1f} MiB")
