@@ -83,7 +83,9 @@ def test_options_are_negotiated_with_in_tftpd(pair):
     assert result.summary["by_reason"] == {}
 
 
-def test_python_api_in_this_process_with_forked_workers(pair):
+def test_python_api_in_a_namespace_thread_with_spawned_workers(pair):
+    # other threads are alive here, so the workers are spawned; they reach the server only
+    # from the client namespace, which they inherit from the calling thread
     spec = _spec(pair, count=400, concurrency=8, workers=2)
     result = in_netns(pair.client_ns, run_load, spec)
     assert result.summary["ok"] == 400

@@ -18,7 +18,13 @@ CONTENT = random.Random(7).randbytes(5000)      # 10 blocks, the last of 392 byt
 
 
 def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    """Open descriptors, less multiprocessing's resource tracker pipe: spawned workers
+    start that helper once per process and it stays, by design."""
+    from multiprocessing import resource_tracker
+
+    fds = set(os.listdir("/proc/self/fd"))
+    fds.discard(str(resource_tracker._resource_tracker._fd))
+    return len(fds)
 
 
 @pytest.fixture
