@@ -175,6 +175,22 @@ def test_options_are_taken_up_from_the_oack(serve):
     assert sorted(server.settle().acks) == [0, 1, 2, 3, 4, 5]
 
 
+def test_windowsize_acknowledges_once_per_window(serve):
+    server = serve(oack={"windowsize": "4"})
+    s = _run(server, windowsize=4, sha256=packet_sha())
+    assert s["ok"] == 1
+    assert sorted(server.settle().acks) == [0, 4, 8, 10]
+
+
+def test_a_gap_in_a_window_is_acknowledged_back_to_the_last_block_in_order(serve):
+    server = serve(oack={"windowsize": "4"}, drop={6})
+    s = _run(server, windowsize=4, sha256=packet_sha())
+    assert s["ok"] == 1
+    acks = server.settle().acks
+    assert 5 in acks            # blocks 7 and 8 came after the gap: ack 5, once
+    assert acks.count(5) == 1 and acks[-1] == 10
+
+
 def test_options_ignored_by_the_server_fall_back_to_512(serve):
     s = _run(serve(oack=None), blksize=1024, sha256=packet_sha())
     assert s["ok"] == 1

@@ -32,7 +32,8 @@ class ScriptedServer:
         ack_after: blocks after which an ACK packet is also sent to the client.
         silent: never answer.
         no_final_empty: leave out the empty DATA that ends an exact multiple of the block size.
-        oack: {name: value} to answer options with (None: ignore options).
+        oack: {name: value} to answer options with (None: ignore options); a
+            ``windowsize`` above 1 sends windows of blocks (RFC 7440).
         pace: seconds between blocks (a slow server).
         resend: the server's own retransmission timeout.
     """
@@ -111,6 +112,10 @@ class ScriptedServer:
                 if not self._send_until_ack(s, packet.build_oack(oack), client, 0):
                     return
             blocks = self._blocks(blksize)
+            window = int((oack or {}).get("windowsize", 1)) if req.options else 1
+            if window > 1:
+                self._send_windowed(s, client, blocks, window)
+                return
             out = s
             for n, payload in enumerate(blocks, start=1):
                 wire = n & 0xFFFF
@@ -148,6 +153,28 @@ class ScriptedServer:
         finally:
             for sock in socks:
                 sock.close()
+
+    def _send_windowed(self, s, client, blocks, window) -> None:
+        """RFC 7440: send up to ``window`` blocks, go on from the block the client acknowledges."""
+        acked, dropped = 0, set()
+        resend = self.b.get("resend", 0.05)
+        give_up = time.monotonic() + 2.0
+        while acked < len(blocks) and time.monotonic() < give_up:
+            for n in range(acked + 1, min(acked + window, len(blocks)) + 1):
+                if n in self.b.get("drop", ()) and n not in dropped:
+                    dropped.add(n)
+                    continue
+                s.sendto(packet.build_data(n, blocks[n - 1]), client)
+            s.settimeout(resend)
+            try:
+                raw, _ = s.recvfrom(65536)
+            except socket.timeout:
+                continue          # resend the window
+            pkt = packet.parse_packet(raw)
+            if isinstance(pkt, packet.Ack):
+                with self._lock:
+                    self.acks.append(pkt.block)
+                acked = max(acked, pkt.block)
 
     def _drain_stranger(self, stranger) -> None:
         try:
