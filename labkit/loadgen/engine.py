@@ -208,6 +208,8 @@ class _Engine:
         family, kind = socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
         epollin = select.EPOLLIN
         bind = spec.bind
+        port_low, port_high = spec.ports or (0, 0)
+        port = port_low
         next_id = 0
         sec = 0
 
@@ -265,12 +267,16 @@ class _Engine:
                         counts["started"] += 1
                         series_started[sec] += 1
                         try:
-                            if bind:
+                            if port_low:
+                                port = self._bind_next(sock, bind or "0.0.0.0", port, port_low,
+                                                       port_high)
+                            elif bind:
                                 sock.bind((bind, 0))
                             ep.register(fd, epollin)
                             sock.sendto(rrq, server)
                         except OSError as exc:
-                            if exc.errno in _FATAL_SEND or exc.errno == errno.EMFILE:
+                            if exc.errno in _FATAL_SEND or exc.errno in (errno.EMFILE,
+                                                                         errno.EADDRINUSE):
                                 finish(t, "local_error", now)
                                 continue
                             # a transient send failure (netfilter drop: EPERM, ENOBUFS)
@@ -453,6 +459,23 @@ class _Engine:
         self._send(t, t.pkt, addr)
         if size < t.blksize:
             self._finish(t, OK, now)
+
+    @staticmethod
+    def _bind_next(sock, address: str, port: int, low: int, high: int) -> int:
+        """Bind to the next free port of low..high from ``port`` on; return the one after it.
+
+        Raises:
+            OSError: every port of the range is taken (EADDRINUSE).
+        """
+        for _ in range(high - low + 1):
+            try:
+                sock.bind((address, port))
+                return port + 1 if port < high else low
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                port = port + 1 if port < high else low
+        raise OSError(errno.EADDRINUSE, f"every client port {low}-{high} is in use")
 
     def _send(self, t: _Transfer, data: bytes, addr) -> None:
         try:

@@ -116,3 +116,12 @@ def test_open_loop_offers_the_rate_it_was_given(pair):
     assert s["transfers_per_s"] == pytest.approx(400, rel=0.05)
     per_second = result.timeseries.query("metric == 'started'")["value"].tolist()
     assert per_second[:2] == [400, 400]
+
+
+def test_a_port_range_gives_every_transfer_a_port_unused_for_the_longest_time(pair):
+    result = run_load_on(pair.client, _spec(pair, count=1500, concurrency=32,
+                                            ports=(20000, 20999)), transfers=True)
+    assert result.summary["ok"] == 1500
+    table = result.transfers.sort_values("transfer")
+    assert table["client_port"].between(20000, 20999).all()
+    assert table["client_port"].head(1000).nunique() == 1000   # no port twice in a cycle

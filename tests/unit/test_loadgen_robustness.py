@@ -212,6 +212,15 @@ def test_open_loop_over_the_in_flight_cap_skips_and_counts(serve):
     assert s["started"] + s["skipped"] == 100      # 200/s for 0.5 s, late or not
 
 
+def test_client_ports_are_taken_in_turn_from_a_range(serve, tmp_path):
+    server = serve()
+    low = 40000 + os.getpid() % 20000
+    result = run_load(LoadSpec("127.0.0.1", server.port, "f", expected_size=len(CONTENT),
+                               count=7, concurrency=1, ports=(low, low + 2)), transfers=True)
+    assert result.summary["ok"] == 7
+    assert list(result.transfers["client_port"] - low) == [0, 1, 2, 0, 1, 2, 0]
+
+
 def test_mixed_outcomes_add_up_across_workers(serve):
     server = serve(drop={1}, resend=0.05)
     result = run_load(LoadSpec("127.0.0.1", server.port, "f", expected_size=len(CONTENT),

@@ -32,6 +32,8 @@ def test_defaults_are_a_closed_loop_of_ten_seconds_without_options():
     ({"windowsize": 0}, "'windowsize'"),
     ({"concurrency": 2, "workers": 3}, "at least 'workers'"),
     ({"bind": "x"}, "'bind'"),
+    ({"ports": (2000, 1000)}, "'ports': must be \\(low, high\\)"),
+    ({"ports": (1000, 1009), "concurrency": 11}, "one port per transfer in flight"),
 ])
 def test_bad_specs_are_refused_naming_the_field(kw, words):
     args = {"host": "10.0.0.1", "port": 69, "filename": "f", **kw}
@@ -46,12 +48,14 @@ def test_split_shares_out_the_load_exactly():
     open_parts = LoadSpec("10.0.0.1", 69, "f", rate=900.0, max_in_flight=100, workers=2).split()
     assert [p.rate for p in open_parts] == [450.0, 450.0]
     assert [p.max_in_flight for p in open_parts] == [50, 50]
+    ranged = LoadSpec("10.0.0.1", 69, "f", concurrency=4, ports=(1024, 65535), workers=3).split()
+    assert [p.ports for p in ranged] == [(1024, 22527), (22528, 44031), (44032, 65535)]
 
 
 @pytest.mark.parametrize("spec", [
     LoadSpec("10.0.0.1", 30069, "f5k", expected_size=5000, sha256="ab" * 32, concurrency=64,
              count=1000, workers=2, blksize=1428, tsize=True, windowsize=4, option_timeout=3,
-             bind="10.0.0.2", timeout=0.5, retries=5, deadline=4.0),
+             bind="10.0.0.2", timeout=0.5, retries=5, deadline=4.0, ports=(1024, 65535)),
     LoadSpec("10.0.0.1", 69, "f", rate=8500.0, max_in_flight=300, duration=30.0),
 ])
 def test_the_command_line_form_gives_back_the_same_spec(spec):
