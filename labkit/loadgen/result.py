@@ -176,6 +176,9 @@ def merge_records(records: list[dict], transfers: pd.DataFrame | None = None,
             spec[key] = sum(r["spec"][key] for r in records)
     if spec.get("rate") is not None:
         spec["rate"] = sum(r["spec"]["rate"] for r in records)
+    if spec.get("ports") is not None:
+        spec["ports"] = [min(r["spec"]["ports"][0] for r in records),
+                         max(r["spec"]["ports"][1] for r in records)]
     spec["workers"] = len(records)
     ok = counts[OK]
     failed = sum(by_reason.values())
