@@ -109,8 +109,8 @@ class _Engine:
 
     def run(self) -> dict:
         spec = self.spec
-        self.counts = {"started": 0, OK: 0, "ok_in_window": 0, "skipped": 0, "retransmits": 0, "duplicates": 0,
-                       "wrong_sender": 0, "ignored": 0}
+        self.counts = {"started": 0, OK: 0, "ok_in_window": 0, "skipped": 0, "retransmits": 0,
+                       "duplicates": 0, "wrong_sender": 0, "ignored": 0}
         self.failed: dict[str, int] = {}
         self.series = {"started": [0], "completed": [0], "in_flight": [0], "rss_bytes": [0]}
         self.failed_series: dict[str, list] = {}
@@ -132,6 +132,9 @@ class _Engine:
         usage = _usage()
         wall = time.time() - (time.monotonic() - self.t0)
         try:
+            early = self.t0 - time.monotonic()
+            if early > 0:       # workers start together at the t0 their parent chose
+                time.sleep(early)
             self._loop()
         except KeyboardInterrupt:
             self.interrupted = True

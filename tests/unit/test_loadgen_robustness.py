@@ -203,10 +203,11 @@ def test_oack_with_a_larger_blksize_than_asked_is_refused_with_error_8(serve):
     assert [e.code for e in server.settle().errors] == [packet.OPTION_REFUSED]
 
 
-def test_open_loop_over_the_in_flight_cap_skips_and_counts(serve):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_open_loop_over_the_in_flight_cap_skips_and_counts(serve, workers):
     server = serve(pace=0.05)
     s = run_load(LoadSpec("127.0.0.1", server.port, "f", expected_size=len(CONTENT), rate=200,
-                          max_in_flight=2, duration=0.5, timeout=1.0)).summary
+                          max_in_flight=2, duration=0.5, timeout=1.0, workers=workers)).summary
     assert s["ok"] >= 2
     assert s["skipped"] > 0
     assert s["started"] + s["skipped"] == 100      # 200/s for 0.5 s, late or not
