@@ -29,6 +29,14 @@ def _argv(server, *extra):
             "--size", str(len(CONTENT)), *extra]
 
 
+def _wait_for_load(server, requests: int) -> None:
+    """Until the load is well under way (a busy machine starts Python slowly)."""
+    give_up = time.monotonic() + 20
+    while len(server.requests) < requests and time.monotonic() < give_up:
+        time.sleep(0.05)
+    time.sleep(0.2)
+
+
 def test_a_terminal_gets_a_live_progress_line(slow_server):
     main, sub = pty.openpty()
     proc = subprocess.Popen(_argv(slow_server, "-c", "4", "-d", "2.2"), stderr=sub,
@@ -51,7 +59,7 @@ def test_a_terminal_gets_a_live_progress_line(slow_server):
 def test_ctrl_c_ends_the_run_with_what_it_counted(slow_server):
     proc = subprocess.Popen(_argv(slow_server, "-c", "4", "-d", "30", "--json"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    _wait_for_load(slow_server, 8)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
@@ -65,7 +73,7 @@ def test_ctrl_c_ends_the_run_with_what_it_counted(slow_server):
 def test_ctrl_c_reaches_every_worker(slow_server):
     proc = subprocess.Popen(_argv(slow_server, "-c", "4", "-w", "2", "-d", "30", "--json"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)
+    _wait_for_load(slow_server, 8)
     os.kill(proc.pid, signal.SIGINT)        # the parent only: it tells its workers
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
