@@ -107,3 +107,19 @@ def test_a_bad_option_is_refused_with_the_field():
                            "--blksize", "3"], capture_output=True, text=True)
     assert proc.returncode == 1
     assert "'blksize': must be a whole number 8-65464" in proc.stderr
+
+
+def test_out_writes_summary_series_and_transfers(slow_server, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "run"
+    proc = subprocess.run(_argv(slow_server, "-n", "6", "-c", "3", "--out", str(out)),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "timeseries.csv",
+                                                     "transfers.csv"]
+    assert json.loads((out / "summary.json").read_text())["summary"]["ok"] == 6
+    table = pd.read_csv(out / "transfers.csv")
+    assert list(table["outcome"]) == ["ok"] * 6 and (table["bytes"] == len(CONTENT)).all()
+    series = pd.read_csv(out / "timeseries.csv")
+    assert series.query("metric == 'completed'")["value"].sum() == 6
