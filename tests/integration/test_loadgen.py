@@ -46,9 +46,13 @@ def test_ok_count_matches_the_servers_last_data_packets(pair):
 
 
 def test_workers_merge_and_series_add_up(pair):
-    result = run_load_on(pair.client, _spec(pair, duration=1.5, concurrency=16, workers=2))
+    result = run_load_on(pair.client, _spec(pair, duration=1.5, concurrency=16, workers=2),
+                         transfers=True)
     s = result.summary
     assert s["workers"] == 2 and len(result.workers) == 2
+    table = result.transfers
+    assert len(table) == s["started"] and set(table["worker"]) == {0, 1}
+    assert (table["outcome"] == "ok").sum() == s["ok"]
     assert all(w["ok"] > 0 for w in result.workers)
     assert s["ok"] == sum(w["ok"] for w in result.workers)
     ts = result.timeseries
