@@ -30,6 +30,7 @@ Run as root:  .venv/bin/python benchmarks/loadgen_vs_tftp_clients.py [--rounds 5
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import shutil
@@ -42,6 +43,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from labkit.exceptions import LabkitError  # noqa: E402
+from labkit.host import LocalHost  # noqa: E402
 from labkit.loadgen import LoadSpec, run_load_on  # noqa: E402
 from labkit.loadgen.pair import TftpPair  # noqa: E402
 
@@ -96,6 +98,9 @@ def main() -> int:
     ap.add_argument("--loops", type=int, default=4, help="parallel shell loops per tftp client")
     ap.add_argument("--nodeport", action="store_true",
                     help="also load the netns testbed's NodePort (iteration 8, tuned)")
+    ap.add_argument("--nodeport-globals", action="store_true",
+                    help="let the NodePort iteration set the global conntrack table sizes too "
+                         "(needs the machine-wide claim: no other lab run up)")
     ap.add_argument("--nodeport-profile", default="article",
                     help="scenario profile for the NodePort run (default article: no pod CPU limit)")
     args = ap.parse_args()
@@ -147,6 +152,12 @@ def nodeport(args) -> None:
         print(f"\nNodePort: skipped, the netns testbed is not available here ({exc})")
         return
     iteration = load_scenario().iteration(8, profile=args.nodeport_profile)
+    local = LocalHost()
+    current = {name: local.read_sysctl(name) for name in iteration.global_sysctls}
+    if not args.nodeport_globals:
+        # leave the machine-wide tables as they are (another lab run may hold them):
+        # the node and pods still get the tuned, namespaced UDP timeouts
+        iteration = dataclasses.replace(iteration, node_sysctls=iteration.namespaced_node_sysctls)
     # a state directory of our own: never attach to (and tear down) someone else's run
     state = tempfile.mkdtemp(prefix="labkit-bench-state-")
     testbed = get_testbed("netns", state_dir=state)
@@ -165,8 +176,13 @@ def nodeport(args) -> None:
             s = run_load_on(testbed.host("client"), spec).summary
             rates.append(s["transfers_per_s"])
             per_cpu.append(s["ok_per_cpu_s"])
+        tables = ("set by the iteration" if args.nodeport_globals else
+                  "left as they were: " + ", ".join(f"{k.rsplit('.', 1)[1]}={v}"
+                                                    for k, v in current.items()))
         print(f"\nNodePort (iteration 8, profile {args.nodeport_profile}, {iteration.replicas} pod(s), "
-              f"pod CPU limit {iteration.cpu_limit}, loadgen concurrency "
+              f"pod CPU limit {iteration.cpu_limit}, node sysctls {iteration.node_sysctls}, "
+              f"pod sysctls {dict(iteration.pod_sysctls)}, global tables {tables}; "
+              f"loadgen concurrency "
               f"{args.concurrency}): median {statistics.median(rates):.0f} transfers/s of "
               f"{[round(r) for r in rates]}; loadgen {statistics.median(per_cpu):.0f} per CPU-s")
     finally:
