@@ -108,6 +108,7 @@ def main() -> int:
         print("run as root (network namespaces)", file=sys.stderr)
         return 2
     rows: dict[str, list[dict]] = {}
+    load_before = os.getloadavg()[0]
     with TftpPair(f"lkb{os.getpid() % 100000}") as pair:
         host, f = pair.host, pair.filename
         methods = {
@@ -128,7 +129,9 @@ def main() -> int:
                     f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
                     flush=True)
     print(f"\nmedians of {args.rounds} rounds, {args.seconds:g} s each, 5,000-byte file, "
-          f"loadgen concurrency {args.concurrency}, {args.loops} loops per tftp client:")
+          f"loadgen concurrency {args.concurrency}, {args.loops} loops per tftp client "
+          f"(1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, "
+          f"{os.cpu_count()} CPUs):")
     print(f"{'client':22s} {'transfers/s':>12s} {'per CPU-s':>10s} {'per process CPU-s':>18s} "
           f"{'ok vs server':>13s}")
     base = statistics.median(r["per_cpu_s"] for r in rows["tftp-hpa loops"])
