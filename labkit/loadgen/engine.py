@@ -55,7 +55,6 @@ HIST_SCALE = 100          # latency histogram: bucket = int(ln(microseconds) * H
 HIST_BUCKETS = 2400       # up to e**24 us: far beyond any deadline
 TRANSFER_COLUMNS = ["worker", "transfer", "start_s", "end_s", "latency_ms", "outcome", "bytes",
                     "retransmits", "client_port", "server_port"]
-_RECV_ERRORS = (BlockingIOError, InterruptedError, ConnectionRefusedError)
 _FATAL_SEND = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.EINVAL,
                errno.EACCES, errno.EBADF}
 
@@ -304,9 +303,7 @@ class _Engine:
                 sock = t.sock
                 try:
                     data, addr = sock.recvfrom(bufsize)
-                except _RECV_ERRORS:
-                    continue
-                except OSError:
+                except OSError:         # EAGAIN (already read), EINTR...: nothing to take
                     continue
                 if addr != t.tid:
                     if t.tid is None:
@@ -323,13 +320,11 @@ class _Engine:
                     block = (data[2] << 8) | data[3]
                     if block == t.block:
                         size = len(data) - 4
-                        if size > t.blksize:
+                        nbytes = t.nbytes + size
+                        if size > t.blksize or nbytes > expected:
                             self._abandon(t, "oversized", now)
                             continue
-                        t.nbytes += size
-                        if t.nbytes > expected:
-                            self._abandon(t, "oversized", now)
-                            continue
+                        t.nbytes = nbytes
                         if t.hasher is not None:
                             payload = memoryview(data)[4:]
                             t.hasher.update(payload)
@@ -339,21 +334,21 @@ class _Engine:
                         t.pkt = ack
                         t.block = (block + 1) & 0xFFFF
                         t.last = now
-                        t.tries = 0
-                        t.gap = False
-                        t.unacked += 1
-                        if size < t.blksize:
-                            try:
-                                sock.sendto(ack, addr)
-                            except OSError:
-                                pass    # the server resends its last DATA, then gives up: ours is whole
-                            finish(t, OK, now)
-                        elif t.unacked >= t.window:
+                        if t.tries:
+                            t.tries = 0
+                        if t.window != 1:
+                            t.gap = False
+                            t.unacked += 1
+                            if size == t.blksize and t.unacked < t.window:
+                                continue        # RFC 7440: acknowledge once per window
                             t.unacked = 0
-                            try:
-                                sock.sendto(ack, addr)
-                            except OSError:
-                                pass    # lost: the timer resends it
+                        try:
+                            sock.sendto(ack, addr)
+                        except OSError:
+                            pass    # lost: the timer resends it (after the last block the
+                            # server resends its DATA, then gives up: ours is whole)
+                        if size < t.blksize:
+                            finish(t, OK, now)
                     elif block == ((t.block - 1) & 0xFFFF) and t.pkt is not rrq:
                         # a duplicate of the last block: acknowledge again, count once
                         counts["duplicates"] += 1
