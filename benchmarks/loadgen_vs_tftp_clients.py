@@ -98,6 +98,8 @@ def main() -> int:
     ap.add_argument("--loops", type=int, default=4, help="parallel shell loops per tftp client")
     ap.add_argument("--nodeport", action="store_true",
                     help="also load the netns testbed's NodePort (iteration 8, tuned)")
+    ap.add_argument("--nodeport-only", action="store_true",
+                    help="only the NodePort measurement (implies --nodeport)")
     ap.add_argument("--nodeport-globals", action="store_true",
                     help="let the NodePort iteration set the global conntrack table sizes too "
                          "(needs the machine-wide claim: no other lab run up)")
@@ -107,6 +109,9 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root (network namespaces)", file=sys.stderr)
         return 2
+    if args.nodeport_only:
+        nodeport(args)
+        return 0
     rows: dict[str, list[dict]] = {}
     load_before = os.getloadavg()[0]
     with TftpPair(f"lkb{os.getpid() % 100000}") as pair:
