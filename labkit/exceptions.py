@@ -87,6 +87,10 @@ class TestbedError(LabkitError):
     __test__ = False  # not a pytest test class, whatever its name says
 
 
+class GlobalSysctlsHeld(TestbedError):
+    """Another lab run on this machine holds the global conntrack sysctls (one owner at a time)."""
+
+
 class PodRejected(TestbedError):
     """A pod was refused admission, as the kubelet would refuse it.
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from labkit.exceptions import SysctlError, TestbedError
+from labkit.exceptions import GlobalSysctlsHeld, SysctlError, TestbedError
 from labkit.host import Host, LocalHost, sysctl_name
 from labkit.util import atomic_write
 
@@ -98,7 +98,8 @@ class GlobalSysctls:
 
         Raises:
             SysctlError: a name is not a global sysctl, or the kernel refused a value.
-            TestbedError: another run holds the globals (after ``wait``), or a new
+            GlobalSysctlsHeld: another run holds the globals (after ``wait``).
+            TestbedError: a new
                 ``nf_conntrack_max`` is below what the machine already tracks.
         """
         names = {sysctl_name(n): v for n, v in values.items()}
@@ -113,7 +114,7 @@ class GlobalSysctls:
                     self._set_locked(names)
                     return
             if time.monotonic() >= deadline:
-                raise TestbedError(
+                raise GlobalSysctlsHeld(
                     f"the global conntrack sysctls are held by another lab run (state {claimant}); "
                     "bring it down with `labkit down`, or run `labkit clean` if it crashed")
             time.sleep(0.2)
@@ -153,3 +154,16 @@ class GlobalSysctls:
             if self._claimant() == str(self.path):
                 self.claim_path.unlink(missing_ok=True)
             return saved
+
+
+def restore_crashed(directory: Path | None = None, *, host: Host | None = None,
+                    claim_path: str = CLAIM_PATH) -> dict[str, str]:
+    """Give back the globals a crashed run of ``directory`` saved (for ``labkit clean``).
+
+    Only the originals saved in that state directory are written back, and only its
+    own claim is released: another run's globals are never touched.
+
+    Returns:
+        The values restored (empty when that directory saved none).
+    """
+    return GlobalSysctls("clean", host=host, directory=directory, claim_path=claim_path).restore()
