@@ -118,6 +118,18 @@ class LoadgenError(LabkitError):
     """The load generator was misused or could not run."""
 
 
+class MalformedPacket(LoadgenError):
+    """Bytes that are not a well-formed TFTP packet.
+
+    Attributes:
+        reason: what was wrong (too short, unknown opcode, missing NUL...).
+    """
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"malformed TFTP packet: {reason}")
+
+
 class MonitorError(LabkitError):
     """The conntrack monitor could not sample or follow the kernel log."""
 

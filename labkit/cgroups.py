@@ -1,0 +1,123 @@
+"""CPU-limited cgroups for the pods' processes (cgroup v2 or v1, whichever the machine has).
+
+A pod's ``resources.limits.cpu`` becomes a CFS quota: ``cpu.max`` on cgroup v2,
+``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` on v1.  The cgroup is also how the
+lab finds every process of a pod (the server and the children it forks per
+transfer) when it removes the pod.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from labkit.exceptions import TestbedError
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PERIOD_US = 100_000
+
+
+def cpu_root() -> tuple[Path, int]:
+    """Where CPU-controlled cgroups are made, and the cgroup version (2 or 1).
+
+    Raises:
+        TestbedError: no cgroup CPU controller is available.
+    """
+    controllers = CGROUP_ROOT / "cgroup.controllers"
+    if controllers.exists():
+        if "cpu" not in controllers.read_text().split():
+            raise TestbedError("cgroup v2 without the cpu controller; pods cannot get a CPU limit")
+        subtree = (CGROUP_ROOT / "cgroup.subtree_control").read_text().split()
+        if "cpu" not in subtree:
+            raise TestbedError("cgroup v2: the cpu controller is not enabled for child cgroups; "
+                               "run: echo +cpu > /sys/fs/cgroup/cgroup.subtree_control")
+        return CGROUP_ROOT, 2
+    for v1 in ("cpu", "cpu,cpuacct"):
+        path = CGROUP_ROOT / v1
+        if (path / "cpu.cfs_quota_us").exists():
+            return path, 1
+    raise TestbedError("no cgroup cpu controller mounted (v2 or v1); pods cannot get a CPU limit")
+
+
+def make_cgroup(name: str, cpu_limit: float | None) -> Path:
+    """Make a cgroup ``name`` with a CPU limit of ``cpu_limit`` cores (None: no limit).
+
+    Returns:
+        Its directory.
+
+    Raises:
+        TestbedError: it exists already, or the limit was refused.
+    """
+    root, version = cpu_root()
+    path = root / name
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise TestbedError(f"cgroup {path} exists already") from None
+    set_cpu_limit(path, cpu_limit, version)
+    return path
+
+
+def set_cpu_limit(path: Path, cpu_limit: float | None, version: int | None = None) -> None:
+    """Set (or lift, with None) the CPU quota of a cgroup."""
+    version = version or (2 if (path / "cpu.max").exists() else 1)
+    quota = -1 if cpu_limit is None else max(1000, round(cpu_limit * PERIOD_US))
+    try:
+        if version == 2:
+            (path / "cpu.max").write_text(f"{'max' if quota < 0 else quota} {PERIOD_US}\n")
+        else:
+            (path / "cpu.cfs_period_us").write_text(f"{PERIOD_US}\n")
+            (path / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+    except OSError as exc:
+        raise TestbedError(f"cgroup {path}: cannot set CPU limit {cpu_limit}: {exc.strerror}") from None
+
+
+def procs(path: Path | str) -> list[int]:
+    """The pids in a cgroup (empty when it does not exist)."""
+    try:
+        return [int(p) for p in Path(path, "cgroup.procs").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def remove_cgroup(path: Path | str, timeout: float = 5.0) -> None:
+    """Kill every process in a cgroup and remove it; nothing to do when it is gone.
+
+    Raises:
+        TestbedError: it could not be emptied or removed in time.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = procs(path)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(pid, os.WNOHANG)  # our own child: reap it so it leaves the cgroup
+            except ChildProcessError:
+                pass
+        if time.monotonic() > deadline:
+            raise TestbedError(f"cgroup {path}: processes {pids} did not end")
+        time.sleep(0.01)
+    while True:
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise TestbedError(f"cannot remove cgroup {path}: {exc.strerror}") from None
+            time.sleep(0.01)

@@ -1,0 +1,160 @@
+"""kube-proxy's iptables rules for the NodePort service, rendered (pure functions).
+
+:func:`render_rules` turns the Service's port and its endpoints into the text
+that kube-proxy (iptables mode) loads with ``iptables-restore --noflush``:
+``KUBE-SERVICES -> KUBE-NODEPORTS -> KUBE-EXT-* -> KUBE-SVC-* -> KUBE-SEP-*``
+(DNAT), ``statistic --mode random`` probabilities across endpoints,
+``KUBE-MARK-MASQ`` and the ``KUBE-POSTROUTING`` masquerade, the
+``KUBE-FORWARD`` filter rules, and the explicit TFTP conntrack helper rule that
+kernels since 6.0 need (``-t raw ... -j CT --helper tftp``).  Chain names are
+kube-proxy's own: a base32 SHA-256 hash of the service port name and protocol
+(and the endpoint, for KUBE-SEP chains).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from labkit.manifests import ServicePort
+
+MASQ_MARK = "0x4000/0x4000"
+HELPER = "tftp"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One ready pod behind the service."""
+
+    ip: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+
+def _hash(text: str) -> str:
+    digest = hashlib.sha256(text.encode()).digest()
+    return base64.b32encode(digest).decode()[:16]
+
+
+def svc_chain(svc: ServicePort) -> str:
+    """kube-proxy's KUBE-SVC-* chain name for a service port."""
+    return "KUBE-SVC-" + _hash(svc.service_port_name + svc.protocol.lower())
+
+
+def ext_chain(svc: ServicePort) -> str:
+    """kube-proxy's KUBE-EXT-* chain name (external traffic: NodePorts)."""
+    return "KUBE-EXT-" + _hash(svc.service_port_name + svc.protocol.lower())
+
+
+def sep_chain(svc: ServicePort, endpoint: Endpoint) -> str:
+    """kube-proxy's KUBE-SEP-* chain name for one endpoint."""
+    return "KUBE-SEP-" + _hash(svc.service_port_name + svc.protocol.lower() + str(endpoint))
+
+
+def probability(i: int, n: int) -> str:
+    """The ``statistic --mode random`` probability of endpoint ``i`` of ``n`` (kube-proxy's format)."""
+    return f"{1.0 / (n - i):0.10f}"
+
+
+def render_rules(svc: ServicePort, endpoints: Sequence[Endpoint], *, cluster_ip: str | None = None,
+                 helper_rule: bool = True, jumps: bool = True,
+                 stale_endpoints: Iterable[Endpoint] = ()) -> str:
+    """Render the rules for ``iptables-restore --noflush``.
+
+    Args:
+        svc: the Service's port.
+        endpoints: the ready pods, in order (at least one for traffic to flow).
+        cluster_ip: the Service's cluster IP, for the cluster-IP rule (none when None).
+        helper_rule: add ``-t raw -A PREROUTING -p udp --dport <nodePort> -j CT --helper tftp``.
+        jumps: add the jumps from the built-in chains (and the helper rule): the
+            first time only; later calls redefine (and so flush) the KUBE-* chains.
+        stale_endpoints: endpoints gone since the last call: their chains are deleted.
+
+    Returns:
+        The text, one table after the other, each ending in COMMIT.
+    """
+    proto = svc.protocol.lower()
+    name = svc.service_port_name
+    svc_c, ext_c = svc_chain(svc), ext_chain(svc)
+    seps = [(ep, sep_chain(svc, ep)) for ep in endpoints]
+    current = {c for _, c in seps}
+    stale = sorted({sep_chain(svc, ep) for ep in stale_endpoints} - current)
+    out: list[str] = []
+
+    if jumps and helper_rule:
+        out += [
+            "*raw",
+            f'-A PREROUTING -p {proto} -m {proto} --dport {svc.node_port} '
+            f'-m comment --comment "{name} nodePort: conntrack helper {HELPER}" -j CT --helper {HELPER}',
+            "COMMIT",
+        ]
+
+    out += ["*filter", ":KUBE-EXTERNAL-SERVICES - [0:0]", ":KUBE-FORWARD - [0:0]"]
+    if jumps:
+        out += [
+            '-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible '
+            'service portals" -j KUBE-EXTERNAL-SERVICES',
+            '-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD',
+        ]
+    if not endpoints:
+        out.append(f'-A KUBE-EXTERNAL-SERVICES -m comment --comment "{name} has no endpoints" '
+                   f"-m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {svc.node_port} "
+                   "-j REJECT --reject-with icmp-port-unreachable")
+    out += [
+        "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP",
+        f'-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark {MASQ_MARK} -j ACCEPT',
+        '-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" '
+        "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "COMMIT",
+    ]
+
+    out += ["*nat", ":KUBE-SERVICES - [0:0]", ":KUBE-NODEPORTS - [0:0]", ":KUBE-POSTROUTING - [0:0]",
+            ":KUBE-MARK-MASQ - [0:0]", f":{svc_c} - [0:0]", f":{ext_c} - [0:0]"]
+    out += [f":{c} - [0:0]" for _, c in seps] + [f":{c} - [0:0]" for c in stale]
+    if jumps:
+        out += [
+            '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+            '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
+            '-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING',
+        ]
+    out += [
+        f"-A KUBE-MARK-MASQ -j MARK --set-xmark {MASQ_MARK}",
+        f"-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK} -j RETURN",
+        "-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0",
+        '-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" '
+        "-j MASQUERADE --random-fully",
+    ]
+    if seps:
+        out.append(f'-A KUBE-NODEPORTS -m comment --comment "{name}" -m {proto} -p {proto} '
+                   f"--dport {svc.node_port} -j {ext_c}")
+        out += [
+            f'-A {ext_c} -m comment --comment "masquerade traffic for {name} external destinations" '
+            "-j KUBE-MARK-MASQ",
+            f"-A {ext_c} -j {svc_c}",
+        ]
+        if cluster_ip:
+            out += [
+                f'-A KUBE-SERVICES -m comment --comment "{name} cluster IP" -m {proto} -p {proto} '
+                f"-d {cluster_ip}/32 --dport {svc.port} -j {svc_c}",
+            ]
+        for i, (ep, chain) in enumerate(seps):
+            stat = "" if i == len(seps) - 1 else \
+                f" -m statistic --mode random --probability {probability(i, len(seps))}"
+            out.append(f'-A {svc_c} -m comment --comment "{name} -> {ep}"{stat} -j {chain}')
+        for ep, chain in seps:
+            out += [
+                f'-A {chain} -m comment --comment "{name}" -s {ep.ip}/32 -j KUBE-MARK-MASQ',
+                f'-A {chain} -m comment --comment "{name}" -m {proto} -p {proto} '
+                f"-j DNAT --to-destination {ep}",
+            ]
+    out += [
+        '-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last '
+        'rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS',
+    ]
+    out += [f"-X {c}" for c in stale]
+    out.append("COMMIT")
+    return "\n".join(out) + "\n"

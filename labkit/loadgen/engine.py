@@ -1,0 +1,575 @@
+"""The load engine: one thread, one epoll loop, many non-blocking UDP sockets.
+
+Each transfer is a TFTP read (RFC 1350) from a fresh socket, so from a fresh
+ephemeral client port and a fresh conntrack flow.  The loop starts transfers
+(closed loop: keep ``concurrency`` in flight; open loop: ``rate`` per second,
+at most ``max_in_flight``), answers DATA with ACKs, resends the last packet
+when a packet timeout passes, and ends every transfer with exactly one outcome:
+``ok`` (size and, if given, SHA-256 verified) or a failure reason (see
+:data:`FAILURE_REASONS`).  :func:`run_engine` returns a plain, JSON-able record
+that :mod:`labkit.loadgen.result` turns into tables and merges across workers.
+
+The per-packet path is written for speed: DATA, the packet that makes up
+almost all of the traffic, is decoded inline (by the same rules as
+:func:`~labkit.loadgen.packet.parse_packet`, which handles every other packet).
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import heapq
+import logging
+import math
+import os
+import resource
+import select
+import socket
+import time
+from typing import Callable
+
+from labkit.exceptions import LoadgenError, MalformedPacket
+from labkit.loadgen import packet
+from labkit.loadgen.spec import LoadSpec
+
+log = logging.getLogger(__name__)
+
+OK = "ok"
+# Every way a transfer can end other than ok.  ``error_<code>`` for an ERROR packet.
+FAILURE_REASONS = {
+    "timeout": "no answer after the last resend",
+    "deadline": "the transfer took longer than its deadline",
+    "error_<code>": "the server sent an ERROR packet with this code",
+    "malformed": "the server sent bytes that are not a TFTP packet",
+    "protocol": "the server sent a well-formed packet that is wrong at this point",
+    "short": "the transfer ended with fewer bytes than expected",
+    "oversized": "more bytes than expected, or a DATA packet longer than the block size",
+    "checksum": "the right size but the wrong SHA-256",
+    "local_error": "the client could not open a socket or send (e.g. too many open files)",
+    "aborted": "the run was interrupted while the transfer was in flight",
+}
+HIST_SCALE = 100          # latency histogram: bucket = int(ln(microseconds) * HIST_SCALE), ~1 %
+HIST_BUCKETS = 2400       # up to e**24 us: far beyond any deadline
+TRANSFER_COLUMNS = ["worker", "transfer", "start_s", "end_s", "latency_ms", "outcome", "bytes",
+                    "retransmits", "client_port", "server_port"]
+_RECV_ERRORS = (BlockingIOError, InterruptedError, ConnectionRefusedError)
+_FATAL_SEND = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.EINVAL,
+               errno.EACCES, errno.EBADF}
+
+
+class _Transfer:
+    """One transfer in flight (slots: millions are made in a long run)."""
+
+    __slots__ = ("id", "sock", "fd", "start", "last", "tid", "block", "nbytes", "tries", "pkt",
+                 "hasher", "blksize", "window", "unacked", "gap", "negotiated", "retransmits",
+                 "buf")
+
+
+def run_engine(spec: LoadSpec, *, t0: float | None = None, worker: int = 0,
+               transfers_path: str | None = None, capture: bool = False,
+               progress: Callable[[dict], None] | None = None) -> dict:
+    """Run one worker's share of a load in this thread and return what it counted.
+
+    Args:
+        spec: the load (``workers`` is ignored: this is one worker).
+        t0: ``time.monotonic()`` at which the run starts (shared by workers so
+            their per-second bins line up); default now.
+        worker: this worker's index, written in the per-transfer table.
+        transfers_path: write one CSV row per transfer there (None: no table).
+        capture: keep the bytes of the first ok transfer (``record["content"]``);
+            with ``spec.expected_size`` None the size is not checked.
+        progress: called about once a second with the running counters.
+
+    Returns:
+        A JSON-able record: counters, per-second series, latency histogram,
+        timing, CPU and memory use (see :mod:`labkit.loadgen.result`).
+
+    Raises:
+        LoadgenError: the spec needs more open files than this process may have.
+    """
+    engine = _Engine(spec, t0, worker, transfers_path, capture, progress)
+    return engine.run()
+
+
+class _Engine:
+    def __init__(self, spec, t0, worker, transfers_path, capture, progress):
+        if spec.expected_size is None and not capture:
+            raise LoadgenError("load spec: expected_size is needed to verify transfers "
+                               "(run_load learns it with a first transfer)")
+        self.spec = spec
+        self.t0 = time.monotonic() if t0 is None else t0
+        self.worker = worker
+        self.transfers_path = transfers_path
+        self.capture = capture
+        self.progress = progress
+        _raise_file_limit(spec.concurrency or spec.max_in_flight)
+
+    def run(self) -> dict:
+        spec = self.spec
+        self.counts = {"started": 0, OK: 0, "skipped": 0, "retransmits": 0, "duplicates": 0,
+                       "wrong_sender": 0, "ignored": 0}
+        self.failed: dict[str, int] = {}
+        self.series = {"started": [0], "completed": [0], "in_flight": [0], "rss_bytes": [0]}
+        self.failed_series: dict[str, list] = {}
+        self.hist = [0] * HIST_BUCKETS
+        self.content = None
+        self.end = None
+        self._closed = 0
+        self.interrupted = False
+        self.table: dict[int, _Transfer] = {}
+        self.timers: list = []
+        self.ep = select.epoll()
+        self.out = None
+        self.writer = None
+        if self.transfers_path:
+            self.out = open(self.transfers_path, "w", newline="")
+            self.writer = csv.writer(self.out)
+            self.writer.writerow(TRANSFER_COLUMNS)
+        usage = _usage()
+        wall = time.time() - (time.monotonic() - self.t0)
+        try:
+            self._loop()
+        except KeyboardInterrupt:
+            self.interrupted = True
+            log.info("worker %d interrupted with %d transfers in flight", self.worker, len(self.table))
+        finally:
+            now = time.monotonic()
+            for t in list(self.table.values()):
+                self._finish(t, "aborted", now)
+            self._close_seconds(int((self.end or now) - self.t0) + 1)
+            for series in (self.series, self.failed_series):
+                for bins in series.values():
+                    del bins[self._closed:]
+            self.ep.close()
+            if self.out:
+                self.out.close()
+        used = _usage()
+        end = self.end if self.end is not None else time.monotonic()
+        return {
+            "worker": self.worker,
+            "spec": _spec_dict(spec),
+            "t0_wall": wall,
+            "duration_s": max(end - self.t0, 1e-9),
+            "counts": self.counts,
+            "failed": self.failed,
+            "series": self.series,
+            "failed_series": self.failed_series,
+            "latency_hist": {str(i): n for i, n in enumerate(self.hist) if n},
+            "cpu_user_s": used[0] - usage[0],
+            "cpu_sys_s": used[1] - usage[1],
+            "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            "interrupted": self.interrupted,
+            "content": self.content,
+        }
+
+    # -- the loop ---------------------------------------------------------------
+
+    def _loop(self) -> None:  # noqa: C901 - the hot path stays in one frame on purpose
+        spec = self.spec
+        mono = time.monotonic
+        t0 = self.t0
+        table = self.table
+        timers = self.timers
+        counts = self.counts
+        ep = self.ep
+        poll = ep.poll
+        series_started = self.series["started"]
+        series_completed = self.series["completed"]
+        hist = self.hist
+        heappush, heappop = heapq.heappush, heapq.heappop
+        acks = packet._ACKS
+        build_ack = packet.build_ack
+        finish = self._finish
+        handle_other = self._handle_other
+        negotiate = bool(spec.options)
+        hashing = spec.sha256 is not None or self.capture
+        capture = self.capture
+        expected = spec.expected_size if spec.expected_size is not None else float("inf")
+        timeout = float(spec.timeout)
+        deadline = float(spec.deadline)
+        retries = spec.retries
+        server = (spec.host, spec.port)
+        rrq = packet.build_rrq(spec.filename, "octet", spec.options)
+        bufsize = max(spec.blksize or 0, packet.DEFAULT_BLKSIZE) + 5   # +1: see an oversized packet
+        log_scale = HIST_SCALE
+        log = math.log
+        err5 = packet.build_error(packet.UNKNOWN_TID)
+        closed = spec.concurrency is not None
+        limit = spec.concurrency if closed else spec.max_in_flight
+        rate = spec.rate
+        remaining = spec.count if spec.count is not None else math.inf
+        stop_at = t0 + spec.duration if spec.duration is not None else math.inf
+        offered = 0                 # open loop: starts due so far (started + skipped)
+        starting = True
+        next_tick = t0 + 1.0
+        new_socket = socket.socket
+        family, kind = socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
+        epollin = select.EPOLLIN
+        bind = spec.bind
+        next_id = 0
+        sec = 0
+
+        while True:
+            now = mono()
+            if now >= next_tick:
+                sec = self._tick(now)
+                next_tick = t0 + sec + 1.0
+            if starting:
+                if now >= stop_at or remaining <= 0:
+                    starting = False
+                else:
+                    if closed:
+                        n = min(limit - len(table), remaining)
+                    else:
+                        due = min(int((now - t0) * rate) + 1, remaining + offered) - offered
+                        n = min(due, limit - len(table))
+                        if n < due:
+                            counts["skipped"] += due - n
+                            remaining -= due - n
+                        offered += due
+                    for _ in range(n):
+                        remaining -= 1
+                        next_id += 1
+                        try:
+                            sock = new_socket(family, kind)
+                        except OSError as exc:
+                            self._local_failure(now, exc)
+                            continue
+                        t = _Transfer()
+                        t.id = next_id
+                        t.sock = sock
+                        t.fd = fd = sock.fileno()
+                        t.start = t.last = now
+                        t.tid = None
+                        t.block = 1
+                        t.nbytes = 0
+                        t.tries = 0
+                        t.pkt = rrq
+                        t.hasher = hashlib.sha256() if hashing else None
+                        t.buf = bytearray() if capture else None
+                        t.blksize = packet.DEFAULT_BLKSIZE
+                        t.window = 1
+                        t.unacked = 0
+                        t.gap = False
+                        t.negotiated = not negotiate
+                        t.retransmits = 0
+                        table[fd] = t
+                        counts["started"] += 1
+                        series_started[sec] += 1
+                        try:
+                            if bind:
+                                sock.bind((bind, 0))
+                            ep.register(fd, epollin)
+                            sock.sendto(rrq, server)
+                        except OSError as exc:
+                            if exc.errno in _FATAL_SEND or exc.errno == errno.EMFILE:
+                                finish(t, "local_error", now)
+                                continue
+                            # a transient send failure (netfilter drop: EPERM, ENOBUFS)
+                            # is a lost packet: the timer resends it
+                        heappush(timers, (now + timeout, next_id, t))
+            if not starting and not table:
+                break
+
+            wait = timers[0][0] - now if timers else 1.0
+            if starting and not closed:
+                wait = min(wait, t0 + offered / rate - now)
+            elif starting and len(table) < limit:
+                wait = 0
+            wait = min(wait, next_tick - now)
+            events = poll(wait if wait > 0 else 0, 4096)
+            now = mono()
+
+            for fd, _ev in events:
+                t = table.get(fd)
+                if t is None:
+                    continue
+                sock = t.sock
+                try:
+                    data, addr = sock.recvfrom(bufsize)
+                except _RECV_ERRORS:
+                    continue
+                except OSError:
+                    continue
+                if addr != t.tid:
+                    if t.tid is None:
+                        t.tid = addr
+                    else:
+                        # RFC 1350: answer a stranger with error 5, leave the transfer be
+                        counts["wrong_sender"] += 1
+                        try:
+                            sock.sendto(err5, addr)
+                        except OSError:
+                            pass
+                        continue
+                if len(data) >= 4 and data[0] == 0 and data[1] == 3 and t.negotiated:
+                    block = (data[2] << 8) | data[3]
+                    if block == t.block:
+                        size = len(data) - 4
+                        if size > t.blksize:
+                            self._abandon(t, "oversized", now)
+                            continue
+                        t.nbytes += size
+                        if t.nbytes > expected:
+                            self._abandon(t, "oversized", now)
+                            continue
+                        if t.hasher is not None:
+                            payload = memoryview(data)[4:]
+                            t.hasher.update(payload)
+                            if capture:
+                                t.buf += payload
+                        ack = acks.get(block) or build_ack(block)
+                        t.pkt = ack
+                        t.block = (block + 1) & 0xFFFF
+                        t.last = now
+                        t.tries = 0
+                        t.gap = False
+                        t.unacked += 1
+                        if size < t.blksize:
+                            try:
+                                sock.sendto(ack, addr)
+                            except OSError:
+                                pass    # the server resends its last DATA, then gives up: ours is whole
+                            finish(t, OK, now)
+                        elif t.unacked >= t.window:
+                            t.unacked = 0
+                            try:
+                                sock.sendto(ack, addr)
+                            except OSError:
+                                pass    # lost: the timer resends it
+                    elif block == ((t.block - 1) & 0xFFFF) and t.pkt is not rrq:
+                        # a duplicate of the last block: acknowledge again, count once
+                        counts["duplicates"] += 1
+                        try:
+                            sock.sendto(t.pkt, addr)
+                        except OSError:
+                            pass
+                    elif t.window > 1 and not t.gap and ((block - t.block) & 0xFFFF) < t.window:
+                        # RFC 7440: a gap in the window; ack the last block in order, once
+                        t.gap = True
+                        t.unacked = 0
+                        try:
+                            sock.sendto(t.pkt, addr)
+                        except OSError:
+                            pass
+                    else:
+                        counts["ignored"] += 1
+                    continue
+                handle_other(t, data, addr, now)
+
+            if timers and timers[0][0] <= now:
+                while timers and timers[0][0] <= now:
+                    _exp, key, t = heappop(timers)
+                    if t.sock is None:
+                        continue
+                    end = t.start + deadline
+                    if now >= end:
+                        self._abandon(t, "deadline", now)
+                        continue
+                    due = t.last + timeout
+                    if now >= due:
+                        if t.tries >= retries:
+                            self._abandon(t, "timeout", now)
+                            continue
+                        t.tries += 1
+                        t.retransmits += 1
+                        counts["retransmits"] += 1
+                        t.last = now
+                        due = now + timeout
+                        try:
+                            t.sock.sendto(t.pkt, t.tid or server)
+                        except OSError as exc:
+                            if exc.errno in _FATAL_SEND:
+                                finish(t, "local_error", now)
+                                continue
+                    heappush(timers, (min(due, end), key, t))
+
+    # -- the rest of the protocol (not on the per-DATA path) ---------------------
+
+    def _handle_other(self, t: _Transfer, data: bytes, addr, now: float) -> None:
+        """Everything but an in-order-or-duplicate DATA packet once options are settled."""
+        try:
+            pkt = packet.parse_packet(data)
+        except MalformedPacket as exc:
+            log.debug("transfer %d: %s", t.id, exc.reason)
+            self._abandon(t, "malformed", now)
+            return
+        if isinstance(pkt, packet.Error):
+            self._finish(t, f"error_{pkt.code}", now)
+        elif isinstance(pkt, packet.Ack):
+            self.counts["ignored"] += 1      # a reader has nothing to resend for an ACK
+        elif isinstance(pkt, packet.OAck) and self.spec.options and t.block == 1:
+            if t.negotiated:                 # the OACK again: our ACK 0 was lost
+                self.counts["duplicates"] += 1
+                self._send(t, t.pkt, addr)
+                return
+            try:
+                agreed = packet.check_oack(self.spec.options, pkt.options)
+            except MalformedPacket as exc:
+                log.debug("transfer %d: %s", t.id, exc.reason)
+                self._send(t, packet.build_error(packet.OPTION_REFUSED, exc.reason), addr)
+                self._finish(t, "protocol", now)
+                return
+            t.blksize = agreed["blksize"]
+            t.window = agreed["windowsize"]
+            t.negotiated = True
+            t.pkt = packet.build_ack(0)
+            t.last = now
+            t.tries = 0
+            self._send(t, t.pkt, addr)
+        elif isinstance(pkt, packet.Data) and not t.negotiated and pkt.block == 1:
+            # the server ignored our options (RFC 2347 allows it): plain transfer
+            t.negotiated = True
+            self._handle_data_again(t, data, addr, now)
+        elif isinstance(pkt, packet.Data):
+            self.counts["ignored"] += 1
+        else:
+            self._abandon(t, "protocol", now)
+
+    def _handle_data_again(self, t, data, addr, now) -> None:
+        size = len(data) - 4
+        t.nbytes += size
+        if size > t.blksize or t.nbytes > (self.spec.expected_size or t.nbytes):
+            self._abandon(t, "oversized", now)
+            return
+        if t.hasher is not None:
+            t.hasher.update(data[4:])
+            if self.capture:
+                t.buf += data[4:]
+        t.pkt = packet.build_ack(1)
+        t.block = 2
+        t.last = now
+        t.tries = 0
+        t.unacked = 0
+        self._send(t, t.pkt, addr)
+        if size < t.blksize:
+            self._finish(t, OK, now)
+
+    def _send(self, t: _Transfer, data: bytes, addr) -> None:
+        try:
+            t.sock.sendto(data, addr)
+        except OSError:
+            pass
+
+    def _abandon(self, t: _Transfer, reason: str, now: float) -> None:
+        """End a transfer on our side and tell the server (never for a timeout's silence)."""
+        if t.tid is not None and reason not in ("timeout", "deadline"):
+            self._send(t, packet.build_error(packet.ILLEGAL_OPERATION
+                                             if reason in ("malformed", "protocol") else 0,
+                                             f"labkit loadgen: {reason}"), t.tid)
+        self._finish(t, reason, now)
+
+    def _finish(self, t: _Transfer, outcome: str, now: float) -> None:
+        """Record exactly one outcome for ``t`` and release its socket."""
+        sock = t.sock
+        if sock is None:
+            return
+        if outcome == OK:
+            spec = self.spec
+            if spec.expected_size is not None and t.nbytes != spec.expected_size:
+                outcome = "short" if t.nbytes < spec.expected_size else "oversized"
+            elif spec.sha256 is not None and t.hasher.hexdigest() != spec.sha256.lower():
+                outcome = "checksum"
+        t.sock = None
+        del self.table[t.fd]
+        client_port = server_port = None
+        if self.writer is not None:
+            try:
+                client_port = sock.getsockname()[1]
+            except OSError:
+                pass
+            server_port = t.tid[1] if t.tid else None
+        sock.close()
+        sec = int(now - self.t0)
+        self.end = now
+        latency = now - t.start
+        if outcome == OK:
+            self.counts[OK] += 1
+            self._bin(self.series["completed"], sec)
+            micros = latency * 1e6
+            bucket = int(math.log(micros) * HIST_SCALE) if micros > 1 else 0
+            self.hist[min(bucket, HIST_BUCKETS - 1)] += 1
+            if self.capture and self.content is None:
+                self.content = bytes(t.buf).hex()
+        else:
+            self.failed[outcome] = self.failed.get(outcome, 0) + 1
+            bins = self.failed_series.get(outcome)
+            if bins is None:
+                bins = self.failed_series[outcome] = [0] * len(self.series["started"])
+            self._bin(bins, sec)
+        if self.writer is not None:
+            self.writer.writerow([self.worker, t.id, round(t.start - self.t0, 6),
+                                  round(now - self.t0, 6), round(latency * 1000, 3), outcome,
+                                  t.nbytes, t.retransmits, client_port, server_port])
+
+    def _local_failure(self, now: float, exc: OSError) -> None:
+        log.debug("cannot open a socket: %s", exc)
+        self.counts["started"] += 1
+        self._bin(self.series["started"], int(now - self.t0))
+        self.failed["local_error"] = self.failed.get("local_error", 0) + 1
+        bins = self.failed_series.setdefault("local_error", [0] * len(self.series["started"]))
+        self._bin(bins, int(now - self.t0))
+
+    @staticmethod
+    def _bin(bins: list, sec: int) -> None:
+        if sec >= len(bins):
+            bins.extend([0] * (sec + 1 - len(bins)))
+        bins[sec] += 1
+
+    def _tick(self, now: float) -> int:
+        """Close the seconds that passed (in flight and resident memory at their end)."""
+        sec = int(now - self.t0)
+        self._close_seconds(sec)
+        if self.progress is not None:
+            self.progress({"worker": self.worker, "elapsed_s": now - self.t0,
+                           "started": self.counts["started"], "ok": self.counts[OK],
+                           "failed": sum(self.failed.values()), "in_flight": len(self.table)})
+        return sec
+
+    def _close_seconds(self, sec: int) -> None:
+        """Extend every series to second ``sec``; sample the seconds before it."""
+        series = self.series
+        for bins in (*series.values(), *self.failed_series.values()):
+            if len(bins) <= sec:
+                bins.extend([0] * (sec + 1 - len(bins)))
+        in_flight, rss = len(self.table), _rss_bytes()
+        for i in range(self._closed, sec):
+            series["in_flight"][i] = in_flight
+            series["rss_bytes"][i] = rss
+        self._closed = max(self._closed, sec)
+
+
+def _spec_dict(spec: LoadSpec) -> dict:
+    from dataclasses import asdict
+    return asdict(spec)
+
+
+def _usage() -> tuple[float, float]:
+    """CPU seconds (user, system) of this thread, where the engine runs."""
+    who = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
+    usage = resource.getrusage(who)
+    return usage.ru_utime, usage.ru_stime
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _raise_file_limit(sockets: int) -> None:
+    """Let this process open ``sockets`` sockets (plus a margin), or refuse the spec."""
+    need = sockets + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise LoadgenError(f"load spec: {sockets} transfers in flight need {need} open files, "
+                           f"but this process may open at most {hard} (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))

@@ -1,0 +1,240 @@
+"""Run a load here (:func:`run_load`) or on any :class:`~labkit.host.Host` (:func:`run_load_on`).
+
+:func:`run_load` runs in the calling process and its network namespace: one
+worker in the calling thread, or ``spec.workers`` forked processes whose
+records are merged.  :func:`run_load_on` runs ``python -m labkit loadgen ...
+--json`` through ``host.run`` (``ip netns exec`` for a client namespace, SSH for
+a remote client) and parses what it prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from typing import Callable
+
+from labkit.exceptions import CommandFailed, LoadgenError
+from labkit.host import Host, LocalHost, NetnsHost
+from labkit.loadgen.engine import OK, TRANSFER_COLUMNS, run_engine
+from labkit.loadgen.result import LoadResult, merge_records, read_transfers
+from labkit.util import atomic_write
+from labkit.loadgen.spec import LoadSpec
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[dict], None]
+# `labkit loadgen` exits with this when the run finished but no transfer was ok
+NOTHING_OK_EXIT = 3
+_PROGRESS_FIELDS = ("elapsed_s", "started", "ok", "failed", "in_flight")
+
+
+def probe_file(spec: LoadSpec) -> dict:
+    """Read the file once to learn its size and SHA-256.
+
+    Returns:
+        {"size": bytes, "sha256": hex digest}.
+
+    Raises:
+        LoadgenError: the one transfer failed (the reason is named).
+    """
+    once = spec.replace(concurrency=1, rate=None, count=1, duration=None, workers=1,
+                        expected_size=None, sha256=None)
+    record = run_engine(once, capture=True)
+    if record["counts"][OK] != 1 or record["content"] is None:
+        reason = ", ".join(record["failed"]) or "no outcome"
+        raise LoadgenError(f"cannot read {spec.filename!r} from {spec.host}:{spec.port} "
+                           f"to learn its size: {reason}")
+    content = bytes.fromhex(record["content"])
+    return {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+
+
+def run_load(spec: LoadSpec, *, transfers: bool | str = False,
+             progress: Progress | None = None) -> LoadResult:
+    """Run a load from this process (and its network namespace) and return its result.
+
+    Args:
+        spec: the load.  With ``expected_size`` None, one first transfer learns
+            the size (reported as ``summary["probe"]``) and every transfer is
+            checked against it.
+        transfers: keep the per-transfer table (True), or also write it as CSV
+            to this path (atomically).
+        progress: called about once a second with the running totals
+            (elapsed_s, started, ok, failed, in_flight).
+
+    Returns:
+        The merged :class:`LoadResult`.
+
+    Raises:
+        LoadgenError: the spec cannot run here, the probe transfer failed, or
+            a worker died.
+    """
+    probe = None
+    if spec.expected_size is None:
+        probe = probe_file(spec)
+        spec = spec.replace(expected_size=probe["size"])
+    tmpdir = tempfile.mkdtemp(prefix="labkit-loadgen-") if transfers else None
+    try:
+        paths = [os.path.join(tmpdir, f"transfers-{i}.csv") if tmpdir else None
+                 for i in range(spec.workers)]
+        if spec.workers == 1:
+            records = [run_engine(spec, transfers_path=paths[0], progress=progress)]
+        else:
+            records = _run_workers(spec, paths, progress)
+        table = None
+        if tmpdir:
+            table = _concat_tables(paths)
+            if isinstance(transfers, (str, os.PathLike)):
+                atomic_write(transfers, table.to_csv(index=False).encode())
+    finally:
+        if tmpdir:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    return merge_records(records, table, probe)
+
+
+def _concat_tables(paths: list[str | None]):
+    import pandas as pd
+
+    frames = []
+    for path in paths:
+        if path and os.path.exists(path):
+            with open(path) as f:
+                frames.append(read_transfers(f.read()))
+    if not frames:
+        return pd.DataFrame(columns=TRANSFER_COLUMNS)
+    return pd.concat(frames, ignore_index=True).sort_values(["start_s", "worker", "transfer"],
+                                                            ignore_index=True)
+
+
+def _run_workers(spec: LoadSpec, paths: list, progress: Progress | None) -> list[dict]:
+    """Fork one process per worker (same namespace), collect and return their records."""
+    ctx = multiprocessing.get_context("fork")
+    parts = spec.split()
+    board = ctx.Array("d", len(parts) * len(_PROGRESS_FIELDS), lock=False)
+    t0 = time.monotonic() + 0.05     # every worker starts on the same second boundary
+    procs, conns = [], []
+    for i, part in enumerate(parts):
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, name=f"labkit-loadgen-{i}",
+                           args=(part, t0, i, paths[i], send, board))
+        proc.start()
+        send.close()
+        procs.append(proc)
+        conns.append(recv)
+    records: dict[int, dict] = {}
+    pending = dict(zip(conns, range(len(parts))))
+    interrupted = False
+    try:
+        while pending:
+            try:
+                ready = multiprocessing.connection.wait(list(pending), timeout=1.0)
+                for conn in ready:
+                    index = pending.pop(conn)
+                    try:
+                        records[index] = conn.recv()
+                    except EOFError:
+                        pass   # died without a record: reported below
+                if progress is not None:
+                    progress(_board_totals(board, len(parts)))
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                interrupted = True   # the workers end their transfers as "aborted" and report
+                for proc in procs:
+                    if proc.is_alive():
+                        os.kill(proc.pid, signal.SIGINT)
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in conns:
+            conn.close()
+    missing = [i for i in range(len(parts)) if i not in records]
+    if missing:
+        codes = {i: procs[i].exitcode for i in missing}
+        raise LoadgenError(f"loadgen worker(s) {missing} died without a result (exit codes {codes})")
+    failures = [r for r in records.values() if "error" in r]
+    if failures:
+        raise LoadgenError(f"loadgen worker {failures[0]['worker']}: {failures[0]['error']}")
+    return [records[i] for i in range(len(parts))]
+
+
+def _worker(spec: LoadSpec, t0: float, index: int, path: str | None, conn, board) -> None:
+    """A forked worker: run its share, send the record, exit."""
+    def report(p: dict) -> None:
+        base = index * len(_PROGRESS_FIELDS)
+        for j, name in enumerate(_PROGRESS_FIELDS):
+            board[base + j] = p[name]
+
+    try:
+        record = run_engine(spec, t0=t0, worker=index, transfers_path=path, progress=report)
+    except KeyboardInterrupt:
+        record = {"worker": index, "error": "interrupted before it could start"}
+    except Exception as exc:   # handed to the parent, which raises it as a LoadgenError
+        record = {"worker": index, "error": str(exc)}
+    conn.send(record)
+    conn.close()
+
+
+def _board_totals(board, workers: int) -> dict:
+    n = len(_PROGRESS_FIELDS)
+    totals = {name: sum(board[i * n + j] for i in range(workers))
+              for j, name in enumerate(_PROGRESS_FIELDS)}
+    totals["elapsed_s"] = max(board[i * n] for i in range(workers))
+    return {k: (v if k == "elapsed_s" else int(v)) for k, v in totals.items()}
+
+
+def run_load_on(host: Host, spec: LoadSpec, *, transfers: bool = False, python: str | None = None,
+                timeout: float | None = None) -> LoadResult:
+    """Run a load on ``host`` (a client namespace, a remote machine) and return its result.
+
+    Runs ``PYTHON -m labkit loadgen ... --json`` there; labkit must be
+    importable by that Python.  The per-transfer table, when asked for, is
+    written to a temporary file there, read back and removed.
+
+    Args:
+        host: where the load runs.
+        spec: the load.
+        transfers: also return the per-transfer table.
+        python: the interpreter there; default this one for local hosts and
+            namespaces, ``python3`` elsewhere.
+        timeout: seconds before the command is ended; default the load's
+            duration plus the transfer deadline plus a minute (None for a
+            ``count`` load: it ends when its transfers do).
+
+    Returns:
+        The :class:`LoadResult`.
+
+    Raises:
+        CommandFailed: the command failed (its stderr is in the message).
+        CommandTimedOut: it ran past ``timeout``.
+        LoadgenError: its output was not a loadgen result.
+    """
+    if python is None:
+        python = sys.executable if isinstance(host, (LocalHost, NetnsHost)) else "python3"
+    argv = [python, "-m", "labkit", "loadgen", *spec.to_argv(), "--json"]
+    path = None
+    if transfers:
+        path = f"/tmp/labkit-loadgen-{uuid.uuid4().hex}.csv"
+        argv += ["--transfers", path]
+    if timeout is None and spec.duration is not None:
+        timeout = spec.duration + spec.deadline + 60.0
+    try:
+        result = host.run(argv, timeout=timeout, check=False)
+        if result.exit_code not in (0, NOTHING_OK_EXIT):
+            raise CommandFailed(result)
+        table = read_transfers(host.read_file(path).decode()) if path else None
+    finally:
+        if path:
+            host.run(["rm", "-f", path], check=False, timeout=30)
+    return LoadResult.from_json(result.stdout, transfers=table)

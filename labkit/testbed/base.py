@@ -1,0 +1,98 @@
+"""The interface every testbed backend implements (netns, vagrant, ssh).
+
+A testbed builds the topology an :class:`~labkit.scenario.Iteration` needs and
+reconfigures it for the next one; the run, the monitor and the load generator
+reach its machines and namespaces only through :meth:`Testbed.host`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from labkit.host import Host
+
+
+@dataclass(frozen=True)
+class ServedFile:
+    """The file the TFTP servers serve.
+
+    Attributes:
+        name: its name as a client requests it.
+        size: bytes.
+        sha256: hex digest, to check a fetched copy.
+    """
+
+    name: str
+    size: int
+    sha256: str
+
+
+class Testbed(ABC):
+    """A Kubernetes-shaped node with TFTP pods behind a NodePort, and a client.
+
+    Roles: ``init`` (the machine's own namespace, or the node's host), ``node``,
+    ``pod-1``.. (1-based), ``client``.
+    """
+
+    name: str = "testbed"
+
+    @abstractmethod
+    def up(self, iteration) -> None:
+        """Build the testbed for ``iteration``, or reconfigure a running one (replicas,
+        sysctls, CPU limits) without leaking anything.
+
+        Raises:
+            PodRejected: a pod's sysctls are refused (nothing was changed).
+            TestbedError: it could not be built (what was made is removed again).
+        """
+
+    @abstractmethod
+    def down(self) -> None:
+        """Remove everything this testbed made and restore the global sysctls; idempotent."""
+
+    @abstractmethod
+    def status(self) -> dict[str, Any]:
+        """The ``labkit status --json`` document: testbed, state, service, file, hosts..."""
+
+    @abstractmethod
+    def host(self, role: str) -> Host:
+        """The :class:`~labkit.host.Host` playing ``role``.
+
+        Raises:
+            TestbedError: no such role (the message lists the roles), or the testbed is down.
+        """
+
+    @abstractmethod
+    def roles(self) -> list[str]:
+        """The roles in order, e.g. ``["init", "node", "pod-1", "client"]``."""
+
+    @property
+    @abstractmethod
+    def service(self) -> tuple[str, int]:
+        """``(node_ip, node_port)`` a client sends its requests to."""
+
+    @property
+    @abstractmethod
+    def file(self) -> ServedFile:
+        """The served file."""
+
+    def monitor_targets(self) -> dict[str, Host]:
+        """The hosts/namespaces a monitor samples: init, node and the pods (not the client)."""
+        return {role: self.host(role) for role in self.roles() if role != "client"}
+
+    def netns_roles(self) -> dict[int, str]:
+        """Network namespace inode -> role, to attribute kernel log lines (empty when unknown)."""
+        return {}
+
+    @property
+    def is_up(self) -> bool:
+        """True while the testbed is built."""
+        return self.status().get("state") == "up"
+
+    def __enter__(self) -> "Testbed":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()

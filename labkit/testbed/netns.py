@@ -1,0 +1,578 @@
+"""The embedded testbed: a Kubernetes-shaped node in network namespaces of this machine.
+
+Namespaces: ``lk<run>-client`` (the measurement tool's host), ``lk<run>-node``,
+and ``lk<run>-pod<k>`` per pod replica.  The client reaches the node over its
+own veth pair; the pods hang off a bridge in the node, as with a CNI bridge.
+Nothing links the lab to the machine's own namespace.  The node gets
+kube-proxy's iptables rules rendered from ``k8s-manifests/`` (plus the explicit
+TFTP helper rule), each pod runs a real ``in.tftpd`` under its CPU limit
+(a cgroup), and the iteration's sysctls are applied the Kubernetes way: global
+ones in the machine's namespace through :class:`~labkit.sysctls.GlobalSysctls`,
+namespaced node ones in the node, pod ones after kubelet-style admission.
+
+Every resource is written to the run's :class:`~labkit.ledger.Ledger` before it
+is made; ``down`` and :func:`clean` undo exactly what the ledgers list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pwd
+import secrets
+import signal
+import string
+import subprocess
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from labkit import cgroups
+from labkit.exceptions import TestbedError
+from labkit.host import NETNS_DIR, Host, LocalHost, NetnsHost, in_netns
+from labkit.kubeproxy import Endpoint, render_rules
+from labkit.ledger import Ledger, netns_inode, proc_start_time
+from labkit.manifests import Manifests, PodTemplate, admit_sysctls, check_allowlist
+from labkit.sysctls import GlobalSysctls
+from labkit.sysctls import state_dir as default_state_dir
+from labkit.testbed.base import ServedFile, Testbed
+from labkit.util import atomic_write
+
+log = logging.getLogger(__name__)
+
+NODE_IP = "10.69.0.1"
+CLIENT_IP = "10.69.0.2"
+LINK_PREFIX = 24
+POD_GATEWAY = "10.244.0.1"
+POD_NET = "10.244.0."
+CLUSTER_IP = "10.96.0.69"
+RUN_DIR_PREFIX = "netns-"
+STATE_NAME = "state.json"
+READY_TIMEOUT = 5.0
+_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def run_dirs(directory: Path | None = None) -> list[Path]:
+    """The netns runs recorded in a state directory (oldest first)."""
+    directory = Path(directory or default_state_dir())
+    if not directory.is_dir():
+        return []
+    runs = [p for p in directory.glob(f"{RUN_DIR_PREFIX}*") if p.is_dir()]
+    return sorted(runs, key=lambda p: p.stat().st_mtime)
+
+
+def new_run_id() -> str:
+    """Five random lowercase letters/digits no namespace of this machine uses yet."""
+    while True:
+        rid = "".join(secrets.choice(_ALPHABET) for _ in range(5))
+        taken = os.listdir(NETNS_DIR) if os.path.isdir(NETNS_DIR) else []
+        if not any(n.startswith(f"lk{rid}") for n in taken):
+            return rid
+
+
+def _template_hash(template: PodTemplate, file_path: str) -> str:
+    text = json.dumps([template.args, template.cpu_limit, sorted(template.sysctls.items()),
+                       template.track_conntrack, file_path])
+    return "".join(_ALPHABET[b % 36] for b in hashlib.sha256(text.encode()).digest()[:10])
+
+
+def _udp_port_bound(port: int) -> bool:
+    """True when a UDP socket of this thread's namespace is bound to ``port`` (IPv4)."""
+    with open("/proc/thread-self/net/udp") as f:
+        next(f)
+        return any(int(line.split()[1].split(":")[1], 16) == port for line in f)
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt (as SIGINT is) while building, in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM off while cleaning up, so a second signal cannot leave half a lab."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class NetnsTestbed(Testbed):
+    """The netns testbed of one state directory (one run at a time).
+
+    Args:
+        state_dir: where the run's ledger and state live ($LABKIT_STATE_DIR or /run/labkit).
+        manifests_dir: the ``k8s-manifests/`` directory to read.
+        helper_rule: add the explicit TFTP conntrack helper rule (a test switch: without
+            it, fetches through the NodePort fail on kernels since 6.0).  None keeps the
+            running testbed's choice (True for a new one).
+        global_wait: seconds to wait while another lab run holds the global sysctls.
+    """
+
+    name = "netns"
+
+    def __init__(self, *, state_dir: str | os.PathLike | None = None,
+                 manifests_dir: str | os.PathLike | None = None,
+                 helper_rule: bool | None = None, global_wait: float = 0.0):
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.manifests = Manifests(manifests_dir)
+        self.global_wait = global_wait
+        self._helper_option = helper_rule
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._state: dict[str, Any] | None = None
+        self.run_id: str | None = None
+        for run in reversed(run_dirs(self.state_dir)):
+            if (run / STATE_NAME).exists():
+                self.run_id = run.name[len(RUN_DIR_PREFIX):]
+                self._state = json.loads((run / STATE_NAME).read_text())
+                break
+
+    # --- names and state ---------------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        """The run's state directory."""
+        if not self.run_id:
+            raise TestbedError("the netns testbed is down (no run); `labkit up` first")
+        return self.state_dir / f"{RUN_DIR_PREFIX}{self.run_id}"
+
+    @property
+    def ledger(self) -> Ledger:
+        """The run's ledger."""
+        return Ledger(self.run_dir)
+
+    def ns(self, what: str) -> str:
+        """The namespace name of ``client``, ``node`` or ``pod<k>`` in this run."""
+        return f"lk{self.run_id}-{what}"
+
+    def _save(self) -> None:
+        assert self._state is not None
+        self._state["updated"] = time.time()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.run_dir / STATE_NAME, json.dumps(self._state, indent=1).encode())
+
+    def _ip(self, netns: str, *args: str) -> None:
+        LocalHost("init").run(["ip", "-n", netns, *args], timeout=30)
+
+    # --- up ---------------------------------------------------------------------------
+
+    def up(self, iteration) -> None:
+        """Build the testbed for ``iteration`` or reconfigure the running one.
+
+        Pod sysctls are admitted first: a refused pod raises
+        :class:`~labkit.exceptions.PodRejected` before anything changes.  Any other
+        failure, SIGINT or SIGTERM removes everything the run made and re-raises.
+
+        Raises:
+            PodRejected: a pod sysctl is forbidden (``SysctlForbidden``).
+            TestbedError: the kubelet allowlist is invalid, or building failed.
+        """
+        template = self.manifests.pod_template_for(iteration)
+        check_allowlist(iteration.allowed_unsafe_sysctls)
+        if iteration.setup == "nodeport":
+            pod_name = f"{template.deployment}-{_template_hash(template, '')[:10]}-xxxxx"
+            admit_sysctls(pod_name, template.sysctls, iteration.allowed_unsafe_sysctls)
+        started = time.monotonic()
+        try:
+            with _signals_raise():
+                if self._state is None:
+                    self._build_base()
+                self._state["state"] = "building"
+                self._save()
+                self._ensure_file(iteration.file_size)
+                self._apply_globals(iteration.global_sysctls)
+                self._apply_node_sysctls(iteration.namespaced_node_sysctls)
+                if iteration.setup == "plain":
+                    self._apply_plain(template, iteration)
+                else:
+                    self._apply_pods(template, iteration)
+                self._state.update(state="up", iteration=iteration.to_dict())
+                self._save()
+        except BaseException:
+            log.error("up failed; removing what this run made")
+            with _signals_ignored():
+                self.down()
+            raise
+        log.info("netns testbed %s up for iteration %s in %.2f s", self.run_id, iteration.number,
+                 time.monotonic() - started)
+
+    def _build_base(self) -> None:
+        self.run_id = new_run_id()
+        helper = True if self._helper_option is None else self._helper_option
+        self._state = {"testbed": "netns", "run_id": self.run_id, "state": "building",
+                       "created": time.time(), "helper_rule": helper, "rules_applied": False,
+                       "pods": [], "server": None, "next_serial": 1, "next_ip": 2,
+                       "globals": {}, "node_defaults": {}, "file": None}
+        self.run_dir.mkdir(parents=True, exist_ok=False)
+        self._save()
+        client, node = self.ns("client"), self.ns("node")
+        self._add_netns(client)
+        self._add_netns(node)
+        n0, c0, br = f"lk{self.run_id}n0", f"lk{self.run_id}c0", f"lk{self.run_id}br"
+        self.ledger.record("link", netns=node, name=n0, peer=c0, peer_netns=client)
+        self._ip(node, "link", "add", n0, "type", "veth", "peer", "name", c0, "netns", client)
+        self._ip(node, "addr", "add", f"{NODE_IP}/{LINK_PREFIX}", "dev", n0)
+        self._ip(node, "link", "set", n0, "up")
+        self._ip(client, "addr", "add", f"{CLIENT_IP}/{LINK_PREFIX}", "dev", c0)
+        self._ip(client, "link", "set", c0, "up")
+        NetnsHost(node).write_sysctl("net.ipv4.ip_forward", 1)
+        self.ledger.record("link", netns=node, name=br)
+        self._ip(node, "link", "add", br, "type", "bridge")
+        self._ip(node, "addr", "add", f"{POD_GATEWAY}/24", "dev", br)
+        self._ip(node, "link", "set", br, "up")
+
+    def _add_netns(self, name: str) -> None:
+        ident = self.ledger.record("netns", name=name)
+        LocalHost("init").run(["ip", "netns", "add", name], timeout=30)
+        self.ledger.note(ident, inode=netns_inode(name))
+        self._ip(name, "link", "set", "lo", "up")
+
+    def _ensure_file(self, size: int) -> None:
+        current = self._state.get("file")
+        if current and current["size"] == size and Path(current["path"]).exists():
+            return
+        srv = self.run_dir / "srv"
+        if not srv.exists():
+            self.ledger.record("path", path=str(srv))
+            srv.mkdir(mode=0o755)
+            os.chmod(srv, 0o755)
+        name = f"file-{size}.bin"
+        data = os.urandom(size)
+        atomic_write(srv / name, data, mode=0o644)
+        self._state["file"] = {"name": name, "size": size, "sha256": hashlib.sha256(data).hexdigest(),
+                               "path": str(srv / name)}
+
+    def _apply_globals(self, wanted: dict[str, int]) -> None:
+        held = self._state.get("globals") or {}
+        entries = [e for e in self.ledger.entries() if e["kind"] == "global-sysctls"]
+        if entries and (not wanted or set(held) - set(wanted)):
+            for e in entries:
+                self.ledger.remove(e)  # restores the originals
+            entries, self._state["globals"] = [], {}
+            self._save()
+        if not wanted:
+            return
+        gs = GlobalSysctls(f"netns-{self.run_id}", directory=self.state_dir)
+        if not entries:
+            self.ledger.record("global-sysctls", dir=str(self.state_dir), owner=gs.owner,
+                               claim=str(gs.claim_path))
+        gs.set(wanted, wait=self.global_wait)
+        self._state["globals"] = dict(wanted)
+
+    def _apply_node_sysctls(self, wanted: dict[str, int]) -> None:
+        node = NetnsHost(self.ns("node"), name="node")
+        defaults = self._state["node_defaults"]
+        for name, value in defaults.items():
+            if name not in wanted:
+                node.write_sysctl(name, value)
+        for name, value in wanted.items():
+            defaults.setdefault(name, node.read_sysctl(name))
+            node.write_sysctl(name, value)
+
+    # --- workloads ---------------------------------------------------------------------
+
+    def _server_argv(self, template: PodTemplate) -> list[str]:
+        args = list(template.args)
+        args[-1] = str(Path(self._state["file"]["path"]).parent)  # the served directory
+        if "--user" in args:
+            i = args.index("--user") + 1
+            try:
+                pwd.getpwnam(args[i])
+            except KeyError:
+                args[i] = "nobody"
+        return args
+
+    def _spawn(self, netns: str, cgroup: Path, argv: list[str], label: str) -> dict[str, Any]:
+        """Start ``argv`` in ``netns`` inside ``cgroup`` (it joins the cgroup before exec)."""
+        ident = self.ledger.record("process", netns=netns, name=label, cgroup=str(cgroup))
+        log_path = self.run_dir / f"{label}.log"
+        with open(log_path, "ab") as err:
+            proc = subprocess.Popen(
+                ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs"),
+                 "ip", "netns", "exec", netns, *argv],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                start_new_session=True, close_fds=True)
+        self._procs[proc.pid] = proc
+        start = proc_start_time(proc.pid)
+        self.ledger.note(ident, pid=proc.pid, start=start)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not in_netns(netns, _udp_port_bound, 69):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                text = log_path.read_text(errors="replace").strip()[-500:]
+                raise TestbedError(f"{label}: in.tftpd did not start in {netns}"
+                                   + (f": {text}" if text else f" (exit {proc.returncode})"))
+            time.sleep(0.005)
+        return {"pid": proc.pid, "start": start, "ledger_id": ident}
+
+    def _make_cgroup(self, name: str, cpu_limit: float | None) -> Path:
+        root, _ = cgroups.cpu_root()
+        self.ledger.record("cgroup", path=str(root / name))
+        return cgroups.make_cgroup(name, cpu_limit)
+
+    def _apply_plain(self, template: PodTemplate, iteration) -> None:
+        for pod in list(self._state["pods"]):
+            self._remove_pod(pod)
+        self._clear_rules()
+        server = self._state.get("server")
+        tpl = _template_hash(template, self._state["file"]["path"])
+        if server and server["template"] == tpl:
+            return
+        if server:
+            self._remove_workload(server)
+        name = f"lk{self.run_id}-server"
+        cgroup = self._make_cgroup(name, iteration.cpu_limit)
+        proc = self._spawn(self.ns("node"), cgroup, self._server_argv(template), "server")
+        self._state["server"] = {"template": tpl, "cgroup": str(cgroup), "ip": NODE_IP,
+                                 "cpu_limit": iteration.cpu_limit, **proc}
+        self._save()
+
+    def _apply_pods(self, template: PodTemplate, iteration) -> None:
+        if self._state.get("server"):
+            self._remove_workload(self._state["server"])
+            self._state["server"] = None
+        tpl = _template_hash(template, self._state["file"]["path"])
+        keep = [p for p in self._state["pods"] if p["template"] == tpl][:iteration.replicas]
+        old = [p for p in self._state["pods"] if p not in keep]
+        new = []
+        while len(keep) + len(new) < iteration.replicas:
+            new.append(self._add_pod(template, tpl, iteration))
+        self._state["pods"] = keep + new + old  # old ones still listed until removed
+        self._save()
+        self._apply_rules(keep + new, old)
+        for pod in old:
+            self._remove_pod(pod)
+
+    def _next_ip(self) -> str:
+        used = {p["ip"] for p in self._state["pods"]}
+        for _ in range(253):
+            n = self._state["next_ip"]
+            self._state["next_ip"] = 2 if n >= 254 else n + 1
+            if f"{POD_NET}{n}" not in used:
+                return f"{POD_NET}{n}"
+        raise TestbedError("no free pod address left in 10.244.0.0/24")
+
+    def _add_pod(self, template: PodTemplate, tpl: str, iteration) -> dict[str, Any]:
+        serial = self._state["next_serial"]
+        self._state["next_serial"] = serial + 1
+        ip = self._next_ip()
+        ns, node = self.ns(f"pod{serial}"), self.ns("node")
+        veth, eth = f"lk{self.run_id}v{serial}", f"lk{self.run_id}e{serial}"
+        pod = {"serial": serial, "name": f"{template.deployment}-{tpl}-{secrets.token_hex(3)[:5]}",
+               "netns": ns, "ip": ip, "template": tpl, "veth": veth, "cpu_limit": iteration.cpu_limit,
+               "sysctls": dict(template.sysctls), "track_conntrack": template.track_conntrack}
+        self._state["pods"].append(pod)
+        self._save()
+        self._add_netns(ns)
+        pod["link_id"] = self.ledger.record("link", netns=node, name=veth, peer=eth, peer_netns=ns)
+        self._ip(node, "link", "add", veth, "type", "veth", "peer", "name", eth, "netns", ns)
+        self._ip(node, "link", "set", veth, "master", f"lk{self.run_id}br", "up")
+        self._ip(ns, "addr", "add", f"{ip}/24", "dev", eth)
+        self._ip(ns, "link", "set", eth, "up")
+        self._ip(ns, "route", "add", "default", "via", POD_GATEWAY)
+        host = NetnsHost(ns)
+        for name, value in template.sysctls.items():
+            host.write_sysctl(name, value)
+        if template.track_conntrack:
+            # The article's pods tracked connections; a modern kernel needs a stateful rule for it.
+            host.run(["iptables", "-w", "-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])
+        cgroup = self._make_cgroup(f"lk{self.run_id}-pod{serial}", iteration.cpu_limit)
+        pod["cgroup"] = str(cgroup)
+        pod.update(self._spawn(ns, cgroup, self._server_argv(template), f"pod{serial}"))
+        return pod
+
+    def _apply_rules(self, current: list[dict], stale: list[dict]) -> None:
+        svc = self.manifests.service_port()
+        port = self.manifests.pod_template().container_port
+        text = render_rules(svc, [Endpoint(p["ip"], port) for p in current], cluster_ip=CLUSTER_IP,
+                            helper_rule=self._state["helper_rule"], jumps=not self._state["rules_applied"],
+                            stale_endpoints=[Endpoint(p["ip"], port) for p in stale])
+        NetnsHost(self.ns("node")).run(["iptables-restore", "-w", "--noflush"], input=text)
+        self._state["rules_applied"] = True
+        self._state["endpoints"] = [f"{p['ip']}:{port}" for p in current]
+        self._save()
+
+    def _clear_rules(self) -> None:
+        if not self._state.get("rules_applied"):
+            return
+        empty = "".join(f"*{t}\nCOMMIT\n" for t in ("raw", "filter", "nat"))
+        NetnsHost(self.ns("node")).run(["iptables-restore", "-w"], input=empty)
+        self._state.update(rules_applied=False, endpoints=[])
+        self._save()
+
+    def _remove_workload(self, item: dict[str, Any]) -> None:
+        """Stop a server (its whole cgroup) and forget its ledger entries."""
+        entries = {e["id"]: e for e in self.ledger.entries()}
+        if item.get("ledger_id") in entries:
+            self.ledger.remove(entries[item["ledger_id"]])
+        for e in entries.values():
+            if e["kind"] == "cgroup" and e["path"] == item.get("cgroup"):
+                self.ledger.remove(e)
+        proc = self._procs.pop(item.get("pid", -1), None)
+        if proc is not None:
+            proc.wait()
+
+    def _remove_pod(self, pod: dict[str, Any]) -> None:
+        self._remove_workload(pod)
+        for e in reversed(self.ledger.entries()):
+            if (e["kind"] == "link" and e.get("peer_netns") == pod["netns"]) or \
+                    (e["kind"] == "netns" and e["name"] == pod["netns"]):
+                self.ledger.remove(e)
+        self._state["pods"] = [p for p in self._state["pods"] if p["serial"] != pod["serial"]]
+        self._save()
+
+    # --- down, status, hosts -------------------------------------------------------------
+
+    def down(self) -> None:
+        """Remove everything the run's ledger lists, in reverse order; restore the globals."""
+        if not self.run_id:
+            return
+        with _signals_ignored():
+            self.ledger.undo()
+            for proc in self._procs.values():
+                proc.wait()
+            self._procs.clear()
+            (self.run_dir / STATE_NAME).unlink(missing_ok=True)
+            for leftover in self.run_dir.glob("*.log"):
+                leftover.unlink()
+            self.ledger.discard()
+        log.info("netns testbed %s down", self.run_id)
+        self._state, self.run_id = None, None
+
+    def _require(self) -> dict[str, Any]:
+        if self._state is None or self._state.get("state") != "up":
+            raise TestbedError("the netns testbed is not up; run `labkit up` first")
+        return self._state
+
+    def roles(self) -> list[str]:
+        """``init``, ``node``, ``pod-1``.. and ``client`` (empty when down)."""
+        if self._state is None:
+            return []
+        pods = [f"pod-{i}" for i in range(1, len(self._pods()) + 1)]
+        return ["init", "node", *pods, "client"]
+
+    def _pods(self) -> list[dict[str, Any]]:
+        return sorted(self._state["pods"], key=lambda p: p["serial"])
+
+    def host(self, role: str) -> Host:
+        """The Host of ``role``: ``init`` (this machine), ``node``, ``client``, ``pod-N``.
+
+        Raises:
+            TestbedError: down, or no such role.
+        """
+        self._require()
+        if role == "init":
+            return LocalHost("init")
+        if role in ("node", "client"):
+            return NetnsHost(self.ns(role), name=role)
+        if role.startswith("pod-") and role[4:].isdigit():
+            pods = self._pods()
+            i = int(role[4:])
+            if 1 <= i <= len(pods):
+                return NetnsHost(pods[i - 1]["netns"], name=role)
+        raise TestbedError(f"no role {role!r} on this testbed; roles: {', '.join(self.roles())}")
+
+    def netns_roles(self) -> dict[int, str]:
+        """Namespace inode -> role, the machine's own namespace included as ``init``."""
+        out = {os.stat("/proc/1/ns/net").st_ino: "init"}
+        for role in self.roles():
+            if role != "init":
+                inode = netns_inode(self.host(role).netns)
+                if inode:
+                    out[inode] = role
+        return out
+
+    @property
+    def service(self) -> tuple[str, int]:
+        """``(node_ip, node_port)``: port 69 of the plain server in iteration 1."""
+        state = self._require()
+        if state.get("server"):
+            return NODE_IP, 69
+        return NODE_IP, self.manifests.service_port().node_port
+
+    @property
+    def file(self) -> ServedFile:
+        """The served file (name, size, sha256)."""
+        f = self._require()["file"]
+        return ServedFile(f["name"], f["size"], f["sha256"])
+
+    def status(self) -> dict[str, Any]:
+        """The ``labkit status --json`` document (``state: down`` when nothing is up)."""
+        if self._state is None:
+            return {"testbed": "netns", "state": "down", "state_dir": str(self.state_dir), "hosts": []}
+        s = self._state
+        it = s.get("iteration") or {}
+        hosts = [{"role": "client", "name": "client", "ip": CLIENT_IP, "netns": self.ns("client")},
+                 {"role": "node", "name": "node", "ip": NODE_IP, "netns": self.ns("node")}]
+        problems = [f"namespace {h['netns']} is missing" for h in hosts if netns_inode(h["netns"]) is None]
+        if s.get("server"):
+            hosts[1]["server_pid"] = s["server"]["pid"]
+            if proc_start_time(s["server"]["pid"]) != s["server"]["start"]:
+                problems.append("the plain server is not running")
+        for i, p in enumerate(self._pods(), 1):
+            hosts.append({"role": "pod", "name": f"pod-{i}", "pod": p["name"], "ip": p["ip"],
+                          "netns": p["netns"], "pid": p.get("pid"), "cgroup": p.get("cgroup"),
+                          "cpu_limit": p["cpu_limit"], "sysctls": p["sysctls"]})
+            if not p.get("pid") or proc_start_time(p["pid"]) != p.get("start"):
+                problems.append(f"pod-{i}: in.tftpd is not running")
+        node_ip, node_port = (NODE_IP, 69) if s.get("server") else \
+            (NODE_IP, self.manifests.service_port().node_port)
+        svc = self.manifests.service_port()
+        f = s.get("file") or {}
+        return {
+            "testbed": "netns", "state": s["state"] if not problems else "broken", "problems": problems,
+            "run_id": s["run_id"], "state_dir": str(self.state_dir),
+            "iteration": it.get("number"), "profile": it.get("profile"), "setup": it.get("setup"),
+            "service": {"node_ip": node_ip, "node_port": node_port, "protocol": "udp",
+                        "name": f"{svc.namespace}/{svc.name}", "cluster_ip": CLUSTER_IP},
+            "file": {"name": f.get("name"), "size": f.get("size"), "sha256": f.get("sha256")},
+            "hosts": hosts, "replicas": len(self._pods()), "cpu_limit": it.get("cpu_limit"),
+            "helper_rule": s["helper_rule"], "pods_track_conntrack": it.get("pods_track_conntrack"),
+            "node_sysctls": it.get("node_sysctls", {}), "pod_sysctls": it.get("pod_sysctls", {}),
+            "allowed_unsafe_sysctls": it.get("allowed_unsafe_sysctls", []),
+            "endpoints": s.get("endpoints", []), "updated": s.get("updated"),
+        }
+
+
+def clean(directory: str | os.PathLike | None = None) -> list[str]:
+    """Undo every netns run recorded in a state directory (also crashed ones); restore the globals.
+
+    Only what the ledgers list is removed; look-alike resources made by others stay.
+
+    Returns:
+        A line per resource removed.
+    """
+    directory = Path(directory or default_state_dir())
+    removed: list[str] = []
+    from labkit.ledger import describe
+    with _signals_ignored():
+        for run in run_dirs(directory):
+            ledger = Ledger(run)
+            removed += [describe(e) for e in ledger.undo()]
+            (run / STATE_NAME).unlink(missing_ok=True)
+            for leftover in run.glob("*.log"):
+                leftover.unlink()
+            ledger.discard()
+        restored = GlobalSysctls("clean", directory=directory).restore()
+        removed += [f"global sysctl {k} restored to {v}" for k, v in restored.items()]
+    return removed

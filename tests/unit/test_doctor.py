@@ -1,0 +1,34 @@
+"""The doctor's table and verdict, with checks made up so no root is needed."""
+
+from labkit import doctor
+from labkit.cli import main
+from labkit.doctor import Check, format_table, missing
+
+
+def test_table_names_each_check_its_state_and_the_fix_when_missing():
+    checks = [Check("program conntrack", False, "not found", "apt-get install conntrack"),
+              Check("root", True, "uid 0"),
+              Check("program atftp", False, "not found", "apt-get install atftp", required=False)]
+    table = format_table(checks)
+    lines = table.splitlines()
+    assert lines[0].split() == ["check", "state", "found", "how", "to", "fix"]
+    conn = next(line for line in lines if line.startswith("program conntrack"))
+    assert "MISSING" in conn and "apt-get install conntrack" in conn
+    root = next(line for line in lines if line.startswith("root"))
+    assert " ok " in root + " " and "apt-get" not in root
+    assert "optional" in next(line for line in lines if line.startswith("program atftp"))
+    assert [c.name for c in missing(checks)] == ["program conntrack"]
+
+
+def test_doctor_exits_non_zero_naming_what_is_missing(monkeypatch, capsys):
+    monkeypatch.setattr(doctor, "run_checks", lambda: [
+        Check("root", True, "uid 0"), Check("program in.tftpd", False, "not found", "apt-get install tftpd-hpa")])
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "1 required item(s) missing: program in.tftpd" in out
+
+
+def test_doctor_exits_zero_when_all_is_there(monkeypatch, capsys):
+    monkeypatch.setattr(doctor, "run_checks", lambda: [Check("root", True, "uid 0")])
+    assert main(["doctor"]) == 0
+    assert "the netns testbed can run" in capsys.readouterr().out
