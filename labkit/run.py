@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -88,9 +89,32 @@ def _median(samples: pd.DataFrame, netns: str, metric: str) -> float | None:
     return float(part.median()) if not part.empty else None
 
 
+def steady_rate(load: pd.DataFrame, duration_s: float) -> float | None:
+    """Completed transfers per second over the second half of the load.
+
+    The article's rates are averages over 10-minute tests, where the few
+    seconds a table takes to fill do not count; a lab load lasts a minute, so
+    its first half is taken as warm-up (the tables fill and turn over once) and
+    the rate is the mean of the whole seconds of the second half.
+
+    Args:
+        load: the loadgen's per-second tidy series (``elapsed_s, metric, value``).
+        duration_s: the load's planned duration.
+
+    Returns:
+        Transfers/s, or None when the series has no whole second in that half.
+    """
+    if load is None or load.empty:
+        return None
+    done = load[load["metric"] == "completed"]
+    lo, hi = math.ceil(duration_s / 2.0), math.floor(duration_s)
+    window = done[(done["elapsed_s"] >= lo) & (done["elapsed_s"] < hi)]
+    return float(window["value"].mean()) if not window.empty else None
+
+
 def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataFrame,
               events: pd.DataFrame, *, load_start: float, load_stop: float,
-              testbed: str = "netns") -> dict[str, Any]:
+              load: pd.DataFrame | None = None, testbed: str = "netns") -> dict[str, Any]:
     """Return an iteration's summary.csv row from its tidy data (pure).
 
     Args:
@@ -100,6 +124,8 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
         samples: the monitor's samples ``(time, host, netns, metric, value)``.
         events: the monitor's events ``(time, host, netns, kind, message)``.
         load_start, load_stop: Unix times the load began and ended.
+        load: the loadgen's per-second series; ``transfers_per_s`` is then the
+            steady rate of :func:`steady_rate` (else the whole load's average).
         testbed: the testbed's name.
 
     Returns:
@@ -125,9 +151,11 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
     after_s = min(AFTER_STOP_S, float(iteration.cooldown_s))
     count_kind = lambda kind, where: int(((ev["kind"] == kind) & ev["netns"].isin(where)).sum()) \
         if not ev.empty else 0  # noqa: E731
+    steady = steady_rate(load, float(iteration.duration_s)) if load is not None else None
+    overall = float(load_summary["transfers_per_s"])
     row = {
         "iteration": iteration.number,
-        "transfers_per_s": round(float(load_summary["transfers_per_s"]), 2),
+        "transfers_per_s": round(steady if steady is not None else overall, 2),
         "transfers_ok": int(load_summary["ok"]),
         "transfers_failed": int(load_summary["failed"]),
         "replicas": iteration.replicas if iteration.setup == "nodeport" else 0,
@@ -165,6 +193,8 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
         "node_count_at_stop": _value_at(s, NODE, "nf_conntrack_count", load_stop),
         "node_count_after_stop": _value_at(s, NODE, "nf_conntrack_count", load_stop + after_s),
         "after_stop_s": after_s,
+        "transfers_per_s_whole_load": round(overall, 2),
+        "steady_from_s": math.ceil(float(iteration.duration_s) / 2.0) if steady is not None else 0,
         "failed_by_reason": json.dumps(load_summary.get("by_reason", {}), sort_keys=True),
         "latency_p50_ms": load_summary.get("latency_p50_ms"),
         "latency_p99_ms": load_summary.get("latency_p99_ms"),
@@ -249,7 +279,7 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
         monitor.stop()
     samples, events = monitor.samples, monitor.events
     row = summarize(iteration, result.summary, samples, events, load_start=load_start,
-                    load_stop=load_stop, testbed=getattr(testbed, "name", "netns"))
+                    load_stop=load_stop, load=result.timeseries, testbed=getattr(testbed, "name", "netns"))
     fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
     for name, frame in (("samples", samples), ("events", events)):
         frame = frame.copy()
