@@ -56,6 +56,7 @@ BINDING_ITERATION = {131072: 2, 524288: 5, 1048576: 6}
 DEFAULT_MAX, DEFAULT_EXPECT_MAX = 131072, 1024
 ROOMY_MAX, ROOMY_EXPECT = 400_000, 20_000  # measurement tables no lab load can fill
 TIMEOUTS = (30, 10)
+MAX_FAILED_SHARE = 0.05  # a busy machine loses a few transfers to 1 s client timeouts
 LAB_RUN = {"duration_s": 60, "cooldown_s": 10, "concurrency": 64, "file_size": 5120}
 
 
@@ -194,9 +195,10 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
                 step(f"calibrate: {name}, {duration:g} s")
                 row = run_iteration(testbed, it, Path(tmp) / name)
                 m = measurement(name, row, udp_timeout=timeout)
-                if m.failed:
-                    raise ReplayError(f"calibration load {name} had {m.failed} failed transfers: "
-                                      "something other than the pod's CPU limited it")
+                if m.failed > MAX_FAILED_SHARE * max(1, row["transfers_ok"]):
+                    raise ReplayError(f"calibration load {name} had {m.failed} failed transfers of "
+                                      f"{row['transfers_ok'] + m.failed}: something other than the pod's "
+                                      "CPU limited it (a busy machine?); run it again when the machine is quiet")
                 step(f"calibrate: {name}: {m.transfers_per_s:.0f} transfers/s, node peak "
                      f"{m.peak_node_count}" + (f", {m.lifetime:.1f} entry-s per transfer" if m.lifetime else ""))
                 results.append(m)

@@ -291,6 +291,7 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
     write_csv(result.timeseries, out / "load.csv", compress=compress)
     write_json({"summary": result.summary, "spec": result.spec, "workers": result.workers,
                 "iteration": iteration.to_dict(), "load_start": load_start, "load_stop": load_stop,
+                "testbed": testbed.status(),
                 "lost_kernel_records": monitor.lost_kernel_records},
                out / "load-summary.json")
     write_json(row, out / ROW_FILE)
