@@ -193,6 +193,8 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
                                                             replicas=replicas, duration=duration),
                                          cpu_limit=cpu_limit)
                 step(f"calibrate: {name}, {duration:g} s")
+                # a fresh testbed each time: entries left by the previous load would count
+                testbed.down()
                 row = run_iteration(testbed, it, Path(tmp) / name)
                 m = measurement(name, row, udp_timeout=timeout)
                 if m.failed > MAX_FAILED_SHARE * max(1, row["transfers_ok"]):
