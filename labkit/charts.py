@@ -29,6 +29,8 @@ NODE = "node"
 EVENT_LABELS = {"table_full": "table full", "expect_table_full": "expectation table full",
                 "suppressed": "lines suppressed"}
 FAILURE_COLORS = sns.color_palette("Reds_r", 6)
+WIDTH = 11.5  # inches: every iteration chart, so their time axes line up on the page
+OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8}
 
 
 def seconds(times: pd.Series) -> pd.Series:
@@ -106,7 +108,7 @@ def conntrack_chart(samples: pd.DataFrame, events: pd.DataFrame, *, t0: float,
     lab = [n for n in _netns_order(s["netns"].unique()) if n == NODE or n.startswith("pod-")]
     colors = _palette(lab)
     fig, (ax_count, ax_drop, ax_log) = plt.subplots(
-        3, 1, sharex=True, figsize=(11.5, 7.2), height_ratios=[3, 2, 1.1], constrained_layout=True)
+        3, 1, sharex=True, figsize=(WIDTH, 7.2), height_ratios=[3, 2, 1.1], constrained_layout=True)
     counts = s[(s["metric"] == "nf_conntrack_count") & s["netns"].isin(lab)]
     for netns in lab:
         part = counts[counts["netns"] == netns]
@@ -117,7 +119,7 @@ def conntrack_chart(samples: pd.DataFrame, events: pd.DataFrame, *, t0: float,
                          label=f"nf_conntrack_max = {cmax.max():,.0f} (global)")
         ax_count.set_ylim(0, cmax.max() * 1.12)
     ax_count.set_ylabel("conntrack entries")
-    ax_count.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax_count.legend(**OUTSIDE)
     _shade_load(ax_count, load_s)
     for metric, style in (("stat_drop", "-"), ("stat_early_drop", ":")):
         rates = counter_rate(s[s["netns"].isin(lab)], metric)
@@ -130,7 +132,7 @@ def conntrack_chart(samples: pd.DataFrame, events: pd.DataFrame, *, t0: float,
         ax_drop.text(0.5, 0.5, "no drops and no early drops", transform=ax_drop.transAxes,
                      ha="center", va="center", color="0.4")
     else:
-        ax_drop.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+        ax_drop.legend(**OUTSIDE)
     ax_drop.set_ylabel("counter increase\n(packets/s)")
     ax_drop.set_ylim(bottom=0)
     _shade_load(ax_drop, load_s)
@@ -163,7 +165,7 @@ def expectation_chart(samples: pd.DataFrame, *, t0: float, load_s: float | None 
                       netns: str = NODE, title: str = "") -> plt.Figure:
     """The expectation count of the node against ``nf_conntrack_expect_max``."""
     s = relative(samples, t0)
-    fig, ax = plt.subplots(figsize=(10, 3.2), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.2), constrained_layout=True)
     part = s[(s["metric"] == "expect_count") & (s["netns"] == netns)]
     ax.plot(part["t"], part["value"], color="tab:purple", lw=1.6, label=f"{netns} expectations")
     emax = s[(s["metric"] == "nf_conntrack_expect_max")]["value"]
@@ -174,7 +176,7 @@ def expectation_chart(samples: pd.DataFrame, *, t0: float, load_s: float | None 
     _shade_load(ax, load_s)
     ax.set_xlabel("time since the load started (s)")
     ax.set_ylabel("expectations")
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    ax.legend(**OUTSIDE)
     if title:
         ax.set_title(title)
     return fig
@@ -189,7 +191,7 @@ def transfers_chart(load: pd.DataFrame, *, t0: float, load_s: float | None = Non
             ``failed_<reason>`` (transfers that ended in that second).
     """
     s = relative(load, t0)
-    fig, ax = plt.subplots(figsize=(10, 3.6), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.6), constrained_layout=True)
     done = s[s["metric"] == "completed"].sort_values("t")
     ax.plot(done["t"], done["value"], color="tab:green", lw=1.8, drawstyle="steps-mid",
             label="completed (verified)")
@@ -207,7 +209,7 @@ def transfers_chart(load: pd.DataFrame, *, t0: float, load_s: float | None = Non
     ax.set_xlabel("time since the load started (s)")
     ax.set_ylabel("transfers/s")
     ax.set_ylim(bottom=0)
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
+    ax.legend(**OUTSIDE)
     if title:
         ax.set_title(title)
     return fig

@@ -131,6 +131,7 @@ def render_html(notebook: str | Path, html: str | Path, *, show_code: bool = Fal
                             embed_images=True, exclude_input=not show_code,
                             exclude_input_prompt=not show_code, exclude_output_prompt=True)
     exporter.template_file = TEMPLATE_FILE
+    exporter.log.setLevel(logging.ERROR)  # not "alternative text is missing" per chart
     body, _ = exporter.from_filename(str(notebook))
     found = external_references(body)
     if found:
