@@ -20,8 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "from the client namespace, sample the cool-down, write samples.csv, "
                                    "events.csv, transfers.csv and the summary row; then bring it down.")
     p.add_argument("--iteration", "-i", type=int, required=True, help="iteration number, 1-9")
-    p.add_argument("--profile", default=DEFAULT_PROFILE, help="article | lab | quick | a profile file (default lab)")
-    p.add_argument("--testbed", default="netns", help="testbed backend (default netns)")
+    _profile_and_testbed(p)
     p.add_argument("--out", type=Path, help="the iteration's folder (default results/run-<profile>/iteration-N)")
     p.add_argument("--duration", type=float, help="load duration in seconds (default: the profile's)")
     p.add_argument("--cooldown", type=float, help="sampled cool-down in seconds (default: the profile's)")
@@ -32,12 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="papermill runs notebooks/iteration.ipynb per iteration and "
                                    "notebooks/summary.ipynb into results/<run-id>/, nbconvert renders "
                                    "self-contained HTML, index.html links them all.")
-    p.add_argument("--profile", default=DEFAULT_PROFILE, help="article | lab | quick | a profile file (default lab)")
+    _profile_and_testbed(p)
     p.add_argument("--iterations", default="1-9", help="which iterations, e.g. 1-9, 2,5,7 (default 1-9)")
     p.add_argument("--out", type=Path, help="the run folder (default results/<run-id>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (or the newest run of this profile): skip what completed")
-    p.add_argument("--testbed", default="netns", help="testbed backend (default netns)")
     p.add_argument("--cell-timeout", type=float, default=None,
                    help="seconds one notebook cell may run before the iteration fails as a timeout "
                         "(default: the load duration plus 5 minutes)")
@@ -53,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="profile file to write (default results/calibration.yaml); use it with --profile")
     p.add_argument("--quick", action="store_true", help="shorter loads (rougher numbers)")
     p.set_defaults(func=cmd_calibrate)
+
+
+def _profile_and_testbed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=DEFAULT_PROFILE, help="article | lab | quick | a profile file (default lab)")
+    p.add_argument("--testbed", default="netns", help="testbed backend (default netns)")
 
 
 def _step(line: str) -> None:
