@@ -30,6 +30,7 @@ EVENT_LABELS = {"table_full": "table full", "expect_table_full": "expectation ta
                 "suppressed": "lines suppressed"}
 FAILURE_COLORS = sns.color_palette("Reds_r", 6)
 WIDTH = 11.5  # inches: every iteration chart, so their time axes line up on the page
+DPI = 85  # legible on a laptop screen; keeps a run's HTML reports small (images are inlined)
 OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": 8}
 
 
@@ -108,7 +109,7 @@ def conntrack_chart(samples: pd.DataFrame, events: pd.DataFrame, *, t0: float,
     lab = [n for n in _netns_order(s["netns"].unique()) if n == NODE or n.startswith("pod-")]
     colors = _palette(lab)
     fig, (ax_count, ax_drop, ax_log) = plt.subplots(
-        3, 1, sharex=True, figsize=(WIDTH, 7.2), height_ratios=[3, 2, 1.1], constrained_layout=True)
+        3, 1, sharex=True, figsize=(WIDTH, 7.2), height_ratios=[3, 2, 1.1], constrained_layout=True, dpi=DPI)
     counts = s[(s["metric"] == "nf_conntrack_count") & s["netns"].isin(lab)]
     for netns in lab:
         part = counts[counts["netns"] == netns]
@@ -165,7 +166,7 @@ def expectation_chart(samples: pd.DataFrame, *, t0: float, load_s: float | None 
                       netns: str = NODE, title: str = "") -> plt.Figure:
     """The expectation count of the node against ``nf_conntrack_expect_max``."""
     s = relative(samples, t0)
-    fig, ax = plt.subplots(figsize=(WIDTH, 3.2), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.2), constrained_layout=True, dpi=DPI)
     part = s[(s["metric"] == "expect_count") & (s["netns"] == netns)]
     ax.plot(part["t"], part["value"], color="tab:purple", lw=1.6, label=f"{netns} expectations")
     emax = s[(s["metric"] == "nf_conntrack_expect_max")]["value"]
@@ -191,7 +192,7 @@ def transfers_chart(load: pd.DataFrame, *, t0: float, load_s: float | None = Non
             ``failed_<reason>`` (transfers that ended in that second).
     """
     s = relative(load, t0)
-    fig, ax = plt.subplots(figsize=(WIDTH, 3.6), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(WIDTH, 3.6), constrained_layout=True, dpi=DPI)
     done = s[s["metric"] == "completed"].sort_values("t")
     ax.plot(done["t"], done["value"], color="tab:green", lw=1.8, drawstyle="steps-mid",
             label="completed (verified)")
@@ -222,7 +223,7 @@ def throughput_chart(summary: pd.DataFrame, title: str = "") -> plt.Figure:
     lab = frame["transfers_per_s"] / base["transfers_per_s"] if base["transfers_per_s"] else np.nan
     art = frame["article_transfers_per_s"] / base["article_transfers_per_s"]
     x = np.arange(len(frame))
-    fig, ax = plt.subplots(figsize=(10, 4.2), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(10, 4.2), constrained_layout=True, dpi=DPI)
     bars_lab = ax.bar(x - 0.2, lab, 0.4, color="tab:blue", label="lab (this machine)")
     bars_art = ax.bar(x + 0.2, art, 0.4, color="tab:orange", label="article")
     for bars, values in ((bars_lab, frame["transfers_per_s"]), (bars_art, frame["article_transfers_per_s"])):

@@ -45,12 +45,13 @@ class IterationSession:
             replay driver tears it down.
         duration, cooldown: override the profile's load duration and cool-down (s).
         scenario: another iterations data file.
+        compress: write the iteration's CSV tables gzip-compressed.
     """
 
     def __init__(self, iteration: int, profile: str = "lab", *, testbed: str = "netns",
                  out_dir: str | os.PathLike | None = None, run_id: str | None = None,
                  duration: float | None = None, cooldown: float | None = None,
-                 scenario: str | None = None):
+                 scenario: str | None = None, compress: bool = False):
         import dataclasses
 
         from labkit.scenario import load_scenario
@@ -66,6 +67,7 @@ class IterationSession:
         self.out_dir = Path(out_dir) if out_dir else REPO / "results" / f"notebook-{self.iteration.profile}" / \
             f"iteration-{self.iteration.number}"
         self._testbed = None
+        self.compress = compress
 
     # --- the story ------------------------------------------------------------------
 
@@ -138,7 +140,7 @@ class IterationSession:
         """Run the iteration (testbed up, monitor, load, cool-down); return the key numbers."""
         from labkit.run import run_iteration
 
-        run_iteration(self.testbed, self.iteration, self.out_dir)
+        run_iteration(self.testbed, self.iteration, self.out_dir, compress=self.compress)
         return self.result_table()
 
     def down(self) -> str:
