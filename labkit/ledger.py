@@ -184,12 +184,18 @@ def _remove_link(entry: dict, ledger: Ledger) -> None:
 
 
 def proc_start_time(pid: int) -> int | None:
-    """A process's start time in clock ticks since boot (/proc/PID/stat field 22), None if gone."""
+    """A live process's start time in clock ticks since boot (/proc/PID/stat field 22).
+
+    None when the process is gone or has exited (a zombie nobody reaped yet).
+    """
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return int(text.rsplit(")", 1)[1].split()[19])
+    fields = text.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
 
 
 def _kill(pid: int, start: int | None) -> None:

@@ -43,8 +43,10 @@ from labkit.monitor.sampler import KmsgFollower, NetnsSampler, NetnsTarget, Tick
 log = logging.getLogger(__name__)
 
 #: Files of the labkit package the agent needs (standard library only).
-AGENT_MODULES = ("__init__.py", "exceptions.py", "monitor/__init__.py", "monitor/parse.py",
+AGENT_MODULES = ("exceptions.py", "monitor/__init__.py", "monitor/parse.py",
                  "monitor/sampler.py", "monitor/agent.py")
+# labkit/__init__.py imports the rest of labkit; the agent needs none of it.
+_PACKAGE_INIT = '"""labkit, reduced to the monitor agent (standard library only)."""\n'
 _MAIN = "import sys\nfrom labkit.monitor.agent import main\nsys.exit(main())\n"
 
 
@@ -95,8 +97,6 @@ def run_agent(targets: Sequence[NetnsTarget], *, hz: float, kmsg: bool, duration
     stop = stop or threading.Event()
     roles = {t.role: t.inode() for t in targets}
     own = os.stat("/proc/self/ns/net").st_ino
-    writer.write({"type": "hello", "host": socket.gethostname(), "own_inode": own, "netns": roles,
-                  "hz": hz, "pid": os.getpid()})
 
     def on_tick(tick: Tick) -> None:
         writer.write({"type": "tick", "t": tick[0], "role": tick[1], "values": tick[2]})
@@ -112,6 +112,11 @@ def run_agent(targets: Sequence[NetnsTarget], *, hz: float, kmsg: bool, duration
     threads += [NetnsSampler(t, hz, on_tick, stop) for t in targets]
     for thread in threads:
         thread.start()
+    for thread in threads:
+        thread.ready.wait(10)
+    # hello once every namespace has its first sample: the client's start() returns then
+    writer.write({"type": "hello", "host": socket.gethostname(), "own_inode": own, "netns": roles,
+                  "hz": hz, "pid": os.getpid()})
     deadline = None if duration is None else time.monotonic() + duration
     status = 0
     while not stop.is_set():
@@ -162,6 +167,7 @@ def build_agent_zip() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("__main__.py", _MAIN)
+        zf.writestr("labkit/__init__.py", _PACKAGE_INIT)
         for name in AGENT_MODULES:
             zf.write(root / name, f"labkit/{name}")
     return buf.getvalue()
@@ -238,6 +244,8 @@ class AgentSession:
         self._stream: Any = None
         self._thread: threading.Thread | None = None
         self._path = f"/tmp/labkit-monitor-agent-{uuid.uuid4().hex[:12]}.pyz"
+        self._lock = threading.Lock()
+        self._ticks: dict[str, int] = {}
 
     def argv(self) -> list[str]:
         """The agent's command line on that machine."""
@@ -256,7 +264,11 @@ class AgentSession:
         """
         self.transport.write_file(self._path, build_agent_zip(), 0o600)
         argv = self.argv()
-        self._stream = _LocalStream(argv) if self.local else self.transport.stream(argv)
+        try:
+            self._stream = _LocalStream(argv) if self.local else self.transport.stream(argv)
+        except BaseException:
+            self.stop()     # removes the uploaded file
+            raise
         self._thread = threading.Thread(target=self._read, name="lk-agent-reader", daemon=True)
         self._thread.start()
         if not self.ready.wait(timeout) or self.error:
@@ -273,6 +285,8 @@ class AgentSession:
                 kind = obj.get("type")
                 if kind == "tick":
                     self.on_tick(obj)
+                    with self._lock:
+                        self._ticks[obj["role"]] = self._ticks.get(obj["role"], 0) + 1
                 elif kind == "event":
                     self.on_event(obj)
                 elif kind == "hello":
@@ -293,15 +307,30 @@ class AgentSession:
             self.ready.set()
 
     def stop(self) -> None:
-        """Stop the agent, wait for its last lines, remove the uploaded file."""
-        if self._stream is not None:
-            self._stream.stop()
-        if self._thread is not None:
-            self._thread.join(15)
+        """Stop the agent once each namespace sent a sample taken after this call; clean up.
+
+        Closing the channel loses what is still in flight, so first wait (at most
+        two seconds) until every namespace has sent one more sample.
+        """
+        if self._stream is not None and self.error is None and self._thread and self._thread.is_alive():
+            with self._lock:
+                seen = dict(self._ticks)
+            deadline = time.monotonic() + max(2.0, 3.0 / self.hz)
+            while time.monotonic() < deadline and self._thread.is_alive():
+                with self._lock:
+                    if all(self._ticks.get(t.role, 0) > seen.get(t.role, 0) for t in self.targets):
+                        break
+                time.sleep(0.02)
         try:
-            self.transport.run(["rm", "-f", self._path], timeout=30, check=False)
-        except LabkitError as exc:
-            log.warning("could not remove %s: %s", self._path, exc)
+            if self._stream is not None:
+                self._stream.stop()
+            if self._thread is not None:
+                self._thread.join(15)
+        finally:
+            try:
+                self.transport.run(["rm", "-f", self._path], timeout=30, check=False)
+            except LabkitError as exc:
+                log.warning("could not remove %s: %s", self._path, exc)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import select
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Dict, Tuple
 
 from labkit.exceptions import MonitorError
 from labkit.monitor.parse import (
@@ -48,7 +48,7 @@ SYSCTL_METRICS = {
 _libc = ctypes.CDLL(None, use_errno=True)
 
 #: One tick of one namespace: (wall-clock time, role, {metric: value}).
-Tick = tuple[float, str, dict[str, int]]
+Tick = Tuple[float, str, Dict[str, int]]  # typing forms: nodes may run Python 3.8
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,6 @@ class NetnsSampler(threading.Thread):
             if self.target.path:
                 join_netns(self.target.path)
             self._open()
-            self.ready.set()
             self._loop()
         except BaseException as exc:  # handed to the Monitor, raised by stop()
             self.error = exc
@@ -189,6 +188,7 @@ class NetnsSampler(threading.Thread):
             stopping = self.stop_event.is_set()
             self.emit((time.time(), self.target.role, self.sample()))
             self.ticks += 1
+            self.ready.set()    # start() returns once each namespace has its first sample
             if stopping:
                 return
             next_tick += self.period

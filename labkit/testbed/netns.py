@@ -494,7 +494,7 @@ class NetnsTestbed(Testbed):
 
     def netns_roles(self) -> dict[int, str]:
         """Namespace inode -> role, the machine's own namespace included as ``init``."""
-        out = {os.stat("/proc/1/ns/net").st_ino: "init"}
+        out = {os.stat("/proc/self/ns/net").st_ino: "init"}  # the namespace labkit runs in
         for role in self.roles():
             if role != "init":
                 inode = netns_inode(self.host(role).netns)

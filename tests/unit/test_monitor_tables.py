@@ -1,0 +1,63 @@
+"""The monitor's tables read back from CSV, counter rates, and the chart (real recorded data)."""
+
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+from labkit.exceptions import MonitorError  # noqa: E402
+from labkit.monitor import read_events, read_samples  # noqa: E402
+from labkit.monitor.plot import counter_rates, plot_conntrack  # noqa: E402
+
+DATA = Path(__file__).parent.parent / "data"
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    return (read_samples(DATA / "monitor-iteration4-samples.csv.gz"),
+            read_events(DATA / "monitor-iteration4-events.csv"))
+
+
+def test_recorded_tables_are_tidy(recorded):
+    samples, events = recorded
+    assert list(samples.columns) == ["time", "host", "netns", "metric", "value"]
+    assert list(events.columns) == ["time", "host", "netns", "kind", "message"]
+    assert samples["time"].dt.tz is not None and events["time"].dt.tz is not None
+    # suppressed lines belong to no namespace: read back as "", not NaN
+    assert set(events.loc[events.kind == "suppressed", "netns"]) == {""}
+
+
+def test_counter_rates_add_up_to_the_counter_rise(recorded):
+    samples, _ = recorded
+    rates = counter_rates(samples, bin_s=1.0)
+    node = samples[(samples.netns == "node") & (samples.metric == "stat_drop")]["value"]
+    rose = node.max() - node.min()
+    assert rose > 0
+    assert rates[(rates.netns == "node") & (rates.metric == "stat_drop")]["value"].sum() == rose
+    assert (rates["value"] >= 0).all()
+    half = counter_rates(samples, bin_s=0.5)
+    assert half[(half.netns == "node") & (half.metric == "stat_drop")]["value"].sum() == 2 * rose
+
+
+def test_chart_renders_counts_against_max_with_drops_and_lines(recorded, tmp_path):
+    samples, events = recorded
+    out = tmp_path / "conntrack.png"
+    fig = plot_conntrack(samples, events, out=out, title="iteration 4")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    axes = fig.axes
+    assert len(axes) == 4                       # counts, expectations, counter deltas, log lines
+    labels = [t.get_text() for t in axes[0].get_legend().get_texts()]
+    assert {"node", "pod-1"} <= set(labels) and "init" not in labels     # init tracked nothing
+    assert any("max" in label for label in labels)
+    assert axes[0].get_ylim()[1] >= 2048        # the max is on the scale
+    # every table-full line is drawn: one mark per event in the log panel
+    drawn = sum(len(c.get_offsets()) for c in axes[3].collections)
+    assert drawn == len(events)
+
+
+def test_chart_refuses_empty_samples(recorded):
+    samples, _ = recorded
+    with pytest.raises(MonitorError, match="nothing to plot"):
+        plot_conntrack(samples.iloc[0:0])

@@ -1,0 +1,156 @@
+"""The iterations as data: the article's values, the profiles, and bad files refused with field and reason."""
+
+import copy
+
+import pytest
+import yaml
+
+from labkit.exceptions import ScenarioError
+from labkit.scenario import DATA_FILE, load_profile, load_scenario, parse_scenario
+
+MAX = "net.netfilter.nf_conntrack_max"
+EXPECT = "net.netfilter.nf_conntrack_expect_max"
+UDP = "net.netfilter.nf_conntrack_udp_timeout"
+STREAM = "net.netfilter.nf_conntrack_udp_timeout_stream"
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    return load_scenario()
+
+
+@pytest.fixture
+def raw():
+    return yaml.safe_load(DATA_FILE.read_text())
+
+
+def test_the_article_profile_has_the_articles_table(scenario):
+    its = scenario.iterations("article")
+    assert scenario.numbers == list(range(1, 10))
+    assert [i.article_tps for i in its] == [8500, 1000, 1000, 1000, 4000, 4100, 4600, 5100, 5800]
+    assert [i.setup for i in its] == ["plain"] + ["nodeport"] * 8
+    assert [i.replicas for i in its[1:]] == [1, 3, 1, 1, 1, 1, 1, 2]
+    assert [i.node_sysctls.get(MAX) for i in its] == [None, 131072, 131072, 131072, 524288, 1048576,
+                                                      524288, 524288, 524288]
+    assert [i.node_sysctls.get(EXPECT) for i in its[1:]] == [1024] * 3 + [8192] * 5
+    assert [(i.node_sysctls[UDP], i.node_sysctls[STREAM]) for i in its[1:]] == [(30, 180)] * 5 + [(10, 20)] * 3
+    assert [dict(i.pod_sysctls) for i in its[6:]] == [{}, {UDP: 10, STREAM: 20}, {UDP: 10, STREAM: 20}]
+    assert its[7].allowed_unsafe_sysctls == (UDP, STREAM)
+    assert its[1].global_sysctls == {MAX: 131072, EXPECT: 1024}
+    assert its[1].namespaced_node_sysctls == {UDP: 30, STREAM: 180}
+    assert all(i.cpu_limit is None and i.pods_track_conntrack and i.file_size == 5120 for i in its)
+
+
+@pytest.mark.parametrize("profile", ["lab", "quick"])
+def test_lab_and_quick_shrink_tables_and_durations_but_keep_the_story(scenario, profile):
+    for n in scenario.numbers:
+        art, it = scenario.iteration(n, "article"), scenario.iteration(n, profile)
+        assert it.profile == profile and it.duration_s < art.duration_s and it.cpu_limit > 0
+        for name in (MAX, EXPECT):
+            if name in art.node_sysctls:
+                assert it.node_sysctls[name] < art.node_sysctls[name]
+        assert (it.setup, it.replicas, dict(it.pod_sysctls)) == (art.setup, art.replicas, dict(art.pod_sysctls))
+        assert it.node_sysctls.get(UDP) == art.node_sysctls.get(UDP)
+    # the order of table sizes is the article's: 5 > 2, 6 > 5, 7 == 5
+    size = {n: scenario.iteration(n, profile).node_sysctls.get(MAX) for n in (2, 5, 6, 7)}
+    assert size[2] < size[5] < size[6] and size[7] == size[5]
+
+
+def test_article_values_stand_beside_the_profiles(scenario):
+    rows = scenario.article_values("lab")
+    row = next(r for r in rows if r["iteration"] == 5 and r["sysctl"] == MAX)
+    assert row["article"] == 524288 and row["value"] == scenario.iteration(5, "lab").node_sysctls[MAX]
+    assert {r["where"] for r in rows} == {"node", "pod"}
+
+
+def test_unknown_iteration_and_profile_are_refused(scenario):
+    with pytest.raises(ScenarioError, match="no iteration 10"):
+        scenario.iteration(10)
+    with pytest.raises(ScenarioError, match="unknown profile 'fast'.*article, lab, quick"):
+        scenario.iteration(2, "fast")
+
+
+def _refused(raw, *fragments):
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(raw, "iterations.yaml")
+    text = str(info.value)
+    for f in fragments:
+        assert f in text, text
+    return text
+
+
+def test_a_bad_setup_is_refused_naming_the_field(raw):
+    raw["iterations"][1]["setup"] = "loadbalancer"
+    _refused(raw, "iterations.yaml", "iterations[1].setup", "plain, nodeport", "loadbalancer")
+
+
+def test_a_missing_field_is_refused(raw):
+    del raw["iterations"][3]["replicas"]
+    _refused(raw, "iterations[3].replicas", "missing")
+
+
+def test_an_unknown_field_is_refused(raw):
+    raw["iterations"][0]["replica"] = 2
+    _refused(raw, "iterations[0].replica", "unknown field")
+
+
+def test_a_bad_sysctl_value_or_name_is_refused(raw):
+    bad = copy.deepcopy(raw)
+    bad["iterations"][4]["node_sysctls"][MAX] = "lots"
+    _refused(bad, f"iterations[4].node_sysctls.{MAX}", "integer")
+    raw["iterations"][4]["node_sysctls"]["net..max"] = 1
+    _refused(raw, "iterations[4].node_sysctls.net..max")
+
+
+def test_numbers_must_run_one_to_n(raw):
+    raw["iterations"][8]["number"] = 12
+    _refused(raw, "iterations", "1..9")
+
+
+def test_a_missing_profile_is_refused(raw):
+    del raw["profiles"]["quick"]
+    _refused(raw, "profiles.quick", "missing")
+
+
+def test_a_profile_that_forgets_an_article_value_is_refused(raw):
+    del raw["profiles"]["lab"]["sysctl_values"][MAX][524288]
+    _refused(raw, f"profiles.lab.sysctl_values.{MAX}", "524288", "iteration 5")
+
+
+def test_a_profile_override_must_name_an_iteration_and_a_field(raw):
+    bad = copy.deepcopy(raw)
+    bad["profiles"]["lab"]["iterations"] = {42: {"replicas": 2}}
+    _refused(bad, "profiles.lab.iterations.42", "no such iteration")
+    raw["profiles"]["lab"]["iterations"] = {3: {"replics": 2}}
+    _refused(raw, "profiles.lab.iterations.3.replics", "unknown field")
+
+
+def test_profile_overrides_change_one_iteration(raw):
+    raw["profiles"]["lab"]["iterations"] = {3: {"replicas": 2, "duration_s": 5}}
+    s = parse_scenario(raw)
+    assert (s.iteration(3, "lab").replicas, s.iteration(3, "lab").duration_s) == (2, 5.0)
+    assert s.iteration(4, "lab").replicas == 1
+
+
+def test_a_profile_file_written_by_calibration_is_loaded(tmp_path, scenario):
+    path = tmp_path / "calibrated.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "calibrated", "description": "from labkit calibrate",
+        "run": {"duration_s": 20, "cooldown_s": 5, "concurrency": 32, "file_size": 5120},
+        "cpu_limit": 0.3, "sysctl_values": {MAX: {131072: 3000, 524288: 12000, 1048576: 24000}},
+        "calibration": {"tps_one_pod": 270},
+    }))
+    it = scenario.iteration(6, str(path))
+    assert (it.profile, it.node_sysctls[MAX], it.cpu_limit) == ("calibrated", 24000, 0.3)
+    assert load_profile(path).extra["calibration"] == {"tps_one_pod": 270}
+    path.write_text(yaml.safe_dump({"name": "x", "run": {"duration_s": -1}}))
+    with pytest.raises(ScenarioError, match="profile.run"):
+        load_profile(path)
+
+
+def test_a_file_that_is_not_yaml_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("version: 1\niterations: [\n  - {number: 1\n")
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(path)
+    assert str(path) in str(info.value) and "line" in str(info.value)
