@@ -60,6 +60,19 @@ def probability(i: int, n: int) -> str:
     return f"{1.0 / (n - i):0.10f}"
 
 
+def render_helper_rule(svc: ServicePort) -> str:
+    """The raw-table rule that attaches the TFTP helper to requests for the nodePort.
+
+    Kernels since 6.0 never attach helpers on their own: without it the server's
+    reply, which comes from a new port, matches no expectation and is dropped.
+    """
+    proto = svc.protocol.lower()
+    return ("*raw\n"
+            f"-A PREROUTING -p {proto} -m {proto} --dport {svc.node_port} "
+            f'-m comment --comment "{svc.service_port_name} nodePort: conntrack helper {HELPER}" '
+            f"-j CT --helper {HELPER}\nCOMMIT\n")
+
+
 def render_rules(svc: ServicePort, endpoints: Sequence[Endpoint], *, cluster_ip: str | None = None,
                  helper_rule: bool = True, jumps: bool = True,
                  stale_endpoints: Iterable[Endpoint] = ()) -> str:
@@ -86,12 +99,7 @@ def render_rules(svc: ServicePort, endpoints: Sequence[Endpoint], *, cluster_ip:
     out: list[str] = []
 
     if jumps and helper_rule:
-        out += [
-            "*raw",
-            f'-A PREROUTING -p {proto} -m {proto} --dport {svc.node_port} '
-            f'-m comment --comment "{name} nodePort: conntrack helper {HELPER}" -j CT --helper {HELPER}',
-            "COMMIT",
-        ]
+        out.append(render_helper_rule(svc).rstrip("\n"))
 
     out += ["*filter", ":KUBE-EXTERNAL-SERVICES - [0:0]", ":KUBE-FORWARD - [0:0]"]
     if jumps:

@@ -35,11 +35,13 @@ class Ledger:
 
     Args:
         directory: the run's state directory (made on first record).
+        before_record: called before each record (e.g. to act on a pending signal).
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, before_record: Callable[[], None] | None = None):
         self.dir = Path(directory)
         self.path = self.dir / LEDGER_NAME
+        self._before_record = before_record
 
     def _append(self, entry: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +74,8 @@ class Ledger:
         """
         if kind not in REMOVERS:
             raise ValueError(f"unknown ledger kind {kind!r}")
+        if self._before_record is not None:
+            self._before_record()
         ident = sum(1 for e in self._lines() if e.get("op") == "create") + 1
         self._append({"op": "create", "id": ident, "kind": kind, "time": time.time(), **identity})
         return ident

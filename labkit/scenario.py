@@ -413,6 +413,29 @@ def load_scenario(path: str | Path | None = None) -> Scenario:
     return parse_scenario(_read_yaml(path), str(path))
 
 
+def parse_profile(data: Any, name: str | None = None, scenario: Scenario | None = None,
+                  source: str = "<profile>") -> Profile:
+    """Check one profile given as data (``name`` plus the fields of a profile) and return it.
+
+    Args:
+        data: the parsed profile, e.g. what ``labkit calibrate`` derived.
+        name: its name when ``data`` has none.
+        scenario: check that it maps every article value the iterations use.
+        source: where it came from, for messages.
+
+    Raises:
+        ScenarioError: a field is wrong.
+    """
+    c = _Checker(source)
+    data = c.mapping(data, "")
+    name = c.text(data.get("name", name), "name")
+    numbers = set(scenario.numbers) if scenario else set(range(1, 10))
+    profile = _check_profile(c, name, data, numbers, "profile")
+    if scenario is not None:
+        scenario._check_covers(profile)
+    return profile
+
+
 def load_profile(path: str | Path, scenario: Scenario | None = None) -> Profile:
     """Read a profile file (one profile: ``name`` plus the fields of a profile).
 
@@ -420,15 +443,7 @@ def load_profile(path: str | Path, scenario: Scenario | None = None) -> Profile:
         ScenarioError: the file or a field is wrong.
     """
     path = Path(path)
-    raw = _read_yaml(path)
-    c = _Checker(str(path))
-    raw = c.mapping(raw, "")
-    name = c.text(raw.get("name", path.stem), "name")
-    numbers = set(scenario.numbers) if scenario else set(range(1, 10))
-    profile = _check_profile(c, name, raw, numbers, "profile")
-    if scenario is not None:
-        scenario._check_covers(profile)
-    return profile
+    return parse_profile(_read_yaml(path), path.stem, scenario, str(path))
 
 
 def with_overrides(iteration: Iteration, **changes: Any) -> Iteration:

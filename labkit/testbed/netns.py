@@ -16,6 +16,7 @@ is made; ``down`` and :func:`clean` undo exactly what the ledgers list.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,8 +35,8 @@ from typing import Any, Iterator
 from labkit import cgroups
 from labkit.exceptions import TestbedError
 from labkit.host import NETNS_DIR, Host, LocalHost, NetnsHost, in_netns
-from labkit.kubeproxy import Endpoint, render_rules
-from labkit.ledger import Ledger, netns_inode, proc_start_time
+from labkit.kubeproxy import Endpoint, render_helper_rule, render_rules
+from labkit.ledger import Ledger, describe, netns_inode, proc_start_time
 from labkit.manifests import Manifests, PodTemplate, admit_sysctls, check_allowlist
 from labkit.sysctls import GlobalSysctls
 from labkit.sysctls import state_dir as default_state_dir
@@ -87,35 +88,45 @@ def _udp_port_bound(port: int) -> bool:
         return any(int(line.split()[1].split(":")[1], 16) == port for line in f)
 
 
-@contextmanager
-def _signals_raise() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt (as SIGINT is) while building, in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _Interrupts:
+    """SIGINT/SIGTERM while building are noted, and raised at the next safe point.
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+    A signal raised at an arbitrary point could land while a child (``ip netns add``)
+    is still being started, and the cleanup would run before the child made what
+    it makes.  So the handler only notes the signal; :meth:`check` (called before
+    each ledger record and in waits) raises KeyboardInterrupt.
+    """
 
-    old = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {self.signum}")
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum, frame):
+            self.signum = signum
+
+        old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+            self.check()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.signum = None
 
 
-@contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM off while cleaning up, so a second signal cannot leave half a lab."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+def _signals_deferred():
+    """Hold SIGINT/SIGTERM off while cleaning up (a second signal must not leave half a lab);
+    one that came meanwhile is raised as KeyboardInterrupt once the cleanup is done."""
+    return _Interrupts().deferred()
 
 
 class NetnsTestbed(Testbed):
@@ -141,7 +152,13 @@ class NetnsTestbed(Testbed):
         self._helper_option = helper_rule
         self._procs: dict[int, subprocess.Popen] = {}
         self._state: dict[str, Any] | None = None
+        self._interrupts = _Interrupts()
         self.run_id: str | None = None
+        self._load()
+
+    def _load(self) -> None:
+        """Attach to the run recorded in the state directory (the newest), if any."""
+        self.run_id, self._state = None, None
         for run in reversed(run_dirs(self.state_dir)):
             if (run / STATE_NAME).exists():
                 self.run_id = run.name[len(RUN_DIR_PREFIX):]
@@ -159,8 +176,8 @@ class NetnsTestbed(Testbed):
 
     @property
     def ledger(self) -> Ledger:
-        """The run's ledger."""
-        return Ledger(self.run_dir)
+        """The run's ledger (each record is a safe point for a pending SIGINT/SIGTERM)."""
+        return Ledger(self.run_dir, before_record=self._interrupts.check)
 
     def ns(self, what: str) -> str:
         """The namespace name of ``client``, ``node`` or ``pod<k>`` in this run."""
@@ -193,11 +210,23 @@ class NetnsTestbed(Testbed):
         if iteration.setup == "nodeport":
             pod_name = f"{template.deployment}-{_template_hash(template, '')[:10]}-xxxxx"
             admit_sysctls(pod_name, template.sysctls, iteration.allowed_unsafe_sysctls)
+        with _state_lock(self.state_dir):
+            self._load()
+            if self._state is not None and self._state.get("state") != "up":
+                raise TestbedError(
+                    f"netns run {self.run_id} did not finish being built or taken down (a crash?); "
+                    "run `labkit clean` first")
+            self._up_locked(iteration, template)
+
+    def _up_locked(self, iteration, template: PodTemplate) -> None:
         started = time.monotonic()
+        self._waited = 0.0
         try:
-            with _signals_raise():
+            with self._interrupts.deferred():
                 if self._state is None:
                     self._build_base()
+                if self._helper_option is not None and not self._state["rules_applied"]:
+                    self._state["helper_rule"] = self._helper_option
                 self._state["state"] = "building"
                 self._save()
                 self._ensure_file(iteration.file_size)
@@ -207,12 +236,14 @@ class NetnsTestbed(Testbed):
                     self._apply_plain(template, iteration)
                 else:
                     self._apply_pods(template, iteration)
-                self._state.update(state="up", iteration=iteration.to_dict())
+                took = time.monotonic() - started
+                self._state.update(state="up", iteration=iteration.to_dict(),
+                                   last_up={"seconds": round(took, 3),
+                                            "waited_for_globals_s": round(self._waited, 3)})
                 self._save()
         except BaseException:
             log.error("up failed; removing what this run made")
-            with _signals_ignored():
-                self.down()
+            self._down_locked()
             raise
         log.info("netns testbed %s up for iteration %s in %.2f s", self.run_id, iteration.number,
                  time.monotonic() - started)
@@ -277,7 +308,17 @@ class NetnsTestbed(Testbed):
         if not entries:
             self.ledger.record("global-sysctls", dir=str(self.state_dir), owner=gs.owner,
                                claim=str(gs.claim_path))
-        gs.set(wanted, wait=self.global_wait)
+        start = time.monotonic()
+        while True:
+            try:
+                gs.set(wanted)
+                break
+            except TestbedError as exc:
+                if "held by another lab run" not in str(exc) or time.monotonic() >= start + self.global_wait:
+                    raise
+                self._interrupts.check()
+                time.sleep(0.2)
+                self._waited = time.monotonic() - start
         self._state["globals"] = dict(wanted)
 
     def _apply_node_sysctls(self, wanted: dict[str, int]) -> None:
@@ -318,6 +359,7 @@ class NetnsTestbed(Testbed):
         self.ledger.note(ident, pid=proc.pid, start=start)
         deadline = time.monotonic() + READY_TIMEOUT
         while not in_netns(netns, _udp_port_bound, 69):
+            self._interrupts.check()
             if proc.poll() is not None or time.monotonic() > deadline:
                 text = log_path.read_text(errors="replace").strip()[-500:]
                 raise TestbedError(f"{label}: in.tftpd did not start in {netns}"
@@ -407,7 +449,14 @@ class NetnsTestbed(Testbed):
         text = render_rules(svc, [Endpoint(p["ip"], port) for p in current], cluster_ip=CLUSTER_IP,
                             helper_rule=self._state["helper_rule"], jumps=not self._state["rules_applied"],
                             stale_endpoints=[Endpoint(p["ip"], port) for p in stale])
-        NetnsHost(self.ns("node")).run(["iptables-restore", "-w", "--noflush"], input=text)
+        node = NetnsHost(self.ns("node"))
+        if self._state["rules_applied"] and self._helper_option not in (None, self._state["helper_rule"]):
+            # The helper switch changed on a running testbed: the raw table holds only that rule.
+            node.run(["iptables-restore", "-w"], input="*raw\nCOMMIT\n")
+            if self._helper_option:
+                node.run(["iptables-restore", "-w", "--noflush"], input=render_helper_rule(svc))
+            self._state["helper_rule"] = self._helper_option
+        node.run(["iptables-restore", "-w", "--noflush"], input=text)
         self._state["rules_applied"] = True
         self._state["endpoints"] = [f"{p['ip']}:{port}" for p in current]
         self._save()
@@ -440,22 +489,48 @@ class NetnsTestbed(Testbed):
                 self.ledger.remove(e)
         self._state["pods"] = [p for p in self._state["pods"] if p["serial"] != pod["serial"]]
         self._save()
+        self._forget_udp_flows(pod["ip"])
+
+    def _forget_udp_flows(self, ip: str) -> None:
+        """Delete the node's UDP conntrack entries to or from a removed pod, as kube-proxy does.
+
+        Otherwise a client that reuses a source port matches the old request entry
+        and is sent to the pod that is gone.
+        """
+        node = NetnsHost(self.ns("node"))
+        for match in ("--reply-src", "--orig-src"):
+            res = node.run(["conntrack", "-D", "-p", "udp", match, ip], check=False, timeout=30)
+            if not res.ok and "0 flow entries" not in res.stderr:
+                res.check()
 
     # --- down, status, hosts -------------------------------------------------------------
 
     def down(self) -> None:
-        """Remove everything the run's ledger lists, in reverse order; restore the globals."""
+        """Remove everything the run's ledger lists, in reverse order; restore the globals.
+
+        Idempotent: nothing to do when the testbed is down.
+
+        Raises:
+            TestbedError: something could not be removed (the rest was; `labkit clean` retries).
+        """
+        if not self.state_dir.exists():
+            self._state, self.run_id = None, None
+            return
+        with _state_lock(self.state_dir):
+            if self.run_id and not (self.run_dir / STATE_NAME).exists():
+                self._load()  # taken down by another process meanwhile
+            self._down_locked()
+
+    def _down_locked(self) -> None:
         if not self.run_id:
             return
-        with _signals_ignored():
-            self.ledger.undo()
-            for proc in self._procs.values():
-                proc.wait()
-            self._procs.clear()
-            (self.run_dir / STATE_NAME).unlink(missing_ok=True)
-            for leftover in self.run_dir.glob("*.log"):
-                leftover.unlink()
-            self.ledger.discard()
+        with _signals_deferred():
+            try:
+                _discard_run(self.run_dir)
+            finally:
+                for proc in self._procs.values():
+                    proc.wait()
+                self._procs.clear()
         log.info("netns testbed %s down", self.run_id)
         self._state, self.run_id = None, None
 
@@ -550,7 +625,7 @@ class NetnsTestbed(Testbed):
             "helper_rule": s["helper_rule"], "pods_track_conntrack": it.get("pods_track_conntrack"),
             "node_sysctls": it.get("node_sysctls", {}), "pod_sysctls": it.get("pod_sysctls", {}),
             "allowed_unsafe_sysctls": it.get("allowed_unsafe_sysctls", []),
-            "endpoints": s.get("endpoints", []), "updated": s.get("updated"),
+            "endpoints": s.get("endpoints", []), "updated": s.get("updated"), "last_up": s.get("last_up"),
         }
 
 
@@ -564,15 +639,34 @@ def clean(directory: str | os.PathLike | None = None) -> list[str]:
     """
     directory = Path(directory or default_state_dir())
     removed: list[str] = []
-    from labkit.ledger import describe
-    with _signals_ignored():
+    if not directory.exists():
+        return removed
+    with _state_lock(directory), _signals_deferred():
         for run in run_dirs(directory):
-            ledger = Ledger(run)
-            removed += [describe(e) for e in ledger.undo()]
-            (run / STATE_NAME).unlink(missing_ok=True)
-            for leftover in run.glob("*.log"):
-                leftover.unlink()
-            ledger.discard()
+            removed += [describe(e) for e in _discard_run(run)]
         restored = GlobalSysctls("clean", directory=directory).restore()
         removed += [f"global sysctl {k} restored to {v}" for k, v in restored.items()]
     return removed
+
+
+def _discard_run(run: Path) -> list[dict[str, Any]]:
+    """Undo a run's ledger, then remove its state files and directory; return what was removed."""
+    ledger = Ledger(run)
+    done = ledger.undo()
+    (run / STATE_NAME).unlink(missing_ok=True)
+    for leftover in run.glob("*.log"):
+        leftover.unlink()
+    ledger.discard()
+    return done
+
+
+@contextmanager
+def _state_lock(directory: Path) -> Iterator[None]:
+    """Serialize up/down/clean of one state directory across processes (flock on the directory)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

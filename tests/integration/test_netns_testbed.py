@@ -109,17 +109,43 @@ def test_the_node_tracks_the_request_with_the_tftp_helper(lab, tmp_path):
     assert "[UNREPLIED]" in request[0]  # the reply comes from a new port: another flow
 
 
+def fetch_fails(tb, tmp_path) -> bool:
+    """True when tftp gives up (3 s) without the whole file."""
+    ip, port = tb.service
+    out = tmp_path / "maybe.bin"
+    out.unlink(missing_ok=True)
+    script = f"rexmt 1\ntimeout 3\nbinary\nget {tb.file.name} {out}\nquit\n"
+    res = tb.host("client").run(["tftp", ip, str(port)], input=script, check=False, timeout=30)
+    failed = "timed out" in res.stdout + res.stderr
+    assert failed or sha256(out) == tb.file.sha256
+    return failed
+
+
 def test_without_the_helper_rule_the_fetch_fails(lab, tmp_path):
     need_program("tftp")
     tb = lab(helper_rule=False)
     tb.up(local_iteration(2))
     assert "--helper" not in tb.host("node").run(["iptables-save", "-t", "raw"]).stdout
-    ip, port = tb.service
-    out = tmp_path / "nohelper.bin"
-    script = f"rexmt 1\ntimeout 3\nbinary\nget {tb.file.name} {out}\nquit\n"
-    res = tb.host("client").run(["tftp", ip, str(port)], input=script, check=False, timeout=30)
-    assert "timed out" in res.stdout + res.stderr
-    assert not out.exists() or out.stat().st_size < tb.file.size
+    assert tb.status()["helper_rule"] is False
+    assert fetch_fails(tb, tmp_path)
+    # the switch also works on a running testbed, both ways
+    lab(helper_rule=True).up(local_iteration(2))
+    assert not fetch_fails(tb, tmp_path)
+    again = lab(helper_rule=False)
+    again.up(local_iteration(2))
+    assert fetch_fails(again, tmp_path)
+
+
+def test_pods_that_do_not_track_keep_an_empty_conntrack_table(lab, tmp_path):
+    need_program("tftp")
+    tb = lab()
+    tb.up(local_iteration(2, pods_track_conntrack=False))
+    fetch(tb, tmp_path, "tftp")
+    assert tb.host("pod-1").read_sysctl("net.netfilter.nf_conntrack_count") == "0"
+    assert int(tb.host("node").read_sysctl("net.netfilter.nf_conntrack_count")) >= 2
+    tb.up(local_iteration(2))  # tracking is part of the pod template: the pod is replaced
+    fetch(tb, tmp_path, "tftp", 1)
+    assert int(tb.host("pod-1").read_sysctl("net.netfilter.nf_conntrack_count")) >= 2
 
 
 def test_the_plain_server_of_iteration_1_is_reached_without_nat(lab, tmp_path):
@@ -225,3 +251,20 @@ def test_a_pods_in_tftpd_runs_under_its_cpu_limit(lab):
         else:
             assert open(f"{cgroup}/cpu.max").read().split()[0] == "25000"
         assert open(f"/proc/{h['pid']}/comm").read().strip() == "in.tftpd"
+
+
+def test_a_client_reusing_its_port_reaches_the_new_pod_after_a_rollout(lab, tmp_path):
+    # kube-proxy deletes the UDP conntrack entries of removed endpoints; without that the
+    # node's old request entry (30 s) would still send this client to the pod that is gone.
+    need_program("tftp")
+    tb = lab()
+    tb.up(local_iteration(2))
+    node_ip, port = tb.service
+    cmd = ["tftp", "-R", "40000:40000", node_ip, str(port), "-m", "binary", "-c", "get", tb.file.name]
+    tb.host("client").run([*cmd, str(tmp_path / "a.bin")], timeout=30)
+    old = tb.status()["hosts"][2]["ip"]
+    tb.up(local_iteration(8))  # new pod template: the pod is replaced by one with a new address
+    assert tb.status()["hosts"][2]["ip"] != old
+    tb.host("client").run([*cmd, str(tmp_path / "b.bin")], timeout=30)
+    assert sha256(tmp_path / "b.bin") == tb.file.sha256
+    assert old not in tb.host("node").run(["conntrack", "-L", "-p", "udp"]).stdout

@@ -154,3 +154,17 @@ def test_a_file_that_is_not_yaml_is_refused_with_its_line(tmp_path):
     with pytest.raises(ScenarioError) as info:
         load_scenario(path)
     assert str(path) in str(info.value) and "line" in str(info.value)
+
+
+def test_a_profile_given_as_data_is_checked_and_added(raw):
+    from labkit.scenario import parse_profile
+    s = parse_scenario(raw)
+    data = {"name": "tiny", "run": {"duration_s": 3, "cooldown_s": 0, "concurrency": 4, "file_size": 512},
+            "cpu_limit": 0.2, "pods_track_conntrack": False,
+            "sysctl_values": {EXPECT: {1024: 16, 8192: 64}}}
+    s.add_profile(parse_profile(data, scenario=s))
+    it = s.iteration(5, "tiny")
+    assert (it.node_sysctls[EXPECT], it.node_sysctls[MAX], it.file_size) == (64, 524288, 512)
+    assert it.pods_track_conntrack is False and it.cooldown_s == 0
+    with pytest.raises(ScenarioError, match="sysctl_values.*not 8192"):
+        parse_profile(dict(data, sysctl_values={EXPECT: {1024: 16}}), scenario=s)
