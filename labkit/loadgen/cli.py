@@ -51,6 +51,9 @@ def register(subparsers) -> None:
                    help="request the RFC 2349 timeout option, seconds (off by default)")
     p.add_argument("--tsize", action="store_true", help="request the RFC 2349 tsize option")
     p.add_argument("--bind", help="source IPv4 address")
+    p.add_argument("--ports", metavar="LOW-HIGH", type=_port_range,
+                   help="client ports to take in turn, one per transfer (default: a random "
+                        "free ephemeral port each time)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--transfers", metavar="CSV", help="write one row per transfer to this CSV file")
     p.add_argument("--out", metavar="DIR",
@@ -65,7 +68,15 @@ def spec_from_args(args: argparse.Namespace) -> LoadSpec:
                     max_in_flight=args.max_in_flight, duration=args.duration, count=args.count,
                     timeout=args.timeout, retries=args.retries, deadline=args.deadline,
                     workers=args.workers, blksize=args.blksize, windowsize=args.windowsize,
-                    option_timeout=args.option_timeout, tsize=args.tsize, bind=args.bind)
+                    option_timeout=args.option_timeout, tsize=args.tsize, bind=args.bind,
+                    ports=args.ports)
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    low, sep, high = text.partition("-")
+    if not sep or not low.isdigit() or not high.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port range such as 1024-65535")
+    return int(low), int(high)
 
 
 def _loadgen(args: argparse.Namespace) -> int:

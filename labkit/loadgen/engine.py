@@ -27,6 +27,8 @@ import resource
 import select
 import socket
 import time
+
+import _socket
 from typing import Callable
 
 from labkit.exceptions import LoadgenError, MalformedPacket
@@ -107,8 +109,8 @@ class _Engine:
 
     def run(self) -> dict:
         spec = self.spec
-        self.counts = {"started": 0, OK: 0, "skipped": 0, "retransmits": 0, "duplicates": 0,
-                       "wrong_sender": 0, "ignored": 0}
+        self.counts = {"started": 0, OK: 0, "ok_in_window": 0, "skipped": 0, "retransmits": 0,
+                       "duplicates": 0, "wrong_sender": 0, "ignored": 0}
         self.failed: dict[str, int] = {}
         self.series = {"started": [0], "completed": [0], "in_flight": [0], "rss_bytes": [0]}
         self.failed_series: dict[str, list] = {}
@@ -116,6 +118,7 @@ class _Engine:
         self.content = None
         self.end = None
         self._closed = 0
+        self.stop_at = self.t0 + spec.duration if spec.duration is not None else math.inf
         self.interrupted = False
         self.table: dict[int, _Transfer] = {}
         self.timers: list = []
@@ -129,6 +132,9 @@ class _Engine:
         usage = _usage()
         wall = time.time() - (time.monotonic() - self.t0)
         try:
+            early = self.t0 - time.monotonic()
+            if early > 0:       # workers start together at the t0 their parent chose
+                time.sleep(early)
             self._loop()
         except KeyboardInterrupt:
             self.interrupted = True
@@ -175,8 +181,6 @@ class _Engine:
         ep = self.ep
         poll = ep.poll
         series_started = self.series["started"]
-        series_completed = self.series["completed"]
-        hist = self.hist
         heappush, heappop = heapq.heappush, heapq.heappop
         acks = packet._ACKS
         build_ack = packet.build_ack
@@ -192,21 +196,23 @@ class _Engine:
         server = (spec.host, spec.port)
         rrq = packet.build_rrq(spec.filename, "octet", spec.options)
         bufsize = max(spec.blksize or 0, packet.DEFAULT_BLKSIZE) + 5   # +1: see an oversized packet
-        log_scale = HIST_SCALE
-        log = math.log
         err5 = packet.build_error(packet.UNKNOWN_TID)
         closed = spec.concurrency is not None
         limit = spec.concurrency if closed else spec.max_in_flight
         rate = spec.rate
         remaining = spec.count if spec.count is not None else math.inf
-        stop_at = t0 + spec.duration if spec.duration is not None else math.inf
+        stop_at = self.stop_at
         offered = 0                 # open loop: starts due so far (started + skipped)
+        last_offer = math.ceil(spec.duration * rate - 1e-9) if rate and spec.duration else 0
         starting = True
         next_tick = t0 + 1.0
-        new_socket = socket.socket
+        # the C socket type without socket.socket's Python-level wrapper: a few us per transfer
+        new_socket = _socket.socket
         family, kind = socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
         epollin = select.EPOLLIN
         bind = spec.bind
+        port_low, port_high = spec.ports or (0, 0)
+        port = port_low
         next_id = 0
         sec = 0
 
@@ -216,13 +222,19 @@ class _Engine:
                 sec = self._tick(now)
                 next_tick = t0 + sec + 1.0
             if starting:
-                if now >= stop_at or remaining <= 0:
+                if remaining <= 0 or (closed and now >= stop_at):
                     starting = False
                 else:
                     if closed:
                         n = min(limit - len(table), remaining)
                     else:
-                        due = min(int((now - t0) * rate) + 1, remaining + offered) - offered
+                        # starts fall at t0 + k / rate; a late wake catches up, also at the end
+                        if now >= stop_at:
+                            starting = False
+                            target = last_offer
+                        else:
+                            target = int((now - t0) * rate) + 1
+                        due = min(target, remaining + offered) - offered
                         n = min(due, limit - len(table))
                         if n < due:
                             counts["skipped"] += due - n
@@ -258,12 +270,16 @@ class _Engine:
                         counts["started"] += 1
                         series_started[sec] += 1
                         try:
-                            if bind:
+                            if port_low:
+                                port = self._bind_next(sock, bind or "0.0.0.0", port, port_low,
+                                                       port_high)
+                            elif bind:
                                 sock.bind((bind, 0))
                             ep.register(fd, epollin)
                             sock.sendto(rrq, server)
                         except OSError as exc:
-                            if exc.errno in _FATAL_SEND or exc.errno == errno.EMFILE:
+                            if exc.errno in _FATAL_SEND or exc.errno in (errno.EMFILE,
+                                                                         errno.EADDRINUSE):
                                 finish(t, "local_error", now)
                                 continue
                             # a transient send failure (netfilter drop: EPERM, ENOBUFS)
@@ -421,13 +437,14 @@ class _Engine:
         elif isinstance(pkt, packet.Data) and not t.negotiated and pkt.block == 1:
             # the server ignored our options (RFC 2347 allows it): plain transfer
             t.negotiated = True
-            self._handle_data_again(t, data, addr, now)
+            self._take_first_data(t, data, addr, now)
         elif isinstance(pkt, packet.Data):
             self.counts["ignored"] += 1
         else:
             self._abandon(t, "protocol", now)
 
-    def _handle_data_again(self, t, data, addr, now) -> None:
+    def _take_first_data(self, t: _Transfer, data: bytes, addr, now: float) -> None:
+        """DATA 1 when options were asked for and the server ignored them: a plain transfer."""
         size = len(data) - 4
         t.nbytes += size
         if size > t.blksize or t.nbytes > (self.spec.expected_size or t.nbytes):
@@ -445,6 +462,23 @@ class _Engine:
         self._send(t, t.pkt, addr)
         if size < t.blksize:
             self._finish(t, OK, now)
+
+    @staticmethod
+    def _bind_next(sock, address: str, port: int, low: int, high: int) -> int:
+        """Bind to the next free port of low..high from ``port`` on; return the one after it.
+
+        Raises:
+            OSError: every port of the range is taken (EADDRINUSE).
+        """
+        for _ in range(high - low + 1):
+            try:
+                sock.bind((address, port))
+                return port + 1 if port < high else low
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                port = port + 1 if port < high else low
+        raise OSError(errno.EADDRINUSE, f"every client port {low}-{high} is in use")
 
     def _send(self, t: _Transfer, data: bytes, addr) -> None:
         try:
@@ -486,6 +520,8 @@ class _Engine:
         latency = now - t.start
         if outcome == OK:
             self.counts[OK] += 1
+            if now <= self.stop_at:
+                self.counts["ok_in_window"] += 1
             self._bin(self.series["completed"], sec)
             micros = latency * 1e6
             bucket = int(math.log(micros) * HIST_SCALE) if micros > 1 else 0

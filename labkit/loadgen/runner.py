@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from typing import Callable
@@ -115,35 +116,49 @@ def _concat_tables(paths: list[str | None]):
 
 
 def _run_workers(spec: LoadSpec, paths: list, progress: Progress | None) -> list[dict]:
-    """Fork one process per worker (same namespace), collect and return their records."""
-    ctx = multiprocessing.get_context("fork")
+    """Start one process per worker (same namespace), collect and return their records.
+
+    Workers are forked when this process has one thread; with other threads
+    alive (a notebook kernel, a monitor, ``in_netns``) they are spawned, since a
+    fork could copy a lock another thread holds.  Either way a child starts
+    from the calling thread and so in its network namespace.  Each worker sends
+    ``("progress", totals)`` about once a second and ``("record", record)`` at the end.
+    """
+    forked = threading.active_count() == 1
+    ctx = multiprocessing.get_context("fork" if forked else "spawn")
     parts = spec.split()
-    board = ctx.Array("d", len(parts) * len(_PROGRESS_FIELDS), lock=False)
-    t0 = time.monotonic() + 0.05     # every worker starts on the same second boundary
+    # every worker starts its first second at the same moment (spawned ones need longer)
+    t0 = time.monotonic() + (0.05 if forked else 2.0)
     procs, conns = [], []
     for i, part in enumerate(parts):
         recv, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_worker, name=f"labkit-loadgen-{i}",
-                           args=(part, t0, i, paths[i], send, board))
+                           args=(part, t0, i, paths[i], send))
         proc.start()
         send.close()
         procs.append(proc)
         conns.append(recv)
     records: dict[int, dict] = {}
+    board: dict[int, dict] = {}
     pending = dict(zip(conns, range(len(parts))))
     interrupted = False
     try:
         while pending:
             try:
-                ready = multiprocessing.connection.wait(list(pending), timeout=1.0)
-                for conn in ready:
-                    index = pending.pop(conn)
+                for conn in multiprocessing.connection.wait(list(pending), timeout=1.0):
+                    index = pending[conn]
                     try:
-                        records[index] = conn.recv()
+                        kind, body = conn.recv()
                     except EOFError:
-                        pass   # died without a record: reported below
-                if progress is not None:
-                    progress(_board_totals(board, len(parts)))
+                        del pending[conn]   # died without a record: reported below
+                        continue
+                    if kind == "record":
+                        records[index] = body
+                        del pending[conn]
+                    else:
+                        board[index] = body
+                if progress is not None and board:
+                    progress(_board_totals(board))
             except KeyboardInterrupt:
                 if interrupted:
                     raise
@@ -169,12 +184,10 @@ def _run_workers(spec: LoadSpec, paths: list, progress: Progress | None) -> list
     return [records[i] for i in range(len(parts))]
 
 
-def _worker(spec: LoadSpec, t0: float, index: int, path: str | None, conn, board) -> None:
-    """A forked worker: run its share, send the record, exit."""
+def _worker(spec: LoadSpec, t0: float, index: int, path: str | None, conn) -> None:
+    """A worker process: run its share, report progress and then the record."""
     def report(p: dict) -> None:
-        base = index * len(_PROGRESS_FIELDS)
-        for j, name in enumerate(_PROGRESS_FIELDS):
-            board[base + j] = p[name]
+        conn.send(("progress", p))
 
     try:
         record = run_engine(spec, t0=t0, worker=index, transfers_path=path, progress=report)
@@ -182,16 +195,14 @@ def _worker(spec: LoadSpec, t0: float, index: int, path: str | None, conn, board
         record = {"worker": index, "error": "interrupted before it could start"}
     except Exception as exc:   # handed to the parent, which raises it as a LoadgenError
         record = {"worker": index, "error": str(exc)}
-    conn.send(record)
+    conn.send(("record", record))
     conn.close()
 
 
-def _board_totals(board, workers: int) -> dict:
-    n = len(_PROGRESS_FIELDS)
-    totals = {name: sum(board[i * n + j] for i in range(workers))
-              for j, name in enumerate(_PROGRESS_FIELDS)}
-    totals["elapsed_s"] = max(board[i * n] for i in range(workers))
-    return {k: (v if k == "elapsed_s" else int(v)) for k, v in totals.items()}
+def _board_totals(board: dict[int, dict]) -> dict:
+    totals = {name: sum(p[name] for p in board.values()) for name in _PROGRESS_FIELDS}
+    totals["elapsed_s"] = max(p["elapsed_s"] for p in board.values())
+    return totals
 
 
 def run_load_on(host: Host, spec: LoadSpec, *, transfers: bool = False, python: str | None = None,

@@ -48,6 +48,9 @@ class LoadSpec:
             request (None: not requested).
         tsize: request the RFC 2349 transfer size option.
         bind: source IPv4 address (None: the kernel's choice).
+        ports: (low, high) client ports to take in turn, one per transfer, so a
+            port comes back only after all the others (None: the kernel picks a
+            random free ephemeral port each time).  Workers share the range out.
     """
 
     host: str
@@ -69,6 +72,7 @@ class LoadSpec:
     option_timeout: int | None = None
     tsize: bool = False
     bind: str | None = None
+    ports: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.concurrency is None and self.rate is None:
@@ -137,6 +141,14 @@ class LoadSpec:
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or not low <= value <= high):
                 raise bad(field, f"must be a whole number {low}-{high} or None")
+        if self.ports is not None:
+            if (not isinstance(self.ports, (tuple, list)) or len(self.ports) != 2
+                    or not all(isinstance(p, int) for p in self.ports)
+                    or not 1 <= self.ports[0] <= self.ports[1] <= 65535):
+                raise bad("ports", "must be (low, high) with 1 <= low <= high <= 65535")
+            object.__setattr__(self, "ports", tuple(self.ports))
+            if self.ports[1] - self.ports[0] + 1 < (self.concurrency or self.max_in_flight):
+                raise bad("ports", "needs at least one port per transfer in flight")
         if self.concurrency is not None and self.concurrency < self.workers:
             raise bad("concurrency", f"must be at least 'workers' ({self.workers})")
         if self.count is not None and self.count < self.workers:
@@ -182,6 +194,11 @@ class LoadSpec:
             if self.rate is not None:
                 changes["rate"] = self.rate / n
                 changes["max_in_flight"] = max(1, _share(self.max_in_flight, n, i))
+            if self.ports is not None:
+                low, high = self.ports
+                size = high - low + 1
+                first = low + sum(_share(size, n, j) for j in range(i))
+                changes["ports"] = (first, first + _share(size, n, i) - 1)
             parts.append(self.replace(**changes))
         return parts
 
@@ -207,6 +224,8 @@ class LoadSpec:
             value = getattr(self, field)
             if value is not None:
                 argv += [flag, str(value)]
+        if self.ports is not None:
+            argv += ["--ports", f"{self.ports[0]}-{self.ports[1]}"]
         if self.tsize:
             argv.append("--tsize")
         return argv

@@ -46,9 +46,13 @@ def test_ok_count_matches_the_servers_last_data_packets(pair):
 
 
 def test_workers_merge_and_series_add_up(pair):
-    result = run_load_on(pair.client, _spec(pair, duration=1.5, concurrency=16, workers=2))
+    result = run_load_on(pair.client, _spec(pair, duration=1.5, concurrency=16, workers=2),
+                         transfers=True)
     s = result.summary
     assert s["workers"] == 2 and len(result.workers) == 2
+    table = result.transfers
+    assert len(table) == s["started"] and set(table["worker"]) == {0, 1}
+    assert (table["outcome"] == "ok").sum() == s["ok"]
     assert all(w["ok"] > 0 for w in result.workers)
     assert s["ok"] == sum(w["ok"] for w in result.workers)
     ts = result.timeseries
@@ -57,8 +61,9 @@ def test_workers_merge_and_series_add_up(pair):
     assert per_metric["started"] == s["started"]
     assert per_metric["completed"] == s["ok"]
     assert per_metric["failed"] == s["failed"]
-    assert 1.4 < s["duration_s"] < 5
-    assert s["transfers_per_s"] == pytest.approx(s["ok"] / s["duration_s"])
+    assert 1.4 < s["duration_s"] < 5 and s["window_s"] == 1.5
+    assert s["ok"] - 16 <= s["ok_in_window"] <= s["ok"]   # at most those in flight at the end
+    assert s["transfers_per_s"] == pytest.approx(s["ok_in_window"] / 1.5)
 
 
 def test_missing_file_is_counted_as_error_1(pair):
@@ -82,7 +87,9 @@ def test_options_are_negotiated_with_in_tftpd(pair):
     assert result.summary["by_reason"] == {}
 
 
-def test_python_api_in_this_process_with_forked_workers(pair):
+def test_python_api_in_a_namespace_thread_with_spawned_workers(pair):
+    # other threads are alive here, so the workers are spawned; they reach the server only
+    # from the client namespace, which they inherit from the calling thread
     spec = _spec(pair, count=400, concurrency=8, workers=2)
     result = in_netns(pair.client_ns, run_load, spec)
     assert result.summary["ok"] == 400
@@ -103,3 +110,22 @@ def test_human_output_when_not_on_a_terminal(pair):
                           capture_output=True, text=True, check=True)
     assert proc.stdout.startswith("ok 20  failed 0")
     assert "\r" not in proc.stderr     # no progress line off a terminal
+
+
+def test_open_loop_offers_the_rate_it_was_given(pair):
+    result = run_load_on(pair.client, _spec(pair, rate=400.0, duration=2.0))
+    s = result.summary
+    assert s["started"] == 800 and s["skipped"] == 0
+    assert s["ok"] >= 792, s["by_reason"]          # a busy machine may lose a few
+    assert s["transfers_per_s"] == pytest.approx(400, rel=0.05)
+    per_second = result.timeseries.query("metric == 'started'")["value"].tolist()
+    assert per_second[:2] == [pytest.approx(400, abs=20)] * 2   # a late wake catches up
+
+
+def test_a_port_range_gives_every_transfer_a_port_unused_for_the_longest_time(pair):
+    result = run_load_on(pair.client, _spec(pair, count=1500, concurrency=32,
+                                            ports=(20000, 20999)), transfers=True)
+    assert result.summary["ok"] == 1500
+    table = result.transfers.sort_values("transfer")
+    assert table["client_port"].between(20000, 20999).all()
+    assert table["client_port"].head(1000).nunique() == 1000   # no port twice in a cycle

@@ -1,0 +1,125 @@
+"""``labkit loadgen`` as a user runs it: progress on a terminal, Ctrl-C, JSON through a Host."""
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from labkit.host import LocalHost
+from labkit.loadgen import LoadSpec, run_load_on
+from tests.unit.tftp_peer import ScriptedServer
+
+CONTENT = bytes(range(256)) * 20       # 5120 bytes: ends with an empty block
+
+
+@pytest.fixture
+def slow_server():
+    with ScriptedServer(CONTENT, pace=0.02) as server:   # ~0.25 s per transfer
+        yield server
+
+
+def _argv(server, *extra):
+    return [sys.executable, "-m", "labkit", "loadgen", "127.0.0.1", str(server.port), "f",
+            "--size", str(len(CONTENT)), *extra]
+
+
+def _wait_for_load(server, requests: int) -> None:
+    """Until the load is well under way (a busy machine starts Python slowly)."""
+    give_up = time.monotonic() + 20
+    while len(server.requests) < requests and time.monotonic() < give_up:
+        time.sleep(0.05)
+    time.sleep(0.2)
+
+
+def test_a_terminal_gets_a_live_progress_line(slow_server):
+    main, sub = pty.openpty()
+    proc = subprocess.Popen(_argv(slow_server, "-c", "4", "-d", "2.2"), stderr=sub,
+                            stdout=subprocess.PIPE, text=True)
+    os.close(sub)
+    seen = b""
+    while proc.poll() is None or select.select([main], [], [], 0)[0]:
+        if select.select([main], [], [], 0.2)[0]:
+            try:
+                seen += os.read(main, 4096)
+            except OSError:
+                break
+    os.close(main)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=10) == 0
+    assert seen.count(b"\r\x1b[K") >= 2 and b"in flight" in seen   # redrawn, then cleared
+    assert out.startswith("ok ")
+
+
+def test_ctrl_c_ends_the_run_with_what_it_counted(slow_server):
+    proc = subprocess.Popen(_argv(slow_server, "-c", "4", "-d", "30", "--json"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_load(slow_server, 8)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    s = json.loads(out)["summary"]
+    assert s["interrupted"] is True
+    assert s["ok"] >= 1
+    assert 1 <= s["by_reason"].get("aborted", 0) <= 4
+    assert s["started"] == s["ok"] + s["failed"]
+
+
+def test_ctrl_c_reaches_every_worker(slow_server):
+    proc = subprocess.Popen(_argv(slow_server, "-c", "4", "-w", "2", "-d", "30", "--json"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_load(slow_server, 8)
+    os.kill(proc.pid, signal.SIGINT)        # the parent only: it tells its workers
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    doc = json.loads(out)
+    assert doc["summary"]["interrupted"] is True
+    assert [w["ok"] > 0 for w in doc["workers"]] == [True, True]
+
+
+def test_run_load_on_a_host_parses_the_json_and_the_table(slow_server, monkeypatch):
+    import uuid
+
+    fixed = uuid.UUID(int=int(time.time() * 1e6))
+    monkeypatch.setattr(uuid, "uuid4", lambda: fixed)
+    spec = LoadSpec("127.0.0.1", slow_server.port, "f", expected_size=len(CONTENT), count=6,
+                    concurrency=3)
+    result = run_load_on(LocalHost(), spec, transfers=True)
+    assert result.summary["ok"] == 6
+    assert list(result.transfers["outcome"]) == ["ok"] * 6
+    assert not os.path.exists(f"/tmp/labkit-loadgen-{fixed.hex}.csv")   # removed there
+
+
+def test_nothing_ok_exits_3(slow_server):
+    proc = subprocess.run(_argv(slow_server, "-n", "2", "-c", "1")[:-2] + ["--size", "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 3
+    assert "ok 0  failed 2 (oversized 2)" in proc.stdout
+
+
+def test_a_bad_option_is_refused_with_the_field():
+    proc = subprocess.run([sys.executable, "-m", "labkit", "loadgen", "10.0.0.1", "69", "f",
+                           "--blksize", "3"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "'blksize': must be a whole number 8-65464" in proc.stderr
+
+
+def test_out_writes_summary_series_and_transfers(slow_server, tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "run"
+    proc = subprocess.run(_argv(slow_server, "-n", "6", "-c", "3", "--out", str(out)),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "timeseries.csv",
+                                                     "transfers.csv"]
+    assert json.loads((out / "summary.json").read_text())["summary"]["ok"] == 6
+    table = pd.read_csv(out / "transfers.csv")
+    assert list(table["outcome"]) == ["ok"] * 6 and (table["bytes"] == len(CONTENT)).all()
+    series = pd.read_csv(out / "timeseries.csv")
+    assert series.query("metric == 'completed'")["value"].sum() == 6
