@@ -10,10 +10,18 @@ from labkit.scenario import load_profile, load_scenario
 ARTICLE = {1: 8500, 2: 1000, 3: 1000, 4: 1000, 5: 4000, 6: 4100, 7: 4600, 8: 5100, 9: 5800}
 
 
-def measurements(capacity=400.0, lifetime30=90.0, lifetime10=32.0):
+def measurements(capacity=400.0, lifetime30=90.0, lifetime10=32.0, lifetime3=20.0):
     return [Measurement("plain", None, 1, 420.0, 0, None, 0),
             Measurement("nodeport-T30", 30, 1, capacity, int(capacity * lifetime30), lifetime30, 0),
-            Measurement("nodeport-T10", 10, 1, capacity, int(capacity * lifetime10), lifetime10, 0)]
+            Measurement("nodeport-T10", 10, 1, capacity, int(capacity * lifetime10), lifetime10, 0),
+            Measurement("nodeport-T3", 3, 1, capacity, int(capacity * lifetime3), lifetime3, 0)]
+
+
+def test_the_short_timeout_stays_10_s_only_where_it_shortens_entry_lifetimes():
+    keeps = derive(measurements(lifetime10=32.0), ARTICLE, cpu_limit=0.35)
+    assert keeps["sysctl_values"]["net.netfilter.nf_conntrack_udp_timeout"] == {30: 30, 10: 10}
+    lagging = derive(measurements(lifetime10=86.0), ARTICLE, cpu_limit=0.35)
+    assert lagging["sysctl_values"]["net.netfilter.nf_conntrack_udp_timeout"] == {30: 30, 10: 3}
 
 
 def test_each_table_admits_the_share_of_capacity_the_articles_admitted():
@@ -44,7 +52,7 @@ def test_the_derived_profile_loads_as_a_profile_file(tmp_path):
     assert it.node_sysctls[MAX] == profile["sysctl_values"][MAX][524288]
     assert it.node_sysctls["net.netfilter.nf_conntrack_udp_timeout"] == 30
     table = comparison(profile)
-    assert list(table.columns) == ["sysctl", "article", "lab", "why"] and len(table) == 5
+    assert list(table.columns) == ["sysctl", "article", "lab", "why"] and len(table) == 6
 
 
 def test_measurement_lifetime_is_peak_count_over_rate():
