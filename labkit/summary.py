@@ -74,11 +74,18 @@ class RunSummary:
         })
         return out.set_index("iteration")
 
-    def findings(self) -> pd.DataFrame:
-        """F1-F7 and the iteration-4 observations, checked; also written to ``findings.csv``."""
+    def findings(self):
+        """F1-F7 and the iteration-4 observations, checked; also written to ``findings.csv``.
+
+        Returns:
+            A pandas Styler: the whole claim and evidence, pass in green, fail in red.
+        """
         frame = table(check(self.summary))
         write_csv(frame, self.run_dir / FINDINGS_FILE)
-        return frame.set_index("id")
+        colors = {"pass": "color: #1a7f37; font-weight: bold", "fail": "color: #c62828; font-weight: bold"}
+        return (frame.set_index("id").style
+                .map(lambda v: colors.get(v, "color: #8a6d00"), subset=["result"])
+                .set_properties(**{"text-align": "left", "white-space": "normal"}))
 
     def sysctls(self) -> pd.DataFrame:
         """The sysctls of each iteration: this profile's value, the article's in brackets."""
@@ -98,8 +105,7 @@ class RunSummary:
         m = self.manifest
         env = m.get("environment", {})
         git = env.get("git") or {}
-        rows = [("status", m.get("status")), ("started", m.get("started")), ("duration (s)", m.get("duration_s")),
-                ("kernel", env.get("kernel")), ("distribution", env.get("distro")), ("CPUs", env.get("cpus")),
+        rows = [("run started", m.get("started")), ("testbed", m.get("testbed")), ("kernel", env.get("kernel")), ("distribution", env.get("distro")), ("CPUs", env.get("cpus")),
                 ("Python", env.get("python")), ("labkit revision", f"{git.get('revision')}"
                                                  + (" (uncommitted changes)" if git.get("dirty") else "")),
                 *[(f"package {k}", v) for k, v in (env.get("packages") or {}).items()]]

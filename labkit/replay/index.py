@@ -24,7 +24,7 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } .meta { color: #555; margin-top: 
 table { border-collapse: collapse; margin: 1em 0; width: 100%; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.35em 0.6em; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.ok { color: #1a7f37; font-weight: 600; } .failed, .fail { color: #c62828; font-weight: 600; }
+.ok, .pass { color: #1a7f37; font-weight: 600; } .failed, .fail { color: #c62828; font-weight: 600; }
 .running, .interrupted, .pending, .not-run { color: #8a6d00; font-weight: 600; }
 .small { font-size: 0.85em; color: #555; }
 """
