@@ -158,14 +158,16 @@ def f7(rows: dict[int, pd.Series]) -> tuple[bool, str]:
 
 def i4(rows: dict[int, pd.Series]) -> tuple[bool, str]:
     """Iteration 4: count reaches the max, expectations reach expect_max, both log lines,
-    and the count is still high after the load stops."""
+    and the count is still high after the load stops: seconds later it holds at least half
+    of what it was when the load stopped and a tenth of the max (entries wait out their
+    timeout; the article saw the count not return to its idle level)."""
     four = _get(rows, 4)
     peak, cmax = _num(four, "peak_node_count"), _num(four, "conntrack_max")
     epeak, emax = _num(four, "peak_expect_count"), _num(four, "expect_max")
     after, at_stop = _num(four, "node_count_after_stop"), _num(four, "node_count_at_stop")
     ok = (cmax > 0 and peak >= 0.95 * cmax and emax > 0 and epeak >= 0.95 * emax
           and _num(four, "table_full_logs") > 0 and _num(four, "expect_full_logs") > 0
-          and peak > 0 and after >= 0.5 * peak)
+          and at_stop > 0 and after >= 0.5 * at_stop and after >= 0.1 * cmax)
     return ok, (f"node peak {peak:.0f} of max {cmax:.0f}; expectations peak {epeak:.0f} of "
                 f"{emax:.0f}; table-full lines {_num(four, 'table_full_logs'):.0f}, "
                 f"expectation-table-full lines {_num(four, 'expect_full_logs'):.0f}; count "
@@ -182,7 +184,7 @@ CHECKS: tuple[tuple[str, str, Callable], ...] = (
     ("F6", "iteration 8: no drops, early drops or log lines anywhere, and at least 1.1x iteration 7", f6),
     ("F7", "iteration 9 (two pods) serves at least 1.1x iteration 8", f7),
     ("I4", "iteration 4: count reaches the max, expectations reach expect_max, both log lines, "
-           "count still high after the load stops", i4),
+           "count still high after the load stops (not back to idle)", i4),
 )
 
 
