@@ -9,10 +9,10 @@ things on the netns testbed, with the lab's per-pod CPU budget:
 * **capacity** ``C``: transfers/s one pod serves through the NodePort when no
   table is in the way (and the plain server of iteration 1, for reference);
 * **entry lifetime per transfer** ``L(T)``: the conntrack entries x seconds
-  one transfer holds in a namespace at UDP timeout ``T``, i.e. the node's peak
-  count divided by the rate.  It covers the two entries per transfer and the
-  time the kernel's garbage collector takes to reap expired ones, which is why
-  it is more than ``2 T``.
+  one transfer holds in a namespace at UDP timeout ``T``, i.e. the node's mean
+  count over the second half of a load divided by the rate (Little's law).  It
+  covers the two entries per transfer and the time the kernel's garbage
+  collector takes to reap expired ones, which is why it is more than ``2 T``.
 
 Then for each article value of ``nf_conntrack_max``, taken where the article
 found it to be the limit (131072 in iteration 2, 524288 in iteration 5,
@@ -76,7 +76,8 @@ class Measurement:
         replicas: pods.
         transfers_per_s: verified transfers per second.
         peak_node_count: the node's highest conntrack count.
-        lifetime: entries x seconds per transfer in the node (peak / rate), None for plain.
+        lifetime: entries x seconds per transfer in the node: its mean count over the
+            second half of the load divided by the rate (Little's law), None for plain.
         failed: failed transfers (a calibration load must have none).
     """
 
@@ -94,7 +95,8 @@ def measurement(name: str, row: dict[str, Any], samples: pd.DataFrame | None = N
     """Build a :class:`Measurement` from a run's summary row (pure)."""
     rate = float(row["transfers_per_s"])
     peak = int(row["peak_node_count"])
-    lifetime = peak / rate if udp_timeout and rate > 0 else None
+    mean = float(row.get("mean_node_count") or peak)
+    lifetime = mean / rate if udp_timeout and rate > 0 else None
     return Measurement(name, udp_timeout, int(row["replicas"]), rate, peak,
                        round(lifetime, 2) if lifetime else None, int(row["transfers_failed"]))
 
@@ -178,9 +180,9 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
               on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure capacity and entry lifetimes on the testbed; return the derived profile.
 
-    Each load runs long enough for the garbage collector to reap the first
-    expired entries (the UDP timeout plus 30 s), so the peak count is the one a
-    table must hold.
+    Each load runs long enough for the garbage collector to reap expired
+    entries a few times (the UDP timeout plus 30 s, and the mean is taken over
+    its second half).
 
     Raises:
         TestbedError, MonitorError, LoadgenError: a part failed.

@@ -33,7 +33,7 @@ EXTRA_COLUMNS = (
     "node_udp_timeout_stream", "pod_udp_timeout_stream",
     "node_table_full_logs", "pod_table_full_logs", "node_expect_full_logs",
     "pod_insert_failed", "node_insert_failed",
-    "node_count_at_stop", "node_count_after_stop", "after_stop_s",
+    "mean_node_count", "mean_pod_count", "node_count_at_stop", "node_count_after_stop", "after_stop_s",
     "transfers_per_s_whole_load", "steady_from_s", "failed_by_reason", "latency_p50_ms", "latency_p99_ms", "status",
 )
 ALL_COLUMNS = SUMMARY_COLUMNS + EXTRA_COLUMNS

@@ -59,6 +59,11 @@ def teardown(run_id: str, number: int | None = None) -> list[str]:
     if not directory.exists():
         return []
     removed = clean(directory)
+    for folder in sorted(directory.glob("*"), reverse=True) + [directory]:
+        try:  # what clean() emptied; anything still holding files stays
+            folder.rmdir()
+        except OSError:
+            pass
     if removed:
         log.warning("teardown after iteration %s removed %d leftovers: %s", number, len(removed),
                     "; ".join(removed[:5]))
@@ -145,6 +150,14 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
         part = s[(s["netns"] == netns) & (s["metric"] == metric)]["value"]
         return int(part.max()) if not part.empty else 0
 
+    half = load_start + (load_stop - load_start) / 2.0
+
+    def steady_mean(netns: str) -> float:
+        """The mean count over the second half of the load (Little's law: rate x lifetime)."""
+        part = s[(s["netns"] == netns) & (s["metric"] == "nf_conntrack_count")
+                 & (s["t"] >= half) & (s["t"] <= load_stop)]["value"]
+        return round(float(part.mean()), 1) if not part.empty else 0.0
+
     sampled_max = _median(s, NODE, "nf_conntrack_max") or _median(s, "init", "nf_conntrack_max")
     sampled_emax = _median(s, NODE, "nf_conntrack_expect_max") or _median(s, "init", "nf_conntrack_expect_max")
     node_sys = dict(iteration.node_sysctls)
@@ -190,6 +203,8 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
         "node_expect_full_logs": count_kind("expect_table_full", {NODE}),
         "node_insert_failed": _counter_delta(s, NODE, "stat_insert_failed"),
         "pod_insert_failed": sum(_counter_delta(s, p, "stat_insert_failed") for p in pods),
+        "mean_node_count": steady_mean(NODE),
+        "mean_pod_count": max((steady_mean(p) for p in pods), default=0.0),
         "node_count_at_stop": _value_at(s, NODE, "nf_conntrack_count", load_stop),
         "node_count_after_stop": _value_at(s, NODE, "nf_conntrack_count", load_stop + after_s),
         "after_stop_s": after_s,

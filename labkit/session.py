@@ -164,7 +164,7 @@ class IterationSession:
         """The measured numbers that tell this iteration's story."""
         r = self.row
         rows = [
-            ("transfers/s (lab)", f"{r['transfers_per_s']:.0f}"),
+            ("transfers/s (lab, second half of the load)", f"{r['transfers_per_s']:.0f}"),
             ("transfers/s (article)", f"{r['article_transfers_per_s']}"),
             ("transfers ok / failed", f"{r['transfers_ok']} / {r['transfers_failed']}"),
             ("failures by reason", ", ".join(f"{k}: {v}" for k, v in json.loads(r["failed_by_reason"]).items()) or "-"),

@@ -55,7 +55,8 @@ def test_the_derived_profile_loads_as_a_profile_file(tmp_path):
     assert list(table.columns) == ["sysctl", "article", "lab", "why"] and len(table) == 6
 
 
-def test_measurement_lifetime_is_peak_count_over_rate():
+def test_measurement_lifetime_is_mean_count_over_rate():
     m = measurement("nodeport-T30", {"transfers_per_s": 400.0, "peak_node_count": 36000,
-                                     "replicas": 1, "transfers_failed": 0}, udp_timeout=30)
-    assert m.lifetime == 90.0
+                                     "mean_node_count": 29200.0, "replicas": 1,
+                                     "transfers_failed": 0}, udp_timeout=30)
+    assert m.lifetime == 73.0

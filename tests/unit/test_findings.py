@@ -59,6 +59,7 @@ def test_a_run_that_tells_the_story_passes_every_finding():
     ({(4, "expect_full_logs"): 0}, "I4"),
     ({(4, "node_count_after_stop"): 100}, "I4"),               # the table emptied at once
 ])
+
 def test_each_finding_fails_when_its_evidence_is_missing(change, broken):
     got = results(frame(changes=change))
     assert got[broken] == FAIL
@@ -84,3 +85,10 @@ def test_evidence_gives_the_numbers():
     f1 = check(frame())[0]
     assert "0.33x" in f1.evidence and "node drops 900" in f1.evidence
     assert list(table(check(frame())).columns) == ["id", "claim", "result", "evidence"]
+
+def test_i4_holds_when_a_gc_pass_emptied_the_table_before_the_load_stopped():
+    # the count was 1397 when the load stopped and still 1460 five seconds later: not back to idle
+    got = results(frame(changes={(4, "node_count_at_stop"): 1397, (4, "node_count_after_stop"): 1460}))
+    assert got["I4"] == PASS
+    got = results(frame(changes={(4, "node_count_at_stop"): 1397, (4, "node_count_after_stop"): 300}))
+    assert got["I4"] == FAIL
