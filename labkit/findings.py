@@ -14,6 +14,7 @@ from typing import Callable
 import pandas as pd
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
+AFTER_STOP_SHARE = 0.2  # I4: "still high" = at least this share of the max, seconds after the stop
 
 
 @dataclass(frozen=True)
@@ -158,16 +159,17 @@ def f7(rows: dict[int, pd.Series]) -> tuple[bool, str]:
 
 def i4(rows: dict[int, pd.Series]) -> tuple[bool, str]:
     """Iteration 4: count reaches the max, expectations reach expect_max, both log lines,
-    and the count is still high after the load stops: seconds later it holds at least half
-    of what it was when the load stopped and a tenth of the max (entries wait out their
-    timeout; the article saw the count not return to its idle level)."""
+    and the count is still high after the load stops: seconds later it is still at least a
+    fifth of the max, far from the idle level (0) the node's table started at.  (The article
+    saw the count not return to normal; on this kernel a garbage-collector pass may cull a
+    full table's unassured entries at any moment, so the count at the stop is no yardstick.)"""
     four = _get(rows, 4)
     peak, cmax = _num(four, "peak_node_count"), _num(four, "conntrack_max")
     epeak, emax = _num(four, "peak_expect_count"), _num(four, "expect_max")
     after, at_stop = _num(four, "node_count_after_stop"), _num(four, "node_count_at_stop")
     ok = (cmax > 0 and peak >= 0.95 * cmax and emax > 0 and epeak >= 0.95 * emax
           and _num(four, "table_full_logs") > 0 and _num(four, "expect_full_logs") > 0
-          and at_stop > 0 and after >= 0.5 * at_stop and after >= 0.1 * cmax)
+          and after >= AFTER_STOP_SHARE * cmax)
     return ok, (f"node peak {peak:.0f} of max {cmax:.0f}; expectations peak {epeak:.0f} of "
                 f"{emax:.0f}; table-full lines {_num(four, 'table_full_logs'):.0f}, "
                 f"expectation-table-full lines {_num(four, 'expect_full_logs'):.0f}; count "
