@@ -7,8 +7,7 @@ PY := $(VENV)/bin/python
 
 lab: setup-lab
 	$(VENV)/bin/labkit doctor
-	@echo "make lab: the netns testbed can run here. The replay of the nine iterations is not built yet;"
-	@echo "          when it is, 'make lab' runs it and prints where results/<run-id>/index.html is."
+	$(VENV)/bin/labkit replay --profile lab
 
 test: setup-test
 	$(VENV)/bin/python -m pytest -q tests

@@ -73,3 +73,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$digest-$mode" ] && [ "$(cat "$stamp" 2>/
     "$venv/bin/python" -m pip install -q -e "$here$extra"
     echo "$digest-$mode" > "$stamp"
 fi
+
+# The Jupyter kernel the notebooks name ("labkit"): this venv's Python, so that
+# papermill and JupyterLab started from the venv run the notebooks with labkit importable.
+if [ ! -f "$venv/share/jupyter/kernels/labkit/kernel.json" ]; then
+    echo "setup: registering the Jupyter kernel 'labkit' for $venv"
+    "$venv/bin/python" -m ipykernel install --sys-prefix --name labkit --display-name "Python (labkit)" >/dev/null
+fi

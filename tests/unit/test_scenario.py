@@ -49,8 +49,15 @@ def test_lab_and_quick_shrink_tables_and_durations_but_keep_the_story(scenario, 
         for name in (MAX, EXPECT):
             if name in art.node_sysctls:
                 assert it.node_sysctls[name] < art.node_sysctls[name]
-        assert (it.setup, it.replicas, dict(it.pod_sysctls)) == (art.setup, art.replicas, dict(art.pod_sysctls))
-        assert it.node_sysctls.get(UDP) == art.node_sysctls.get(UDP)
+        prof = scenario.profiles[profile]
+        mapped = {k: prof.value(k, v) for k, v in art.pod_sysctls.items()}
+        assert (it.setup, it.replicas, dict(it.pod_sysctls)) == (art.setup, art.replicas, mapped)
+        # a profile may map a UDP timeout for its kernel (lab: 10 s -> 3 s, see calibrate), but
+        # the story holds: the node's shortened timeout stays below the pods' default 30 s
+        assert it.node_sysctls.get(UDP) == prof.value(UDP, art.node_sysctls[UDP]) if UDP in art.node_sysctls \
+            else UDP not in it.node_sysctls
+        if n >= 7:
+            assert it.node_sysctls[UDP] < 30
     # the order of table sizes is the article's: 5 > 2, 6 > 5, 7 == 5
     size = {n: scenario.iteration(n, profile).node_sysctls.get(MAX) for n in (2, 5, 6, 7)}
     assert size[2] < size[5] < size[6] and size[7] == size[5]

@@ -1,0 +1,340 @@
+"""The batch: every iteration's notebook, then the summary, into one run folder.
+
+For each iteration the driver makes ``iteration-<N>/``, runs
+``notebooks/iteration.ipynb`` there with papermill, and then, however the
+notebook ended, tears that notebook's testbed down and reads the global
+sysctls back.  A failed notebook (a cell raised, the kernel died, a cell ran
+past its deadline) is recorded as failed and the batch goes on.  The driver
+writes only into the folder of the notebook it is running; ``--resume`` skips
+what completed and moves an earlier failed attempt aside
+(``iteration-<N>.attempt-<K>``) instead of writing over it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from labkit.exceptions import ReplayError
+from labkit.replay import index as index_page
+from labkit.replay.kernel import KERNEL_NAME, ensure_kernel
+from labkit.replay.manifest import Manifest, now, read_sysctls
+from labkit.replay.notebook import Outcome, execute, render_html
+from labkit.results import (ROW_FILE, SUMMARY_FILE, iteration_dir, read_json, summary_frame,
+                            write_csv)
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOKS = REPO / "notebooks"
+ITERATION_NOTEBOOK = NOTEBOOKS / "iteration.ipynb"
+SUMMARY_NOTEBOOK = NOTEBOOKS / "summary.ipynb"
+RESULTS = REPO / "results"
+
+# (run_id, iteration) -> None: brings that notebook's testbed down, restores sysctls.
+Teardown = Callable[[str, int], None]
+# One line of progress for a person watching (the CLI prints it).
+Report = Callable[[str], None]
+
+
+@dataclass
+class ReplayOptions:
+    """What to replay and where.
+
+    Attributes:
+        profile: scenario profile (``article``, ``lab``, ``quick``).
+        iterations: the iteration numbers, in the order to run them.
+        out: the run folder; ``results/<run-id>`` when None.
+        resume: continue the run in ``out`` (or the newest run of this profile).
+        testbed: testbed backend name passed to the notebooks.
+        kernel: Jupyter kernel name; registered for this Python when missing.
+        cell_timeout: seconds one cell may run; None lets the notebook decide nothing
+            (no deadline).
+        notebook, summary_notebook: the notebooks (summary None to skip it).
+        parameters: extra parameters for every iteration notebook.
+        teardown: the testbed teardown after each iteration notebook; None uses
+            :func:`labkit.run.teardown`.
+        report: receives one line per step; None stays silent.
+        progress_bar: papermill's per-cell bar (for a terminal).
+        show_code: keep code cells in the HTML reports.
+    """
+
+    profile: str = "lab"
+    iterations: list[int] = field(default_factory=lambda: list(range(1, 10)))
+    out: Path | None = None
+    resume: bool = False
+    testbed: str = "netns"
+    kernel: str = KERNEL_NAME
+    cell_timeout: float | None = None
+    notebook: Path = ITERATION_NOTEBOOK
+    summary_notebook: Path | None = SUMMARY_NOTEBOOK
+    parameters: dict[str, Any] = field(default_factory=dict)
+    teardown: Teardown | None = None
+    report: Report | None = None
+    progress_bar: bool = False
+    show_code: bool = False
+
+
+def new_run_id(profile: str) -> str:
+    """A run id that sorts by time: ``YYYYmmdd-HHMMSS-<profile>``."""
+    return f"{dt.datetime.now():%Y%m%d-%H%M%S}-{profile}"
+
+
+def latest_run(results: Path, profile: str) -> Path | None:
+    """The newest run folder of ``profile`` under ``results`` (None when there is none)."""
+    runs = sorted(p for p in results.glob(f"*-{profile}") if (p / "manifest.json").exists())
+    return runs[-1] if runs else None
+
+
+def parse_iterations(text: str) -> list[int]:
+    """Parse ``1-9``, ``2,5,7`` or ``1-3,8`` into iteration numbers, in order, no repeats.
+
+    Raises:
+        ReplayError: a part is not a number or a range of numbers 1..9.
+    """
+    out: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            lo, _, hi = part.partition("-")
+            numbers = range(int(lo), int(hi or lo) + 1)
+        except ValueError:
+            raise ReplayError(f"--iterations {text!r}: {part!r} is not N or N-M") from None
+        if not numbers or numbers.start < 1 or numbers.stop > 10:
+            raise ReplayError(f"--iterations {text!r}: {part!r} is outside 1-9")
+        out += [n for n in numbers if n not in out]
+    if not out:
+        raise ReplayError(f"--iterations {text!r}: no iteration named")
+    return out
+
+
+def _say(options: ReplayOptions, line: str) -> None:
+    log.info("%s", line)
+    if options.report:
+        options.report(line)
+
+
+def _prepare_run_dir(options: ReplayOptions) -> tuple[Path, Manifest]:
+    if options.resume:
+        run_dir = options.out or latest_run(RESULTS, options.profile)
+        if run_dir is None or not (Path(run_dir) / "manifest.json").exists():
+            raise ReplayError(f"--resume: no run to resume in {run_dir or RESULTS} "
+                              f"(no manifest.json of a {options.profile} run)")
+        manifest = Manifest.load(run_dir)
+        if manifest.data["profile"] != options.profile:
+            raise ReplayError(f"--resume: {run_dir} is a {manifest.data['profile']} run, "
+                              f"not {options.profile}")
+        manifest.data["resumed"].append(now())
+        manifest.data["status"] = "running"
+        manifest.save()
+        return Path(run_dir), manifest
+    run_id = new_run_id(options.profile)
+    run_dir = Path(options.out) if options.out else RESULTS / run_id
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ReplayError(f"{run_dir} already holds a run; use --resume to continue it, "
+                          "or another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest.create(run_dir, run_id=run_dir.name, profile=options.profile,
+                               testbed=options.testbed, iterations=options.iterations,
+                               kernel=options.kernel)
+    return run_dir, manifest
+
+
+def _set_aside(folder: Path) -> Path:
+    """Move an earlier attempt's folder to ``<folder>.attempt-<K>`` (never over anything)."""
+    k = 1
+    while (target := folder.with_name(f"{folder.name}.attempt-{k}")).exists():
+        k += 1
+    folder.rename(target)
+    return target
+
+
+def _completed(manifest: Manifest, run_dir: Path, number: int) -> bool:
+    entry = manifest.entry(number)
+    return bool(entry and entry.get("status") == "ok"
+                and (iteration_dir(run_dir, number) / "iteration.ipynb").exists())
+
+
+def _default_teardown(run_id: str, number: int) -> None:
+    from labkit.run import teardown
+
+    teardown(run_id, number)
+
+
+def run_iteration_notebook(options: ReplayOptions, run_dir: Path, manifest: Manifest,
+                           number: int) -> dict[str, Any]:
+    """Run one iteration's notebook, tear its testbed down, render it; return its entry."""
+    folder = iteration_dir(run_dir, number)
+    if folder.exists():
+        moved = _set_aside(folder)
+        _say(options, f"iteration {number}: earlier attempt kept in {moved.name}")
+    folder.mkdir(parents=True)
+    run_id = manifest.data["run_id"]
+    params = {"iteration": number, "profile": options.profile, "testbed": options.testbed,
+              "out_dir": str(folder.resolve()), "run_id": run_id, **options.parameters}
+    entry: dict[str, Any] = {"iteration": number, "status": "running", "started": now(),
+                             "folder": folder.name, "parameters": params,
+                             "sysctls_before": read_sysctls()}
+    manifest.set_entry(number, entry)
+    output = folder / "iteration.ipynb"
+    outcome: Outcome | None = None
+    try:
+        outcome = execute(options.notebook, output, params, kernel=options.kernel,
+                          cell_timeout=options.cell_timeout, cwd=folder,
+                          progress=options.progress_bar, label=f"iteration {number}")
+    finally:
+        teardown_error = _teardown(options, run_id, number)
+        entry["sysctls_after"] = read_sysctls()
+        if outcome is None:  # interrupted: record what is known, then let it propagate
+            entry.update(status="interrupted", finished=now())
+            manifest.set_entry(number, entry)
+    entry.update(status="ok" if outcome.ok else "failed", failure=outcome.kind if not outcome.ok else None,
+                 error=outcome.message or None, duration_s=round(outcome.duration_s, 1),
+                 finished=now())
+    if teardown_error:
+        entry.update(status="failed", teardown_error=teardown_error,
+                     error=entry["error"] or f"teardown failed: {teardown_error}",
+                     failure=entry["failure"] or "teardown")
+    entry["sysctls_restored"] = _restored(entry["sysctls_before"], entry["sysctls_after"])
+    entry["row"] = _read_row(folder)
+    if entry["status"] == "ok" and entry["row"] is None:
+        entry.update(status="failed", failure="no-result", error=f"the notebook wrote no {ROW_FILE}")
+    entry["html"] = _render(output, folder / "iteration.html", entry, options.show_code)
+    entry["files"] = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    manifest.set_entry(number, entry)
+    return entry
+
+
+def _teardown(options: ReplayOptions, run_id: str, number: int) -> str | None:
+    try:
+        (options.teardown or _default_teardown)(run_id, number)
+    except Exception as exc:  # recorded in the manifest; the batch goes on with the next one
+        log.error("iteration %s: teardown failed: %s", number, exc)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _restored(before: dict, after: dict) -> bool:
+    return all(after.get(k) == v for k, v in before.items())
+
+
+def _read_row(folder: Path) -> dict[str, Any] | None:
+    path = folder / ROW_FILE
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except ReplayError as exc:
+        log.error("%s", exc)
+        return None
+
+
+def _render(notebook: Path, html: Path, entry: dict, show_code: bool) -> str | None:
+    if not notebook.exists():
+        return None
+    try:
+        return render_html(notebook, html, show_code=show_code).name
+    except Exception as exc:  # a report that cannot render is recorded, not fatal
+        entry["render_error"] = f"{type(exc).__name__}: {exc}"
+        log.error("rendering %s failed: %s", notebook, exc)
+        return None
+
+
+def write_summary(run_dir: Path, manifest: Manifest) -> Path | None:
+    """Write ``summary.csv`` from the rows of the completed iterations (None when none)."""
+    rows = []
+    for key, entry in sorted(manifest.data["iterations"].items(), key=lambda kv: int(kv[0])):
+        if entry.get("status") == "ok" and entry.get("row"):
+            rows.append(entry["row"])
+    if not rows:
+        return None
+    return write_csv(summary_frame(rows), run_dir / SUMMARY_FILE)
+
+
+def run_summary_notebook(options: ReplayOptions, run_dir: Path, manifest: Manifest) -> dict[str, Any]:
+    """Run the summary notebook over the run folder; return its manifest entry."""
+    output = run_dir / "summary.ipynb"
+    if output.exists():
+        _set_aside(output)
+        html = run_dir / "summary.html"
+        if html.exists():
+            _set_aside(html)
+    params = {"run_dir": str(run_dir.resolve()), "profile": options.profile}
+    entry: dict[str, Any] = {"status": "running", "started": now(), "parameters": params}
+    manifest.data["summary"] = entry
+    manifest.save()
+    outcome = execute(options.summary_notebook, output, params, kernel=options.kernel,
+                      cell_timeout=options.cell_timeout, cwd=run_dir,
+                      progress=options.progress_bar, label="summary")
+    entry.update(status="ok" if outcome.ok else "failed", failure=None if outcome.ok else outcome.kind,
+                 error=outcome.message or None, duration_s=round(outcome.duration_s, 1),
+                 finished=now())
+    entry["html"] = _render(output, run_dir / "summary.html", entry, options.show_code)
+    manifest.data["summary"] = entry
+    manifest.save()
+    return entry
+
+
+def replay(options: ReplayOptions) -> Path:
+    """Run the batch; return the run folder.
+
+    Raises:
+        ReplayError: the run folder cannot be made or resumed, or the kernel
+            cannot be registered.  A notebook that fails does not raise: it is
+            recorded in the manifest and the index.
+    """
+    start = time.monotonic()
+    if options.kernel == KERNEL_NAME:
+        ensure_kernel(options.kernel)
+    run_dir, manifest = _prepare_run_dir(options)
+    _say(options, f"run folder {run_dir}")
+    total = len(options.iterations)
+    try:
+        for i, number in enumerate(options.iterations, 1):
+            if options.resume and _completed(manifest, run_dir, number):
+                _say(options, f"[{i}/{total}] iteration {number}: done earlier, skipped")
+                continue
+            _say(options, f"[{i}/{total}] iteration {number}: running")
+            entry = run_iteration_notebook(options, run_dir, manifest, number)
+            _say(options, f"[{i}/{total}] iteration {number}: {_describe(entry)}")
+            write_summary(run_dir, manifest)
+            index_page.write(run_dir, manifest)
+        if options.summary_notebook is not None:
+            _say(options, "summary: running")
+            entry = run_summary_notebook(options, run_dir, manifest)
+            _say(options, f"summary: {_describe(entry)}")
+    except BaseException:
+        manifest.data.update(status="interrupted", finished=now())
+        manifest.save()
+        index_page.write(run_dir, manifest)
+        raise
+    entries = [manifest.entry(n) or {} for n in options.iterations]
+    failed = [n for n, e in zip(options.iterations, entries) if e.get("status") != "ok"]
+    summary_ok = options.summary_notebook is None or (manifest.data.get("summary") or {}).get("status") == "ok"
+    elapsed = round(time.monotonic() - start, 1)
+    if options.resume:  # the sessions before this one count too
+        elapsed += manifest.data.get("duration_s") or 0
+    manifest.data.update(
+        status="complete" if not failed and summary_ok else "failed",
+        failed_iterations=failed, finished=now(), duration_s=elapsed,
+        sysctls={**manifest.data["sysctls"], "after": read_sysctls()},
+    )
+    manifest.save()
+    index_page.write(run_dir, manifest)
+    _say(options, f"{manifest.data['status']}: {run_dir / 'index.html'}")
+    return run_dir
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    took = f"{entry.get('duration_s', 0):.0f} s"
+    if entry.get("status") != "ok":
+        return f"FAILED ({entry.get('failure')}: {entry.get('error')}) after {took}"
+    row = entry.get("row") or {}
+    tps = row.get("transfers_per_s")
+    return f"ok in {took}" + (f", {tps:.0f} transfers/s" if isinstance(tps, (int, float)) else "")
+

@@ -1,0 +1,203 @@
+"""One iteration as a notebook sees it: the set-up, the run, the charts, the teardown.
+
+The iteration notebook stays thin: each of its code cells is one call here.
+:class:`IterationSession` holds the parameters papermill injected, builds the
+testbed, runs :func:`labkit.run.run_iteration`, and reads the iteration's
+tables back from its folder for the charts (so a finished folder can be
+charted again without running anything).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from labkit import charts
+from labkit.results import ROW_FILE, read_json, read_table
+from labkit.story import iteration_text, load_story
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+GLOBAL_WAIT_S = 300.0  # another lab run may hold the global sysctls for a while
+
+
+def _md(text: str):
+    from IPython.display import Markdown
+
+    return Markdown(text)
+
+
+class IterationSession:
+    """The notebook's handle on one iteration.
+
+    Args:
+        iteration: the iteration number (1..9).
+        profile: ``article``, ``lab``, ``quick`` or a profile file.
+        testbed: the testbed backend name (``netns``).
+        out_dir: the iteration's folder; ``results/notebook-<profile>/iteration-<N>`` when None.
+        run_id: the replay's run id; the testbed then keeps its state where the
+            replay driver tears it down.
+        duration, cooldown: override the profile's load duration and cool-down (s).
+        scenario: another iterations data file.
+        compress: write the iteration's CSV tables gzip-compressed.
+    """
+
+    def __init__(self, iteration: int, profile: str = "lab", *, testbed: str = "netns",
+                 out_dir: str | os.PathLike | None = None, run_id: str | None = None,
+                 duration: float | None = None, cooldown: float | None = None,
+                 scenario: str | None = None, compress: bool = False):
+        import dataclasses
+
+        from labkit.scenario import load_scenario
+
+        self.scenario = load_scenario(scenario)
+        it = self.scenario.iteration(int(iteration), profile)
+        changes = {k: v for k, v in (("duration_s", duration), ("cooldown_s", cooldown)) if v is not None}
+        self.iteration = dataclasses.replace(it, **changes) if changes else it
+        self.article = self.scenario.iteration(int(iteration), "article")
+        self.profile = self.scenario._profile(profile)
+        self.testbed_name = testbed
+        self.run_id = run_id
+        self.out_dir = Path(out_dir) if out_dir else REPO / "results" / f"notebook-{self.iteration.profile}" / \
+            f"iteration-{self.iteration.number}"
+        self._testbed = None
+        self.compress = compress
+
+    # --- the story ------------------------------------------------------------------
+
+    def title(self):
+        """The heading: iteration number and title."""
+        it = self.iteration
+        return _md(f"# Iteration {it.number}: {it.title}\n\n*Profile `{it.profile}` on the "
+                   f"`{self.testbed_name}` testbed.*")
+
+    def story(self):
+        """What this iteration changes and what the kernel does (Markdown)."""
+        it = self.iteration
+        return _md(f"{iteration_text(it.number, 'story')}\n\n> **The article:** {it.observed}")
+
+    def look_for(self):
+        """What to look for in the charts (Markdown)."""
+        return _md(iteration_text(self.iteration.number, "look_for"))
+
+    @staticmethod
+    def intro():
+        """The lab's one-paragraph introduction (Markdown)."""
+        return _md(str(load_story()["intro"]).strip())
+
+    def setup_table(self) -> pd.DataFrame:
+        """Every setting of the iteration: the article's value beside this profile's."""
+        it, art = self.iteration, self.article
+        rows = [("set-up", art.setup, it.setup),
+                ("replicas", art.replicas if art.setup == "nodeport" else "-",
+                 it.replicas if it.setup == "nodeport" else "-"),
+                ("CPU per pod (cores)", art.cpu_limit or "no limit", it.cpu_limit or "no limit")]
+        for where, a, b in (("node", art.node_sysctls, it.node_sysctls), ("pod", art.pod_sysctls, it.pod_sysctls)):
+            for name in a:
+                rows.append((f"{where}: {name.split('.')[-1]}", a[name], b.get(name)))
+        rows.append(("kubelet allowedUnsafeSysctls", ", ".join(art.allowed_unsafe_sysctls) or "-",
+                     ", ".join(it.allowed_unsafe_sysctls) or "-"))
+        rows += [("load duration (s)", art.duration_s, it.duration_s),
+                 ("cool-down sampled (s)", art.cooldown_s, it.cooldown_s),
+                 ("transfers in flight", art.concurrency, it.concurrency),
+                 ("file size (bytes)", art.file_size, it.file_size)]
+        return pd.DataFrame(rows, columns=["setting", "article", f"{it.profile} profile"]).set_index("setting")
+
+    def why_different(self):
+        """Why the profile's values differ from the article's (Markdown)."""
+        prof = self.profile
+        text = prof.description or "The article's values as they are."
+        calib = (prof.extra or {}).get("calibration")
+        if calib:
+            lines = [f"- `{d['sysctl'].split('.')[-1]}` {d['article']} -> **{d['lab']}**: {d['why']}"
+                     for d in calib.get("derivation", [])]
+            text += "\n\nFrom `labkit calibrate` on this kind of machine:\n\n" + "\n".join(lines)
+        return _md(f"**Why the `{prof.name}` values differ from the article's.** {text}")
+
+    # --- running --------------------------------------------------------------------
+
+    @property
+    def testbed(self):
+        """The testbed (built on first use; not yet up)."""
+        if self._testbed is None:
+            from labkit.testbed import get_testbed
+
+            options: dict[str, Any] = {"global_wait": GLOBAL_WAIT_S}
+            if self.run_id and self.testbed_name == "netns":
+                from labkit.run import replay_state_dir
+
+                options["state_dir"] = replay_state_dir(self.run_id)
+            self._testbed = get_testbed(self.testbed_name, **options)
+        return self._testbed
+
+    def run(self) -> pd.DataFrame:
+        """Run the iteration (testbed up, monitor, load, cool-down); return the key numbers."""
+        from labkit.run import run_iteration
+
+        run_iteration(self.testbed, self.iteration, self.out_dir, compress=self.compress)
+        return self.result_table()
+
+    def down(self) -> str:
+        """Bring the testbed down and restore the global sysctls; idempotent."""
+        if self._testbed is not None:
+            self._testbed.down()
+        return "testbed down, global sysctls restored"
+
+    # --- results ----------------------------------------------------------------------
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """This iteration's summary.csv row (from its folder)."""
+        return read_json(self.out_dir / ROW_FILE)
+
+    def _window(self) -> tuple[float, float]:
+        doc = read_json(self.out_dir / "load-summary.json")
+        return float(doc["load_start"]), float(doc["load_stop"]) - float(doc["load_start"])
+
+    def result_table(self) -> pd.DataFrame:
+        """The measured numbers that tell this iteration's story."""
+        r = self.row
+        rows = [
+            ("transfers/s (lab, second half of the load)", f"{r['transfers_per_s']:.0f}"),
+            ("transfers/s (article)", f"{r['article_transfers_per_s']}"),
+            ("transfers ok / failed", f"{r['transfers_ok']} / {r['transfers_failed']}"),
+            ("failures by reason", ", ".join(f"{k}: {v}" for k, v in json.loads(r["failed_by_reason"]).items()) or "-"),
+            ("nf_conntrack_max / expect_max", f"{r['conntrack_max']} / {r['expect_max']}"),
+            ("peak count: node / busiest pod", f"{r['peak_node_count']} / {r['peak_pod_count']}"),
+            ("peak expectations (node)", f"{r['peak_expect_count']}"),
+            ("drops / early drops: node", f"{r['node_drops']} / {r['node_early_drops']}"),
+            ("drops / early drops: pods", f"{r['pod_drops']} / {r['pod_early_drops']}"),
+            ('log lines "table full": node / pods', f"{r['node_table_full_logs']} / {r['pod_table_full_logs']}"),
+            ('log lines "expectation table full"', f"{r['expect_full_logs']}"),
+            ("node count when the load stopped / "
+             f"{r['after_stop_s']:g} s later", f"{r['node_count_at_stop']:.0f} / {r['node_count_after_stop']:.0f}"
+             if r.get("node_count_at_stop") is not None else "-"),
+            ("UDP timeout: node / pod (s)", f"{r['node_udp_timeout']} / {r['pod_udp_timeout']}"),
+        ]
+        return pd.DataFrame(rows, columns=["measured", "value"]).set_index("measured")
+
+    def conntrack_chart(self):
+        """Conntrack count of node and pods against the max, drops, and kernel log lines."""
+        t0, load_s = self._window()
+        return charts.conntrack_chart(read_table(self.out_dir, "samples"),
+                                      read_table(self.out_dir, "events", required=False),
+                                      t0=t0, load_s=load_s,
+                                      title=f"Iteration {self.iteration.number}: conntrack tables")
+
+    def expectation_chart(self):
+        """The node's expectation count against expect_max."""
+        t0, load_s = self._window()
+        return charts.expectation_chart(read_table(self.out_dir, "samples"), t0=t0, load_s=load_s,
+                                        title=f"Iteration {self.iteration.number}: expectation table (node)")
+
+    def transfers_chart(self):
+        """Transfers per second over time, failures by reason."""
+        t0, load_s = self._window()
+        return charts.transfers_chart(read_table(self.out_dir, "load"), t0=t0, load_s=load_s,
+                                      title=f"Iteration {self.iteration.number}: transfers per second")

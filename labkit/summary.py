@@ -1,0 +1,112 @@
+"""The summary notebook's view of a run folder: lab beside article, findings, sysctls.
+
+:class:`RunSummary` reads ``summary.csv`` and ``manifest.json`` of a run and
+returns what the summary notebook shows; :meth:`RunSummary.findings` also
+writes ``findings.csv`` for the index page.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from labkit import charts
+from labkit.findings import check, table
+from labkit.results import FINDINGS_FILE, MANIFEST_FILE, SUMMARY_FILE, read_json, write_csv
+from labkit.story import load_story
+
+
+def _md(text: str):
+    from IPython.display import Markdown
+
+    return Markdown(text)
+
+
+class RunSummary:
+    """The summary of one run folder.
+
+    Args:
+        run_dir: ``results/<run-id>``.
+        profile: the profile the run used (for the article/profile sysctl table).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, profile: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.summary = pd.read_csv(self.run_dir / SUMMARY_FILE)
+        manifest = self.run_dir / MANIFEST_FILE
+        self.manifest = read_json(manifest) if manifest.exists() else {}
+        self.profile = profile or self.manifest.get("profile") or "lab"
+
+    def intro(self):
+        """The summary's introduction, with the run's identity (Markdown)."""
+        m = self.manifest
+        env = m.get("environment", {})
+        who = (f"Run `{m.get('run_id', self.run_dir.name)}`, profile `{self.profile}`, "
+               f"Linux {env.get('kernel', '?')} on {env.get('cpus', '?')} CPUs, "
+               f"{len(self.summary)} iteration(s) completed.") if m else ""
+        return _md(f"{load_story()['summary']['intro'].strip()}\n\n{who}")
+
+    def throughput_chart(self):
+        """Lab transfers/s per iteration beside the article's, both relative to iteration 1."""
+        return charts.throughput_chart(self.summary, title="Transfers per second, relative to iteration 1")
+
+    def table(self) -> pd.DataFrame:
+        """Per iteration: lab and article transfers/s (absolute and relative) and the pressure seen."""
+        s = self.summary.sort_values("iteration")
+        base = s.iloc[0]
+        out = pd.DataFrame({
+            "iteration": s["iteration"],
+            "title": s.get("title", ""),
+            "lab transfers/s": s["transfers_per_s"].round(0).astype(int),
+            "lab vs it. 1": (s["transfers_per_s"] / base["transfers_per_s"]).round(2),
+            "article transfers/s": s["article_transfers_per_s"],
+            "article vs it. 1": (s["article_transfers_per_s"] / base["article_transfers_per_s"]).round(2),
+            "failed": s["transfers_failed"],
+            "node peak / max": [f"{a:.0f} / {b:.0f}" for a, b in zip(s["peak_node_count"], s["conntrack_max"])],
+            "pod peak": s["peak_pod_count"],
+            "drops node / pods": [f"{a:.0f} / {b:.0f}" for a, b in zip(s["node_drops"], s["pod_drops"])],
+            "early drops node / pods": [f"{a:.0f} / {b:.0f}" for a, b in
+                                        zip(s["node_early_drops"], s["pod_early_drops"])],
+            "log lines table / expect": [f"{a:.0f} / {b:.0f}" for a, b in
+                                         zip(s["table_full_logs"], s["expect_full_logs"])],
+        })
+        return out.set_index("iteration")
+
+    def findings(self):
+        """F1-F7 and the iteration-4 observations, checked; also written to ``findings.csv``.
+
+        Returns:
+            A pandas Styler: the whole claim and evidence, pass in green, fail in red.
+        """
+        frame = table(check(self.summary))
+        write_csv(frame, self.run_dir / FINDINGS_FILE)
+        colors = {"pass": "color: #1a7f37; font-weight: bold", "fail": "color: #c62828; font-weight: bold"}
+        return (frame.set_index("id").style
+                .map(lambda v: colors.get(v, "color: #8a6d00"), subset=["result"])
+                .set_properties(**{"text-align": "left", "white-space": "normal"}))
+
+    def sysctls(self) -> pd.DataFrame:
+        """The sysctls of each iteration: this profile's value, the article's in brackets."""
+        from labkit.scenario import load_scenario
+
+        rows = load_scenario().article_values(self.profile)
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return frame
+        frame["column"] = frame["where"] + ": " + frame["sysctl"].str.replace("net.netfilter.nf_conntrack_", "", regex=False)
+        frame["shown"] = [f"{v} ({a})" if v != a else f"{v}" for v, a in zip(frame["value"], frame["article"])]
+        pivot = frame.pivot(index="iteration", columns="column", values="shown").fillna("default")
+        return pivot.reindex(range(1, 10)).fillna("-")
+
+    def environment(self) -> pd.DataFrame:
+        """Where and with what the run ran (from the manifest)."""
+        m = self.manifest
+        env = m.get("environment", {})
+        git = env.get("git") or {}
+        rows = [("run started", m.get("started")), ("testbed", m.get("testbed")), ("kernel", env.get("kernel")), ("distribution", env.get("distro")), ("CPUs", env.get("cpus")),
+                ("Python", env.get("python")), ("labkit revision", f"{git.get('revision')}"
+                                                 + (" (uncommitted changes)" if git.get("dirty") else "")),
+                *[(f"package {k}", v) for k, v in (env.get("packages") or {}).items()]]
+        return pd.DataFrame(rows, columns=["", "value"]).set_index("")

@@ -1,0 +1,104 @@
+"""The `quick` replay end to end on the netns testbed: artifacts, schema, a clean machine.
+
+Runs `labkit replay --profile quick` (nine iteration notebooks and the summary under
+papermill, real kernel, real in.tftpd) and checks what a user gets: every file of the
+results contract, summary.csv with DESIGN.md's columns, self-contained HTML with inline
+charts, and the machine's global sysctls as they were.  The findings need the `lab`
+profile's durations and are not checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from labkit.replay.notebook import external_references
+from labkit.results import SUMMARY_COLUMNS
+from tests.conftest import need_program, need_root
+
+pytestmark = pytest.mark.integration
+
+BUDGET_S = 300
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    need_root()
+    need_program("ip", "iptables", "in.tftpd", "conntrack")
+    out = tmp_path_factory.mktemp("replay") / "run"
+    before = {n: Path(f"/proc/sys/net/netfilter/{n}").read_text() for n in
+              ("nf_conntrack_max", "nf_conntrack_expect_max")}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "labkit", "replay", "--profile", "quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=BUDGET_S + 120)
+    took = time.monotonic() - start
+    after = {n: Path(f"/proc/sys/net/netfilter/{n}").read_text() for n in before}
+    return out, proc, took, before, after
+
+
+def test_quick_replay_completes_within_its_budget(quick_run):
+    out, proc, took, _, _ = quick_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert took <= BUDGET_S, f"quick replay took {took:.0f} s"
+    assert str(out / "index.html") in proc.stdout
+
+
+def test_every_file_of_the_results_contract_is_there(quick_run):
+    out, _, _, _, _ = quick_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    for key in ("started", "finished", "duration_s", "environment", "sysctls"):
+        assert manifest[key]
+    assert manifest["environment"]["git"]["revision"]
+    for n in range(1, 10):
+        folder = out / f"iteration-{n}"
+        names = {p.name for p in folder.iterdir()}
+        assert {"samples.csv", "events.csv", "transfers.csv", "iteration.ipynb", "iteration.html"} <= names, n
+        assert manifest["iterations"][str(n)]["status"] == "ok"
+        assert manifest["iterations"][str(n)]["sysctls_restored"] is True
+    for name in ("summary.csv", "summary.html", "findings.csv", "index.html"):
+        assert (out / name).exists(), name
+
+
+def test_summary_csv_has_designs_columns_and_a_row_per_iteration(quick_run):
+    out, _, _, _, _ = quick_run
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns[:len(SUMMARY_COLUMNS)]) == list(SUMMARY_COLUMNS)
+    assert summary["iteration"].tolist() == list(range(1, 10))
+    assert (summary["transfers_ok"] > 0).all()
+    assert summary.loc[summary["iteration"] == 1, "peak_node_count"].item() == 0
+    assert summary.loc[summary["iteration"] == 9, "replicas"].item() == 2
+    samples = pd.read_csv(out / "iteration-2" / "samples.csv")
+    assert list(samples.columns) == ["time", "host", "netns", "metric", "value"]
+    assert {"node", "pod-1", "init"} <= set(samples["netns"])
+
+
+def test_html_reports_are_self_contained_with_inline_charts(quick_run):
+    out, _, _, _, _ = quick_run
+    for html in [out / f"iteration-{n}" / "iteration.html" for n in range(1, 10)] + [out / "summary.html"]:
+        text = html.read_text()
+        assert external_references(text) == [], html
+        assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', text)) >= (3 if "iteration-" in str(html) else 1)
+    index = (out / "index.html").read_text()
+    assert external_references(index) == []
+    for n in range(1, 10):
+        assert f'href="iteration-{n}/iteration.html"' in index
+    assert 'href="summary.html"' in index
+
+
+def test_the_machine_is_left_as_it_was(quick_run):
+    out, _, _, before, after = quick_run
+    assert after == before
+    netns = set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+    made = set()
+    for n in range(1, 10):
+        status = json.loads((out / f"iteration-{n}" / "load-summary.json").read_text())["testbed"]
+        made |= {h["netns"] for h in status["hosts"] if h.get("netns")}
+    assert made and not (made & netns), f"left behind: {sorted(made & netns)}"

@@ -1,0 +1,62 @@
+"""Deriving the lab profile from calibration measurements (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from labkit.calibrate import EXPECT_MAX, MAX, Measurement, comparison, derive, measurement, write_profile
+from labkit.scenario import load_profile, load_scenario
+
+ARTICLE = {1: 8500, 2: 1000, 3: 1000, 4: 1000, 5: 4000, 6: 4100, 7: 4600, 8: 5100, 9: 5800}
+
+
+def measurements(capacity=400.0, lifetime30=90.0, lifetime10=32.0, lifetime3=20.0):
+    return [Measurement("plain", None, 1, 420.0, 0, None, 0),
+            Measurement("nodeport-T30", 30, 1, capacity, int(capacity * lifetime30), lifetime30, 0),
+            Measurement("nodeport-T10", 10, 1, capacity, int(capacity * lifetime10), lifetime10, 0),
+            Measurement("nodeport-T3", 3, 1, capacity, int(capacity * lifetime3), lifetime3, 0)]
+
+
+def test_the_short_timeout_stays_10_s_only_where_it_shortens_entry_lifetimes():
+    keeps = derive(measurements(lifetime10=32.0), ARTICLE, cpu_limit=0.35)
+    assert keeps["sysctl_values"]["net.netfilter.nf_conntrack_udp_timeout"] == {30: 30, 10: 10}
+    lagging = derive(measurements(lifetime10=86.0), ARTICLE, cpu_limit=0.35)
+    assert lagging["sysctl_values"]["net.netfilter.nf_conntrack_udp_timeout"] == {30: 30, 10: 3}
+
+
+def test_each_table_admits_the_share_of_capacity_the_articles_admitted():
+    profile = derive(measurements(), ARTICLE, cpu_limit=0.35)
+    maxes = profile["sysctl_values"][MAX]
+    # iteration 2: 1000 of 5100/s -> 0.196 x 400/s x 90 entry-s = 7059 -> rounded up to 64
+    assert maxes[131072] == 7104
+    assert maxes[524288] == pytest.approx(4000 / 5100 * 400 * 90, abs=64)
+    assert maxes[1048576] == pytest.approx(4100 / 5100 * 400 * 90, abs=64)
+    assert maxes[131072] < maxes[524288] < maxes[1048576]
+    expects = profile["sysctl_values"][EXPECT_MAX]
+    assert expects[8192] == 8 * expects[1024] or abs(expects[8192] - 8 * expects[1024]) <= 8
+
+
+def test_a_faster_machine_gets_bigger_tables():
+    slow = derive(measurements(capacity=300), ARTICLE, cpu_limit=0.35)["sysctl_values"][MAX]
+    fast = derive(measurements(capacity=3000), ARTICLE, cpu_limit=0.35)["sysctl_values"][MAX]
+    assert all(fast[v] > 9 * slow[v] for v in slow)
+
+
+def test_the_derived_profile_loads_as_a_profile_file(tmp_path):
+    profile = derive(measurements(), ARTICLE, cpu_limit=0.35)
+    path = write_profile(profile, tmp_path / "lab.yaml")
+    scenario = load_scenario()
+    loaded = load_profile(path, scenario)
+    scenario.add_profile(loaded)
+    it = scenario.iteration(5, loaded)
+    assert it.node_sysctls[MAX] == profile["sysctl_values"][MAX][524288]
+    assert it.node_sysctls["net.netfilter.nf_conntrack_udp_timeout"] == 30
+    table = comparison(profile)
+    assert list(table.columns) == ["sysctl", "article", "lab", "why"] and len(table) == 6
+
+
+def test_measurement_lifetime_is_mean_count_over_rate():
+    m = measurement("nodeport-T30", {"transfers_per_s": 400.0, "peak_node_count": 36000,
+                                     "mean_node_count": 29200.0, "replicas": 1,
+                                     "transfers_failed": 0}, udp_timeout=30)
+    assert m.lifetime == 73.0

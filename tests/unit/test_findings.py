@@ -1,0 +1,94 @@
+"""Findings F1-F7 and the iteration-4 observations, computed from small summary tables."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from labkit.findings import FAIL, NOT_RUN, PASS, check, table
+
+# A summary shaped like a good lab run: the article's story in the lab's numbers.
+GOOD = [
+    dict(iteration=1, transfers_per_s=300, replicas=1, conntrack_max=0, expect_max=0),
+    dict(iteration=2, transfers_per_s=100, replicas=1, conntrack_max=6000, expect_max=50,
+         node_drops=900, node_early_drops=40, pod_drops=10),
+    dict(iteration=3, transfers_per_s=110, replicas=3, conntrack_max=6000, node_drops=950),
+    dict(iteration=4, transfers_per_s=100, replicas=1, conntrack_max=6000, expect_max=50,
+         peak_node_count=6000, peak_expect_count=50, table_full_logs=30, expect_full_logs=12,
+         node_drops=800, node_count_at_stop=5990, node_count_after_stop=5600, after_stop_s=5),
+    dict(iteration=5, transfers_per_s=200, conntrack_max=24000, node_drops=300),
+    dict(iteration=6, transfers_per_s=215, conntrack_max=48000, pod_early_drops=80),
+    dict(iteration=7, transfers_per_s=220, conntrack_max=24000, peak_node_count=5000,
+         peak_pod_count=24000, pod_drops=500),
+    dict(iteration=8, transfers_per_s=260, conntrack_max=24000),
+    dict(iteration=9, transfers_per_s=480, replicas=2, conntrack_max=24000),
+]
+
+
+def frame(rows=GOOD, changes=None) -> pd.DataFrame:
+    out = pd.DataFrame([dict(r) for r in rows]).fillna(0)
+    for (number, column), value in (changes or {}).items():
+        out.loc[out["iteration"] == number, column] = value
+    return out
+
+
+def results(summary) -> dict[str, str]:
+    return {f.id: f.result for f in check(summary)}
+
+
+def test_a_run_that_tells_the_story_passes_every_finding():
+    assert results(frame()) == {k: PASS for k in ("F1", "F2", "F3", "F4", "F5", "F6", "F7", "I4")}
+
+
+@pytest.mark.parametrize("change, broken", [
+    ({(1, "transfers_per_s"): 150}, "F1"),                     # NAT costs too little
+    ({(2, "node_drops"): 0, (2, "node_early_drops"): 0}, "F1"),  # no pressure on the node
+    ({(3, "transfers_per_s"): 140}, "F2"),                     # more pods helped
+    ({(5, "transfers_per_s"): 140, (6, "transfers_per_s"): 150}, "F3"),  # bigger tables did not help
+    ({(5, "expect_full_logs"): 3}, "F3"),
+    ({(5, "node_drops"): 0}, "F3"),
+    ({(6, "transfers_per_s"): 260}, "F4"),
+    ({(6, "pod_early_drops"): 0}, "F4"),
+    ({(7, "peak_node_count"): 23000}, "F5"),                   # the node was full after all
+    ({(7, "pod_drops"): 0}, "F5"),
+    ({(8, "node_early_drops"): 1}, "F6"),
+    ({(8, "table_full_logs"): 1}, "F6"),
+    ({(8, "transfers_per_s"): 230}, "F6"),
+    ({(9, "transfers_per_s"): 270}, "F7"),
+    ({(4, "peak_expect_count"): 30}, "I4"),
+    ({(4, "expect_full_logs"): 0}, "I4"),
+    ({(4, "node_count_after_stop"): 100}, "I4"),               # the table emptied at once
+])
+
+def test_each_finding_fails_when_its_evidence_is_missing(change, broken):
+    got = results(frame(changes=change))
+    assert got[broken] == FAIL
+    assert {k for k, v in got.items() if v != PASS} == {broken}
+
+
+def test_a_finding_whose_iteration_was_not_run_says_so():
+    summary = frame()
+    summary = summary[summary["iteration"] != 7]
+    got = {f.id: f for f in check(summary)}
+    assert got["F5"].result == NOT_RUN and "iteration 7" in got["F5"].evidence
+    assert got["F6"].result == NOT_RUN and got["F7"].result == PASS
+
+
+def test_failed_iterations_are_not_used():
+    summary = frame()
+    summary["status"] = "ok"
+    summary.loc[summary["iteration"] == 9, "status"] = "failed"
+    assert results(summary)["F7"] == NOT_RUN
+
+
+def test_evidence_gives_the_numbers():
+    f1 = check(frame())[0]
+    assert "0.33x" in f1.evidence and "node drops 900" in f1.evidence
+    assert list(table(check(frame())).columns) == ["id", "claim", "result", "evidence"]
+
+def test_i4_holds_when_a_gc_pass_emptied_the_table_before_the_load_stopped():
+    # a pass culled the table to 1397 before the stop; 1460 five seconds later is still far from idle
+    got = results(frame(changes={(4, "node_count_at_stop"): 1397, (4, "node_count_after_stop"): 1460}))
+    assert got["I4"] == PASS
+    got = results(frame(changes={(4, "node_count_at_stop"): 1397, (4, "node_count_after_stop"): 300}))
+    assert got["I4"] == FAIL
