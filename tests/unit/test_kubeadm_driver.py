@@ -129,10 +129,12 @@ def test_a_stuck_rollout_names_the_pods_and_their_state(tmp_path):
 def test_a_sysctl_the_kernel_refuses_keeps_its_message(tmp_path):
     sim = FakeCluster(refuse={"net.netfilter.nf_conntrack_expect_max": "Invalid argument"})
     d = driver(sim.host("node"), sim.host("control"), tmp_path / "state.json")
-    with pytest.raises(SysctlError, match=r'worker-1: writing net.netfilter.nf_conntrack_expect_max=256: '
+    it = iteration(2)
+    value = it.node_sysctls["net.netfilter.nf_conntrack_expect_max"]
+    with pytest.raises(SysctlError, match=rf'worker-1: writing net.netfilter.nf_conntrack_expect_max={value}: '
                                           r'setting key "net.netfilter.nf_conntrack_expect_max": '
                                           r"Invalid argument"):
-        d.apply(iteration(2))
+        d.apply(it)
     assert not any(c[0] == "kubectl" for c in _commands(sim))  # stopped before the workload
 
 
