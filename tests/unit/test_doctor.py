@@ -32,3 +32,14 @@ def test_doctor_exits_zero_when_all_is_there(monkeypatch, capsys):
     monkeypatch.setattr(doctor, "run_checks", lambda: [Check("root", True, "uid 0")])
     assert main(["doctor"]) == 0
     assert "the netns testbed can run" in capsys.readouterr().out
+
+
+def test_the_command_line_starts_without_the_heavy_libraries():
+    # every `labkit` command (the loadgen's CPU budget included) pays for what the
+    # parser imports; pandas, papermill and matplotlib load only where they are used
+    import subprocess
+    import sys
+    code = ("import sys, labkit.cli; labkit.cli.build_parser(); "
+            "print(sorted(m for m in ('pandas', 'papermill', 'matplotlib', 'nbconvert') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
