@@ -261,10 +261,24 @@ def run_subprocess(argv: Sequence[str], display: str, host: str, *, timeout: flo
         out, err = proc.communicate()
         raise CommandTimedOut(display, host, timeout or 0, _decode(out), _decode(err)) from None
     except BaseException:
-        _kill_group(proc.pid)
-        proc.wait()
+        # Interrupted (Ctrl-C, SIGTERM turned into an exception): let the command
+        # clean up after itself as it would at a terminal, then make sure it is gone.
+        _interrupt_group(proc)
         raise
     return Result(display, host, proc.returncode, _decode(out), _decode(err), time.monotonic() - start)
+
+
+INTERRUPT_GRACE_S = 3.0
+
+
+def _interrupt_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(INTERRUPT_GRACE_S)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    _kill_group(proc.pid)
+    proc.wait()
 
 
 def _kill_group(pid: int) -> None:

@@ -87,3 +87,23 @@ def test_result_is_immutable():
     res = Result("true", "h", 0, "", "", 0.0)
     with pytest.raises(Exception):
         res.exit_code = 1  # type: ignore[misc]
+
+
+def test_an_interrupted_command_gets_to_clean_up_before_it_is_ended(tmp_path):
+    # Ctrl-C during a long command (a load, a replay step): the command sees SIGINT
+    # and runs its own cleanup, as at a terminal, instead of dying mid-write.
+    import signal
+    import sys
+    import threading
+    marker = tmp_path / "cleaned"
+    child = ("import time\n"
+             "try:\n    time.sleep(30)\n"
+             f"finally:\n    open({str(marker)!r}, 'w').write('yes')\n")
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        LocalHost().run([sys.executable, "-c", child], timeout=60)
+    timer.cancel()
+    assert time.monotonic() - start < 10
+    assert marker.read_text() == "yes"
