@@ -26,9 +26,20 @@ capacity as the article's table admitted of the article's.  ``expect_max``
 keeps the article's ratio to the default max (1024 : 131072).  The 30 s UDP
 timeout stays (it is the pods' kernel default, and iteration 7 hinges on the
 node's timeout differing from the pod's); the article's 10 s stays 10 s only if
-it shortens the measured entry lifetime by at least 40 %: on a kernel whose
-garbage collector reaps expired entries late it does not, and the shortest
-measured timeout (3 s) takes its place.
+it shortens the measured entry lifetime by at least 40 % and one pod's node
+count at 10 s fills no more of iteration 8's table than the article's did
+(200K of 512K); otherwise the shortest measured timeout (3 s) takes its place.
+
+Every measurement, and the derived profile, set ``nf_conntrack_buckets`` to
+:data:`BUCKETS`.  On Linux 5.15 and later an expired entry stays counted until
+something reaps it: the garbage-collection worker, whose next pass after an idle
+spell comes up to 60 s later, or a lookup that walks the entry's hash chain.
+With the default hash (one bucket per entry of the max) chains are nearly empty
+and only the worker reaps, so a 70-second load sees its entries live the
+timeout plus a random lag of up to a minute; the article's 10-minute loads
+hardly noticed that lag.  A hash of a few thousand buckets makes every lookup
+walk a chain of some entries and reap the expired ones, so an entry lives about
+its timeout, as on the article's kernel.
 """
 
 from __future__ import annotations
@@ -53,6 +64,8 @@ MAX = "net.netfilter.nf_conntrack_max"
 EXPECT_MAX = "net.netfilter.nf_conntrack_expect_max"
 UDP_TIMEOUT = "net.netfilter.nf_conntrack_udp_timeout"
 UDP_STREAM = "net.netfilter.nf_conntrack_udp_timeout_stream"
+BUCKETS_SYSCTL = "net.netfilter.nf_conntrack_buckets"
+BUCKETS = 4096  # chains of ~5-10 entries at the lab's table sizes: lookups reap expired entries
 ARTICLE_CAPACITY_ITERATION = 8
 # article nf_conntrack_max value -> the iteration where the article found it to be the limit
 BINDING_ITERATION = {131072: 2, 524288: 5, 1048576: 6}
@@ -62,6 +75,10 @@ TIMEOUTS = (30, 10, 3)
 # The article's 10 s cut a transfer's entry lifetime 7x on its kernel; keep 10 s here only if
 # it shortens the measured lifetime by at least this share, else use the shortest measured.
 SHORTEN_BY = 0.4
+# ... and only if one pod's node count at 10 s stays within the share of iteration 8's table the
+# article's count reached (it peaked at 200K of 512K); else two pods would fill the table.
+ARTICLE_IT8_SHARE = 200_000 / 524_288
+NODE_TIMEOUT_MAX = 524288  # the article's max in iterations 7-9, where the node's timeout is short
 MAX_FAILED_SHARE = 0.05  # a busy machine loses a few transfers to 1 s client timeouts
 LAB_RUN = {"duration_s": 60, "cooldown_s": 10, "concurrency": 64, "file_size": 5120}
 
@@ -102,7 +119,7 @@ def measurement(name: str, row: dict[str, Any], samples: pd.DataFrame | None = N
 
 
 def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limit: float,
-           run: dict[str, Any] | None = None) -> dict[str, Any]:
+           run: dict[str, Any] | None = None, buckets: int = BUCKETS) -> dict[str, Any]:
     """Derive the ``lab`` profile from measurements (pure).
 
     Args:
@@ -110,6 +127,7 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
         article: the article's transfers/s per iteration number.
         cpu_limit: CPU cores per pod used in the measurements.
         run: the profile's run settings (duration, cool-down, concurrency, file size).
+        buckets: the ``nf_conntrack_buckets`` the measurements ran with.
 
     Returns:
         A profile document (the shape ``labkit/data/iterations.yaml`` uses), with a
@@ -128,15 +146,25 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
             "sysctl": MAX, "article": value, "lab": lab,
             "why": f"iteration {number}: article {article[number]}/s of {art_capacity}/s = "
                    f"{share:.3f} x lab capacity {capacity:.0f}/s x lifetime {t30.lifetime:.1f} entry-s"})
-    short = 10
-    if t10.lifetime > (1 - SHORTEN_BY) * t30.lifetime and "nodeport-T3" in by_name:
+    short, why = 10, []
+    shortened = t10.lifetime <= (1 - SHORTEN_BY) * t30.lifetime
+    share = t10.peak_node_count / maxes[NODE_TIMEOUT_MAX]
+    if not shortened:
+        why.append("expired entries wait to be reaped, so 10 s does not shorten their life as it did on "
+                   "the article's kernel")
+    if share > ARTICLE_IT8_SHARE:
+        why.append(f"at 10 s one pod's load filled {share:.0%} of iteration 8's table, more than the "
+                   f"article's {ARTICLE_IT8_SHARE:.0%} (200K of 512K), and two pods (iteration 9) would "
+                   "fill it")
+    if why and "nodeport-T3" in by_name:
         short = 3
+    else:
+        why = []
     derivation.append({
         "sysctl": UDP_TIMEOUT, "article": 10, "lab": short,
         "why": f"measured: a transfer held {t10.lifetime:.0f} entry-s at a 10 s timeout, {t30.lifetime:.0f} "
                f"at 30 s" + (f", {by_name['nodeport-T3'].lifetime:.0f} at 3 s" if "nodeport-T3" in by_name else "")
-               + ("; expired entries wait to be reaped, so 10 s does not shorten their life as it did "
-                  "on the article's kernel" if short != 10 else "")})
+               + ("; " + "; ".join(why) if why else "")})
     scale = maxes[DEFAULT_MAX] / DEFAULT_MAX
     expects = {}
     for value in (1024, 8192):
@@ -144,6 +172,11 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
         derivation.append({"sysctl": EXPECT_MAX, "article": value, "lab": expects[value],
                            "why": f"the article's ratio to the default max: {value} x "
                                   f"{maxes[DEFAULT_MAX]}/{DEFAULT_MAX}"})
+    derivation.append({
+        "sysctl": BUCKETS_SYSCTL, "article": None, "lab": buckets,
+        "why": "the article kept the kernel's default; here lookups walking short hash chains reap expired "
+               "entries, so an entry lives about its timeout instead of waiting up to 60 s for the "
+               "garbage collector's next pass"})
     return {
         "name": "lab",
         "description": (
@@ -155,6 +188,7 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
         "cpu_limit": cpu_limit,
         "pods_track_conntrack": True,
         "sysctl_values": {MAX: maxes, EXPECT_MAX: expects, UDP_TIMEOUT: {30: 30, 10: short}},
+        "node_sysctls": {BUCKETS_SYSCTL: buckets},
         "calibration": {
             "measurements": [dataclasses.asdict(m) for m in measurements],
             "capacity_transfers_per_s": round(capacity, 1),
@@ -165,8 +199,8 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
 
 
 def _measure_iteration(base, name: str, *, udp_timeout: int | None, replicas: int,
-                       duration: float) -> Any:
-    node = dict(base.node_sysctls)
+                       duration: float, buckets: int = BUCKETS) -> Any:
+    node = {**base.node_sysctls, BUCKETS_SYSCTL: buckets}
     pod = dict(base.pod_sysctls)
     if udp_timeout is not None:
         node.update({MAX: ROOMY_MAX, EXPECT_MAX: ROOMY_EXPECT, UDP_TIMEOUT: udp_timeout,
@@ -177,7 +211,7 @@ def _measure_iteration(base, name: str, *, udp_timeout: int | None, replicas: in
 
 
 def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bool = False,
-              on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+              buckets: int = BUCKETS, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure capacity and entry lifetimes on the testbed; return the derived profile.
 
     Each load runs long enough for the garbage collector to reap expired
@@ -207,7 +241,8 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
         try:
             for name, base, timeout, replicas, duration in plan:
                 it = dataclasses.replace(_measure_iteration(base, name, udp_timeout=timeout,
-                                                            replicas=replicas, duration=duration),
+                                                            replicas=replicas, duration=duration,
+                                                            buckets=buckets),
                                          cpu_limit=cpu_limit)
                 step(f"calibrate: {name}, {duration:g} s")
                 # a fresh testbed each time: entries left by the previous load would count
@@ -223,7 +258,7 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
                 results.append(m)
         finally:
             testbed.down()
-    return derive(results, article, cpu_limit=cpu_limit)
+    return derive(results, article, cpu_limit=cpu_limit, buckets=buckets)
 
 
 def write_profile(profile: dict[str, Any], path: str | Path) -> Path:

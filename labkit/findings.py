@@ -14,7 +14,7 @@ from typing import Callable
 import pandas as pd
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
-AFTER_STOP_SHARE = 0.1  # I4: "still high" = at least this share of the max, seconds after the stop
+AFTER_STOP_SHARE = 0.5  # I4: "still high" = at least this share of the max, a second after the stop
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,11 @@ def f7(rows: dict[int, pd.Series]) -> tuple[bool, str]:
 
 def i4(rows: dict[int, pd.Series]) -> tuple[bool, str]:
     """Iteration 4: count reaches the max, expectations reach expect_max, both log lines,
-    and the count is still high after the load stops: seconds later it is still at least a
-    tenth of the max, far above the idle level (0) the node's table started at.  (The article
-    saw the count not return to normal; on this kernel a garbage-collector pass may cull a
-    full table's unassured entries at any moment, so the count at the stop is no yardstick.)"""
+    and the count is still high after the load stops: a second later the table is still at
+    least half full, though no new entry came in.  The entries outlive the load by their UDP
+    timeout, so nothing reaps them at once; on this kernel the next garbage-collector pass
+    over a table at least 95 % full evicts every unassured entry (all of a TFTP load's) in one
+    go, often a few seconds after the stop, so the count is read one second after it."""
     four = _get(rows, 4)
     peak, cmax = _num(four, "peak_node_count"), _num(four, "conntrack_max")
     epeak, emax = _num(four, "peak_expect_count"), _num(four, "expect_max")

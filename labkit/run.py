@@ -32,7 +32,7 @@ from labkit.sysctls import state_dir as default_state_dir
 log = logging.getLogger(__name__)
 
 NODE = "node"
-AFTER_STOP_S = 5.0  # "the seconds after the load stops": where I4 reads the count
+AFTER_STOP_S = 1.0  # "the seconds after the load stops": where I4 reads the count
 MONITOR_HZ = 10.0
 TRANSFER_TIMEOUT_S = 1.0  # per-packet timeout of the load (RFC 1350 clients use 1-5 s)
 TRANSFER_RETRIES = 3

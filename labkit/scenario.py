@@ -9,7 +9,10 @@ the file, the field and what is allowed.
 
 A profile maps each article value of a sysctl to its own value
 (``sysctl_values``), so that every lab value can be shown beside the article's,
-and may override any field of one iteration (``iterations: {N: {field: value}}``).
+may add node sysctls the article never set to every iteration (``node_sysctls``,
+e.g. the hash table size that makes this kernel reap expired entries as the
+article's did), and may override any field of one iteration
+(``iterations: {N: {field: value}}``).
 Profiles live in the data file or in a file of their own
 (:func:`load_profile`, written by ``labkit calibrate``).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, fields, replace
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -195,8 +199,8 @@ _RUN_FIELDS: dict[str, Callable[[_Checker, Any, str], Any]] = {
     "concurrency": lambda c, v, f: c.integer(v, f, 1),
     "file_size": lambda c, v, f: c.integer(v, f, 1),
 }
-_PROFILE_KEYS = {"description", "run", "cpu_limit", "pods_track_conntrack", "sysctl_values", "iterations",
-                 "name", "derived_from", "calibration"}
+_PROFILE_KEYS = {"description", "run", "cpu_limit", "pods_track_conntrack", "sysctl_values", "node_sysctls",
+                 "iterations", "name", "derived_from", "calibration"}
 
 
 @dataclass(frozen=True)
@@ -210,6 +214,8 @@ class Profile:
         cpu_limit: CPU cores per pod (None: no limit).
         pods_track_conntrack: the default for every iteration.
         sysctl_values: sysctl -> {article value -> profile value}.
+        node_sysctls: node sysctls the article never set, added to every iteration
+            (an iteration's own value of the same sysctl wins).
         overrides: iteration number -> {field: value} (checked fields).
         source: the file it came from.
         extra: other top-level keys kept as they are (e.g. ``calibration`` notes).
@@ -224,6 +230,7 @@ class Profile:
     overrides: Mapping[int, Mapping[str, Any]]
     source: str
     extra: Mapping[str, Any]
+    node_sysctls: Mapping[str, int] = dc_field(default_factory=dict)
 
     def value(self, sysctl: str, article_value: int) -> int:
         """The profile's value of ``sysctl`` for the article's ``article_value``."""
@@ -248,6 +255,7 @@ def _check_profile(c: _Checker, name: str, raw: Any, numbers: set[int], where: s
             raise c.fail(field, str(exc)) from None
         values[dotted] = {c.integer(k, f"{field} (article value)"): c.integer(v, f"{field}.{k}")
                           for k, v in c.mapping(table, field).items()}
+    added = c.sysctls(raw.get("node_sysctls"), f"{where}.node_sysctls")
     overrides: dict[int, dict[str, Any]] = {}
     for num, over in c.mapping(raw.get("iterations") or {}, f"{where}.iterations").items():
         field = f"{where}.iterations.{num}"
@@ -260,7 +268,7 @@ def _check_profile(c: _Checker, name: str, raw: Any, numbers: set[int], where: s
         overrides[num] = {k: checks[k](c, v, f"{field}.{k}") for k, v in over.items()}
     extra = {k: copy.deepcopy(v) for k, v in raw.items() if k in ("derived_from", "calibration")}
     return Profile(name, str(raw.get("description", "")).strip(), run, cpu, track, values, overrides,
-                   c.path, extra)
+                   c.path, extra, added)
 
 
 class Scenario:
@@ -304,7 +312,7 @@ class Scenario:
         prof = self._profile(profile)
         base = dict(self._iterations[number])
         over = dict(prof.overrides.get(number, {}))
-        node = {k: prof.value(k, v) for k, v in base["node_sysctls"].items()}
+        node = {**prof.node_sysctls, **{k: prof.value(k, v) for k, v in base["node_sysctls"].items()}}
         pod = {k: prof.value(k, v) for k, v in base["pod_sysctls"].items()}
         values = {
             **base, "node_sysctls": node, "pod_sysctls": pod,
@@ -353,6 +361,10 @@ class Scenario:
                 for name, value in article.items():
                     rows.append({"iteration": n, "where": where, "sysctl": name, "article": value,
                                  "value": getattr(it, f"{where}_sysctls")[name], "profile": prof.name})
+            for name, value in prof.node_sysctls.items():
+                if name not in self._iterations[n]["node_sysctls"]:
+                    rows.append({"iteration": n, "where": "node", "sysctl": name, "article": None,
+                                 "value": value, "profile": prof.name})
         return rows
 
 

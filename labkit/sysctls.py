@@ -2,7 +2,8 @@
 
 ``net.netfilter.nf_conntrack_max`` and ``nf_conntrack_expect_max`` are global:
 writable only in the initial network namespace, and every namespace is held
-against them.  A lab run that changes them must give them back, on ``down``, on
+against them; ``nf_conntrack_buckets`` sizes the one hash table all namespaces
+share.  A lab run that changes them must give them back, on ``down``, on
 an error, on a signal, and through ``labkit clean`` after a crash.  So the
 originals go to a state file (atomically, before anything is written), and one
 machine-wide claim file says which state file owns the globals: two labs on one
@@ -30,6 +31,7 @@ GLOBAL_SYSCTLS = frozenset({
     "net.netfilter.nf_conntrack_max",
     "net.netfilter.nf_conntrack_expect_max",
     "net.nf_conntrack_max",
+    "net.netfilter.nf_conntrack_buckets",
 })
 CLAIM_PATH = "/run/lock/labkit-global-sysctls.claim"
 STATE_NAME = "global-sysctls.json"

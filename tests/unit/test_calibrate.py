@@ -18,10 +18,22 @@ def measurements(capacity=400.0, lifetime30=90.0, lifetime10=32.0, lifetime3=20.
 
 
 def test_the_short_timeout_stays_10_s_only_where_it_shortens_entry_lifetimes():
-    keeps = derive(measurements(lifetime10=32.0), ARTICLE, cpu_limit=0.35)
+    # iteration 8's table: 4000/5100 x 400/s x 90 entry-s = 28236; at 10 s one pod fills 25/90 of it
+    keeps = derive(measurements(lifetime10=25.0), ARTICLE, cpu_limit=0.35)
     assert keeps["sysctl_values"]["net.netfilter.nf_conntrack_udp_timeout"] == {30: 30, 10: 10}
     lagging = derive(measurements(lifetime10=86.0), ARTICLE, cpu_limit=0.35)
     assert lagging["sysctl_values"]["net.netfilter.nf_conntrack_udp_timeout"] == {30: 30, 10: 3}
+    assert "does not shorten" in lagging["calibration"]["derivation"][3]["why"]
+
+
+def test_the_short_timeout_leaves_iteration_9_room_as_the_articles_did():
+    # 10 s shortens enough (32 of 90 entry-s), but one pod's 12800 entries fill 45 % of the 28236 table
+    # (two pods would fill 90 %), where the article's one pod filled 38 %: 3 s; at 25 entry-s, 35 %: 10 s
+    assert derive(measurements(lifetime10=25.0), ARTICLE,
+                  cpu_limit=0.35)["sysctl_values"]["net.netfilter.nf_conntrack_udp_timeout"][10] == 10
+    full = derive(measurements(lifetime10=32.0), ARTICLE, cpu_limit=0.35)
+    assert full["sysctl_values"]["net.netfilter.nf_conntrack_udp_timeout"][10] == 3
+    assert "more than the article's 38%" in full["calibration"]["derivation"][3]["why"]
 
 
 def test_each_table_admits_the_share_of_capacity_the_articles_admitted():
@@ -51,8 +63,12 @@ def test_the_derived_profile_loads_as_a_profile_file(tmp_path):
     it = scenario.iteration(5, loaded)
     assert it.node_sysctls[MAX] == profile["sysctl_values"][MAX][524288]
     assert it.node_sysctls["net.netfilter.nf_conntrack_udp_timeout"] == 30
+    # the hash size the measurements ran with goes with the tables derived from them, in every iteration
+    assert {scenario.iteration(n, loaded).node_sysctls["net.netfilter.nf_conntrack_buckets"]
+            for n in scenario.numbers} == {4096}
     table = comparison(profile)
-    assert list(table.columns) == ["sysctl", "article", "lab", "why"] and len(table) == 6
+    assert list(table.columns) == ["sysctl", "article", "lab", "why"] and len(table) == 7
+    assert table.iloc[-1]["sysctl"] == "net.netfilter.nf_conntrack_buckets"
 
 
 def test_measurement_lifetime_is_mean_count_over_rate():

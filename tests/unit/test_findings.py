@@ -15,7 +15,7 @@ GOOD = [
     dict(iteration=3, transfers_per_s=110, replicas=3, conntrack_max=6000, node_drops=950),
     dict(iteration=4, transfers_per_s=100, replicas=1, conntrack_max=6000, expect_max=50,
          peak_node_count=6000, peak_expect_count=50, table_full_logs=30, expect_full_logs=12,
-         node_drops=800, node_count_at_stop=5990, node_count_after_stop=5600, after_stop_s=5),
+         node_drops=800, node_count_at_stop=5990, node_count_after_stop=5600, after_stop_s=1),
     dict(iteration=5, transfers_per_s=200, conntrack_max=24000, node_drops=300),
     dict(iteration=6, transfers_per_s=215, conntrack_max=48000, pod_early_drops=80),
     dict(iteration=7, transfers_per_s=220, conntrack_max=24000, peak_node_count=5000,
@@ -86,9 +86,11 @@ def test_evidence_gives_the_numbers():
     assert "0.33x" in f1.evidence and "node drops 900" in f1.evidence
     assert list(table(check(frame())).columns) == ["id", "claim", "result", "evidence"]
 
-def test_i4_holds_when_a_gc_pass_emptied_the_table_before_the_load_stopped():
-    # a pass culled the table to 1397 before the stop; 1460 five seconds later is still far from idle
-    got = results(frame(changes={(4, "node_count_at_stop"): 1397, (4, "node_count_after_stop"): 1460}))
+def test_i4_needs_the_table_still_half_full_a_second_after_the_stop():
+    # max 6000: 3100 a second after the stop is more than half full; 2900 is not
+    got = results(frame(changes={(4, "node_count_at_stop"): 5990, (4, "node_count_after_stop"): 3100}))
     assert got["I4"] == PASS
-    got = results(frame(changes={(4, "node_count_at_stop"): 1397, (4, "node_count_after_stop"): 300}))
+    got = results(frame(changes={(4, "node_count_at_stop"): 5990, (4, "node_count_after_stop"): 2900}))
     assert got["I4"] == FAIL
+    assert "5990 when the load stopped, 2900 1 s later" in {f.id: f for f in check(frame(changes={
+        (4, "node_count_at_stop"): 5990, (4, "node_count_after_stop"): 2900}))}["I4"].evidence

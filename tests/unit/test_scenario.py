@@ -109,6 +109,20 @@ def test_a_bad_sysctl_value_or_name_is_refused(raw):
     _refused(raw, "iterations[4].node_sysctls.net..max")
 
 
+def test_a_profile_adds_node_sysctls_the_article_never_set(raw):
+    raw["profiles"]["quick"]["node_sysctls"] = {"net.netfilter.nf_conntrack_buckets": 2048}
+    scenario = parse_scenario(raw)
+    one, nine = scenario.iteration(1, "quick"), scenario.iteration(9, "quick")
+    assert one.global_sysctls == {"net.netfilter.nf_conntrack_buckets": 2048}
+    assert nine.global_sysctls["net.netfilter.nf_conntrack_buckets"] == 2048
+    assert "net.netfilter.nf_conntrack_buckets" not in scenario.iteration(9, "article").node_sysctls
+    row = next(r for r in scenario.article_values("quick")
+               if r["iteration"] == 9 and r["sysctl"] == "net.netfilter.nf_conntrack_buckets")
+    assert (row["where"], row["article"], row["value"]) == ("node", None, 2048)
+    raw["profiles"]["quick"]["node_sysctls"] = {"net.netfilter.nf_conntrack_buckets": "small"}
+    _refused(raw, "profiles.quick.node_sysctls.net.netfilter.nf_conntrack_buckets", "integer")
+
+
 def test_numbers_must_run_one_to_n(raw):
     raw["iterations"][8]["number"] = 12
     _refused(raw, "iterations", "1..9")
