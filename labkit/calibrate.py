@@ -30,16 +30,6 @@ it shortens the measured entry lifetime by at least 40 % and one pod's node
 count at 10 s fills no more of iteration 8's table than the article's did
 (200K of 512K); otherwise the shortest measured timeout (3 s) takes its place.
 
-Every measurement, and the derived profile, set ``nf_conntrack_buckets`` to
-:data:`BUCKETS`.  On Linux 5.15 and later an expired entry stays counted until
-something reaps it: the garbage-collection worker, whose next pass after an idle
-spell comes up to 60 s later, or a lookup that walks the entry's hash chain.
-With the default hash (one bucket per entry of the max) chains are nearly empty
-and only the worker reaps, so a 70-second load sees its entries live the
-timeout plus a random lag of up to a minute; the article's 10-minute loads
-hardly noticed that lag.  A hash of a few thousand buckets makes every lookup
-walk a chain of some entries and reap the expired ones, so an entry lives about
-its timeout, as on the article's kernel.
 """
 
 from __future__ import annotations
@@ -64,8 +54,6 @@ MAX = "net.netfilter.nf_conntrack_max"
 EXPECT_MAX = "net.netfilter.nf_conntrack_expect_max"
 UDP_TIMEOUT = "net.netfilter.nf_conntrack_udp_timeout"
 UDP_STREAM = "net.netfilter.nf_conntrack_udp_timeout_stream"
-BUCKETS_SYSCTL = "net.netfilter.nf_conntrack_buckets"
-BUCKETS = 4096  # chains of ~5-10 entries at the lab's table sizes: lookups reap expired entries
 ARTICLE_CAPACITY_ITERATION = 8
 # article nf_conntrack_max value -> the iteration where the article found it to be the limit
 BINDING_ITERATION = {131072: 2, 524288: 5, 1048576: 6}
@@ -119,7 +107,7 @@ def measurement(name: str, row: dict[str, Any], samples: pd.DataFrame | None = N
 
 
 def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limit: float,
-           run: dict[str, Any] | None = None, buckets: int = BUCKETS) -> dict[str, Any]:
+           run: dict[str, Any] | None = None, background_flows: int = 0) -> dict[str, Any]:
     """Derive the ``lab`` profile from measurements (pure).
 
     Args:
@@ -127,7 +115,7 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
         article: the article's transfers/s per iteration number.
         cpu_limit: CPU cores per pod used in the measurements.
         run: the profile's run settings (duration, cool-down, concurrency, file size).
-        buckets: the ``nf_conntrack_buckets`` the measurements ran with.
+        background_flows: the background flows per second the measurements ran beside.
 
     Returns:
         A profile document (the shape ``labkit/data/iterations.yaml`` uses), with a
@@ -172,11 +160,6 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
         derivation.append({"sysctl": EXPECT_MAX, "article": value, "lab": expects[value],
                            "why": f"the article's ratio to the default max: {value} x "
                                   f"{maxes[DEFAULT_MAX]}/{DEFAULT_MAX}"})
-    derivation.append({
-        "sysctl": BUCKETS_SYSCTL, "article": None, "lab": buckets,
-        "why": "the article kept the kernel's default; here lookups walking short hash chains reap expired "
-               "entries, so an entry lives about its timeout instead of waiting up to 60 s for the "
-               "garbage collector's next pass"})
     return {
         "name": "lab",
         "description": (
@@ -187,8 +170,8 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
         "run": dict(run or LAB_RUN),
         "cpu_limit": cpu_limit,
         "pods_track_conntrack": True,
+        "background_flows": background_flows,
         "sysctl_values": {MAX: maxes, EXPECT_MAX: expects, UDP_TIMEOUT: {30: 30, 10: short}},
-        "node_sysctls": {BUCKETS_SYSCTL: buckets},
         "calibration": {
             "measurements": [dataclasses.asdict(m) for m in measurements],
             "capacity_transfers_per_s": round(capacity, 1),
@@ -199,8 +182,8 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
 
 
 def _measure_iteration(base, name: str, *, udp_timeout: int | None, replicas: int,
-                       duration: float, buckets: int = BUCKETS) -> Any:
-    node = {**base.node_sysctls, BUCKETS_SYSCTL: buckets}
+                       duration: float) -> Any:
+    node = dict(base.node_sysctls)
     pod = dict(base.pod_sysctls)
     if udp_timeout is not None:
         node.update({MAX: ROOMY_MAX, EXPECT_MAX: ROOMY_EXPECT, UDP_TIMEOUT: udp_timeout,
@@ -211,7 +194,7 @@ def _measure_iteration(base, name: str, *, udp_timeout: int | None, replicas: in
 
 
 def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bool = False,
-              buckets: int = BUCKETS, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+              on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure capacity and entry lifetimes on the testbed; return the derived profile.
 
     Each load runs long enough for the garbage collector to reap expired
@@ -223,7 +206,8 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
         ReplayError: a calibration load had failed transfers (something else limited it).
     """
     from labkit.exceptions import ReplayError
-    from labkit.run import run_iteration
+    from labkit import background
+    from labkit.run import background_flows, run_iteration
     from labkit.scenario import load_scenario
     from labkit.testbed import get_testbed
 
@@ -237,12 +221,13 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
     plan.append(("nodeport-T10-2pods", scenario.iteration(9, "lab"), 10, 2, 15 if quick else 20))
     results = []
     testbed = get_testbed(testbed_name, global_wait=120)
-    with tempfile.TemporaryDirectory(prefix="labkit-calibrate-") as tmp:
+    flows = background_flows(testbed, scenario.iteration(8, "lab"))
+    with tempfile.TemporaryDirectory(prefix="labkit-calibrate-") as tmp, \
+            background.ensure(flows, on_wait=step):
         try:
             for name, base, timeout, replicas, duration in plan:
                 it = dataclasses.replace(_measure_iteration(base, name, udp_timeout=timeout,
-                                                            replicas=replicas, duration=duration,
-                                                            buckets=buckets),
+                                                            replicas=replicas, duration=duration),
                                          cpu_limit=cpu_limit)
                 step(f"calibrate: {name}, {duration:g} s")
                 # a fresh testbed each time: entries left by the previous load would count
@@ -258,7 +243,7 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
                 results.append(m)
         finally:
             testbed.down()
-    return derive(results, article, cpu_limit=cpu_limit, buckets=buckets)
+    return derive(results, article, cpu_limit=cpu_limit, background_flows=flows)
 
 
 def write_profile(profile: dict[str, Any], path: str | Path) -> Path:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
+from labkit import background
 from labkit.charts import seconds
 from labkit.results import ROW_FILE, write_csv, write_json
 from labkit.sysctls import state_dir as default_state_dir
@@ -37,6 +38,20 @@ MONITOR_HZ = 10.0
 TRANSFER_TIMEOUT_S = 1.0  # per-packet timeout of the load (RFC 1350 clients use 1-5 s)
 TRANSFER_RETRIES = 3
 TRANSFER_DEADLINE_S = 6.0
+
+
+def background_flows(testbed: Any, iteration: Any) -> int:
+    """The iteration's background flows where they can run: on the local (netns) testbed only.
+
+    On a remote node they would have to run there; the article profile, whose loads last
+    ten minutes, needs none, and a lab profile on a cluster runs without them (logged).
+    """
+    flows = int(getattr(iteration, "background_flows", 0) or 0)
+    if flows and getattr(testbed, "name", "netns") != "netns":
+        log.warning("background flows are run on the netns testbed only; %s runs without them",
+                    getattr(testbed, "name", "this testbed"))
+        return 0
+    return flows
 
 
 def replay_state_dir(run_id: str) -> Path:
@@ -279,22 +294,24 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
     step(f"iteration {iteration.number}: testbed up ({iteration.setup}, {iteration.replicas} replica(s))")
     testbed.up(iteration)
     spec = load_spec(testbed, iteration)
-    monitor = Monitor(testbed.monitor_targets(), hz=hz, netns_roles=netns_roles(testbed))
-    monitor.start()
-    try:
-        step(f"iteration {iteration.number}: load for {iteration.duration_s:g} s at concurrency "
-             f"{iteration.concurrency}")
-        result = run_load_on(testbed.host("client"), spec, transfers=True)
-        load_start = float(result.summary["started_at"])
-        load_stop = load_start + float(result.summary["duration_s"])
-        step(f"iteration {iteration.number}: cool-down tail, {iteration.cooldown_s:g} s sampled")
-        # The tail is observation only: the load has ended; the monitor keeps sampling.
-        time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
-    finally:
-        monitor.stop()
+    with background.ensure(background_flows(testbed, iteration), on_wait=step) as flows:
+        monitor = Monitor(testbed.monitor_targets(), hz=hz, netns_roles=netns_roles(testbed))
+        monitor.start()
+        try:
+            step(f"iteration {iteration.number}: load for {iteration.duration_s:g} s at concurrency "
+                 f"{iteration.concurrency}")
+            result = run_load_on(testbed.host("client"), spec, transfers=True)
+            load_start = float(result.summary["started_at"])
+            load_stop = load_start + float(result.summary["duration_s"])
+            step(f"iteration {iteration.number}: cool-down tail, {iteration.cooldown_s:g} s sampled")
+            # The tail is observation only: the load has ended; the monitor keeps sampling.
+            time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
+        finally:
+            monitor.stop()
     samples, events = monitor.samples, monitor.events
     row = summarize(iteration, result.summary, samples, events, load_start=load_start,
                     load_stop=load_stop, load=result.timeseries, testbed=getattr(testbed, "name", "netns"))
+    row["background_flows"] = int(flows["flows"]) if flows else 0
     fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
     for name, frame in (("samples", samples), ("events", events)):
         frame = frame.copy()

@@ -9,10 +9,7 @@ the file, the field and what is allowed.
 
 A profile maps each article value of a sysctl to its own value
 (``sysctl_values``), so that every lab value can be shown beside the article's,
-may add node sysctls the article never set to every iteration (``node_sysctls``,
-e.g. the hash table size that makes this kernel reap expired entries as the
-article's did), and may override any field of one iteration
-(``iterations: {N: {field: value}}``).
+and may override any field of one iteration (``iterations: {N: {field: value}}``).
 Profiles live in the data file or in a file of their own
 (:func:`load_profile`, written by ``labkit calibrate``).
 """
@@ -22,7 +19,6 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, fields, replace
-from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -55,6 +51,9 @@ class Iteration:
         observed: what the article saw.
         duration_s, cooldown_s, concurrency, file_size: run settings of the profile.
         profile: the profile's name.
+        background_flows: short-lived flows per second the local testbed keeps going in a
+            namespace of their own, so that the kernel's conntrack garbage collector runs on
+            a busy node's cycle (:mod:`labkit.background`); 0 for none.
     """
 
     number: int
@@ -73,6 +72,7 @@ class Iteration:
     concurrency: int
     file_size: int
     profile: str
+    background_flows: int = 0
 
     @property
     def global_sysctls(self) -> dict[str, int]:
@@ -191,16 +191,17 @@ _ITERATION_FIELDS: dict[str, Callable[[_Checker, Any, str], Any]] = {
     # May come from the profile instead (see _PROFILE_ITERATION_DEFAULTS).
     "cpu_limit": lambda c, v, f: c.number(v, f, allow_none=True),
     "pods_track_conntrack": lambda c, v, f: c.boolean(v, f),
+    "background_flows": lambda c, v, f: c.integer(v, f, 0),
 }
-_FROM_PROFILE = ("cpu_limit", "pods_track_conntrack")
+_FROM_PROFILE = ("cpu_limit", "pods_track_conntrack", "background_flows")
 _RUN_FIELDS: dict[str, Callable[[_Checker, Any, str], Any]] = {
     "duration_s": lambda c, v, f: c.number(v, f),
     "cooldown_s": lambda c, v, f: c.number(v, f, positive=False) if v != 0 else 0.0,
     "concurrency": lambda c, v, f: c.integer(v, f, 1),
     "file_size": lambda c, v, f: c.integer(v, f, 1),
 }
-_PROFILE_KEYS = {"description", "run", "cpu_limit", "pods_track_conntrack", "sysctl_values", "node_sysctls",
-                 "iterations", "name", "derived_from", "calibration"}
+_PROFILE_KEYS = {"description", "run", "cpu_limit", "pods_track_conntrack", "background_flows",
+                 "sysctl_values", "iterations", "name", "derived_from", "calibration"}
 
 
 @dataclass(frozen=True)
@@ -213,9 +214,8 @@ class Profile:
         run: duration_s, cooldown_s, concurrency, file_size.
         cpu_limit: CPU cores per pod (None: no limit).
         pods_track_conntrack: the default for every iteration.
+        background_flows: the default for every iteration (see :class:`Iteration`).
         sysctl_values: sysctl -> {article value -> profile value}.
-        node_sysctls: node sysctls the article never set, added to every iteration
-            (an iteration's own value of the same sysctl wins).
         overrides: iteration number -> {field: value} (checked fields).
         source: the file it came from.
         extra: other top-level keys kept as they are (e.g. ``calibration`` notes).
@@ -230,7 +230,7 @@ class Profile:
     overrides: Mapping[int, Mapping[str, Any]]
     source: str
     extra: Mapping[str, Any]
-    node_sysctls: Mapping[str, int] = dc_field(default_factory=dict)
+    background_flows: int = 0
 
     def value(self, sysctl: str, article_value: int) -> int:
         """The profile's value of ``sysctl`` for the article's ``article_value``."""
@@ -246,6 +246,7 @@ def _check_profile(c: _Checker, name: str, raw: Any, numbers: set[int], where: s
     run = {k: check(c, run_raw[k], f"{where}.run.{k}") for k, check in _RUN_FIELDS.items()}
     cpu = c.number(raw.get("cpu_limit"), f"{where}.cpu_limit", allow_none=True)
     track = c.boolean(raw.get("pods_track_conntrack", True), f"{where}.pods_track_conntrack")
+    flows = c.integer(raw.get("background_flows", 0), f"{where}.background_flows", 0)
     values: dict[str, dict[int, int]] = {}
     for sysctl, table in c.mapping(raw.get("sysctl_values") or {}, f"{where}.sysctl_values").items():
         field = f"{where}.sysctl_values.{sysctl}"
@@ -255,7 +256,6 @@ def _check_profile(c: _Checker, name: str, raw: Any, numbers: set[int], where: s
             raise c.fail(field, str(exc)) from None
         values[dotted] = {c.integer(k, f"{field} (article value)"): c.integer(v, f"{field}.{k}")
                           for k, v in c.mapping(table, field).items()}
-    added = c.sysctls(raw.get("node_sysctls"), f"{where}.node_sysctls")
     overrides: dict[int, dict[str, Any]] = {}
     for num, over in c.mapping(raw.get("iterations") or {}, f"{where}.iterations").items():
         field = f"{where}.iterations.{num}"
@@ -268,7 +268,7 @@ def _check_profile(c: _Checker, name: str, raw: Any, numbers: set[int], where: s
         overrides[num] = {k: checks[k](c, v, f"{field}.{k}") for k, v in over.items()}
     extra = {k: copy.deepcopy(v) for k, v in raw.items() if k in ("derived_from", "calibration")}
     return Profile(name, str(raw.get("description", "")).strip(), run, cpu, track, values, overrides,
-                   c.path, extra, added)
+                   c.path, extra, flows)
 
 
 class Scenario:
@@ -312,12 +312,13 @@ class Scenario:
         prof = self._profile(profile)
         base = dict(self._iterations[number])
         over = dict(prof.overrides.get(number, {}))
-        node = {**prof.node_sysctls, **{k: prof.value(k, v) for k, v in base["node_sysctls"].items()}}
+        node = {k: prof.value(k, v) for k, v in base["node_sysctls"].items()}
         pod = {k: prof.value(k, v) for k, v in base["pod_sysctls"].items()}
         values = {
             **base, "node_sysctls": node, "pod_sysctls": pod,
             "cpu_limit": base.get("cpu_limit", prof.cpu_limit),
             "pods_track_conntrack": base.get("pods_track_conntrack", prof.pods_track_conntrack),
+            "background_flows": base.get("background_flows", prof.background_flows),
             **prof.run, "profile": prof.name,
         }
         values.update(over)
@@ -361,10 +362,6 @@ class Scenario:
                 for name, value in article.items():
                     rows.append({"iteration": n, "where": where, "sysctl": name, "article": value,
                                  "value": getattr(it, f"{where}_sysctls")[name], "profile": prof.name})
-            for name, value in prof.node_sysctls.items():
-                if name not in self._iterations[n]["node_sysctls"]:
-                    rows.append({"iteration": n, "where": "node", "sysctl": name, "article": None,
-                                 "value": value, "profile": prof.name})
         return rows
 
 

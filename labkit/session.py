@@ -97,12 +97,12 @@ class IterationSession:
         rows = [("set-up", art.setup, it.setup),
                 ("replicas", art.replicas if art.setup == "nodeport" else "-",
                  it.replicas if it.setup == "nodeport" else "-"),
-                ("CPU per pod (cores)", art.cpu_limit or "no limit", it.cpu_limit or "no limit")]
+                ("CPU per pod (cores)", art.cpu_limit or "no limit", it.cpu_limit or "no limit"),
+                ("background flows per second (own namespace)", art.background_flows or "-",
+                 it.background_flows or "-")]
         for where, a, b in (("node", art.node_sysctls, it.node_sysctls), ("pod", art.pod_sysctls, it.pod_sysctls)):
             for name in a:
                 rows.append((f"{where}: {name.split('.')[-1]}", a[name], b.get(name)))
-            for name in sorted(b.keys() - a.keys()) if where == "node" else ():
-                rows.append((f"{where}: {name.split('.')[-1]}", "kernel default", b[name]))
         rows.append(("kubelet allowedUnsafeSysctls", ", ".join(art.allowed_unsafe_sysctls) or "-",
                      ", ".join(it.allowed_unsafe_sysctls) or "-"))
         rows += [("load duration (s)", art.duration_s, it.duration_s),
@@ -117,8 +117,7 @@ class IterationSession:
         text = prof.description or "The article's values as they are."
         calib = (prof.extra or {}).get("calibration")
         if calib:
-            lines = [f"- `{d['sysctl'].split('.')[-1]}` {d['article'] or 'kernel default'} -> **{d['lab']}**: "
-                     f"{d['why']}"
+            lines = [f"- `{d['sysctl'].split('.')[-1]}` {d['article']} -> **{d['lab']}**: {d['why']}"
                      for d in calib.get("derivation", [])]
             text += "\n\nFrom `labkit calibrate` on this kind of machine:\n\n" + "\n".join(lines)
         return _md(f"**Why the `{prof.name}` values differ from the article's.** {text}")

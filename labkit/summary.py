@@ -96,8 +96,7 @@ class RunSummary:
         if frame.empty:
             return frame
         frame["column"] = frame["where"] + ": " + frame["sysctl"].str.replace("net.netfilter.nf_conntrack_", "", regex=False)
-        frame["shown"] = [f"{v} (default)" if a is None or a != a else f"{v} ({a})" if v != a else f"{v}"
-                          for v, a in zip(frame["value"], frame["article"])]
+        frame["shown"] = [f"{v} ({a})" if v != a else f"{v}" for v, a in zip(frame["value"], frame["article"])]
         pivot = frame.pivot(index="iteration", columns="column", values="shown").fillna("default")
         return pivot.reindex(range(1, 10)).fillna("-")
 

@@ -30,7 +30,6 @@ KUBELET_CONFIG_TEXT = (DATA / "kubelet-config.yaml").read_text()
 DEFAULTS = {
     "net.netfilter.nf_conntrack_max": "262144",
     "net.netfilter.nf_conntrack_expect_max": "4096",
-    "net.netfilter.nf_conntrack_buckets": "65536",
     "net.netfilter.nf_conntrack_udp_timeout": "30",
     "net.netfilter.nf_conntrack_udp_timeout_stream": "120",
 }

@@ -51,9 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("results/calibration.yaml"),
                    help="profile file to write (default results/calibration.yaml); use it with --profile")
     p.add_argument("--quick", action="store_true", help="shorter loads (rougher numbers)")
-    p.add_argument("--buckets", type=int, default=None,
-                   help="nf_conntrack_buckets during the loads and in the profile (default 4096: short hash "
-                        "chains, so lookups reap expired entries)")
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -118,10 +115,9 @@ def default_cell_timeout(profile: str) -> float:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """``labkit calibrate``."""
-    from labkit.calibrate import BUCKETS, calibrate, comparison, write_profile
+    from labkit.calibrate import calibrate, comparison, write_profile
 
-    profile = calibrate(cpu_limit=args.cpu_limit, quick=args.quick, buckets=args.buckets or BUCKETS,
-                        on_step=_step)
+    profile = calibrate(cpu_limit=args.cpu_limit, quick=args.quick, on_step=_step)
     path = write_profile(profile, args.out)
     print()
     print(profile["description"])

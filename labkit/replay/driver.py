@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from labkit import background
 from labkit.exceptions import ReplayError
 from labkit.replay import index as index_page
 from labkit.replay.kernel import KERNEL_NAME, ensure_kernel
@@ -280,6 +281,22 @@ def run_summary_notebook(options: ReplayOptions, run_dir: Path, manifest: Manife
     return entry
 
 
+def _background_flows(options: ReplayOptions) -> int:
+    """The background flows the batch keeps going for all its notebooks (0: none).
+
+    Started once, before the first notebook, and warm before its load: the notebooks'
+    :func:`labkit.run.run_iteration` finds them running instead of starting (and waiting
+    for) their own.
+    """
+    from labkit.scenario import load_scenario
+
+    if options.testbed != "netns":
+        return 0
+    scenario = load_scenario()
+    return max((scenario.iteration(n, options.profile).background_flows for n in options.iterations),
+               default=0)
+
+
 def replay(options: ReplayOptions) -> Path:
     """Run the batch; return the run folder.
 
@@ -295,15 +312,16 @@ def replay(options: ReplayOptions) -> Path:
     _say(options, f"run folder {run_dir}")
     total = len(options.iterations)
     try:
-        for i, number in enumerate(options.iterations, 1):
-            if options.resume and _completed(manifest, run_dir, number):
-                _say(options, f"[{i}/{total}] iteration {number}: done earlier, skipped")
-                continue
-            _say(options, f"[{i}/{total}] iteration {number}: running")
-            entry = run_iteration_notebook(options, run_dir, manifest, number)
-            _say(options, f"[{i}/{total}] iteration {number}: {_describe(entry)}")
-            write_summary(run_dir, manifest)
-            index_page.write(run_dir, manifest)
+        with background.ensure(_background_flows(options), on_wait=lambda line: _say(options, line)):
+            for i, number in enumerate(options.iterations, 1):
+                if options.resume and _completed(manifest, run_dir, number):
+                    _say(options, f"[{i}/{total}] iteration {number}: done earlier, skipped")
+                    continue
+                _say(options, f"[{i}/{total}] iteration {number}: running")
+                entry = run_iteration_notebook(options, run_dir, manifest, number)
+                _say(options, f"[{i}/{total}] iteration {number}: {_describe(entry)}")
+                write_summary(run_dir, manifest)
+                index_page.write(run_dir, manifest)
         if options.summary_notebook is not None:
             _say(options, "summary: running")
             entry = run_summary_notebook(options, run_dir, manifest)

@@ -109,18 +109,12 @@ def test_a_bad_sysctl_value_or_name_is_refused(raw):
     _refused(raw, "iterations[4].node_sysctls.net..max")
 
 
-def test_a_profile_adds_node_sysctls_the_article_never_set(raw):
-    raw["profiles"]["quick"]["node_sysctls"] = {"net.netfilter.nf_conntrack_buckets": 2048}
+def test_background_flows_come_from_the_profile_and_are_checked(raw):
     scenario = parse_scenario(raw)
-    one, nine = scenario.iteration(1, "quick"), scenario.iteration(9, "quick")
-    assert one.global_sysctls == {"net.netfilter.nf_conntrack_buckets": 2048}
-    assert nine.global_sysctls["net.netfilter.nf_conntrack_buckets"] == 2048
-    assert "net.netfilter.nf_conntrack_buckets" not in scenario.iteration(9, "article").node_sysctls
-    row = next(r for r in scenario.article_values("quick")
-               if r["iteration"] == 9 and r["sysctl"] == "net.netfilter.nf_conntrack_buckets")
-    assert (row["where"], row["article"], row["value"]) == ("node", None, 2048)
-    raw["profiles"]["quick"]["node_sysctls"] = {"net.netfilter.nf_conntrack_buckets": "small"}
-    _refused(raw, "profiles.quick.node_sysctls.net.netfilter.nf_conntrack_buckets", "integer")
+    assert scenario.iteration(9, "lab").background_flows == raw["profiles"]["lab"]["background_flows"] > 0
+    assert scenario.iteration(9, "article").background_flows == 0
+    raw["profiles"]["quick"]["background_flows"] = -5
+    _refused(raw, "profiles.quick.background_flows")
 
 
 def test_numbers_must_run_one_to_n(raw):
