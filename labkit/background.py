@@ -41,6 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from labkit.exceptions import TestbedError
 from labkit.host import LocalHost, NetnsHost, in_netns
 from labkit.ledger import Ledger, netns_inode
 from labkit.sysctls import state_dir
@@ -130,16 +131,9 @@ class BackgroundFlows:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        try:
-            info = json.loads(marker_path(self.dir).read_text())
-            if info.get("netns") == self.netns:
-                marker_path(self.dir).unlink(missing_ok=True)
-        except (FileNotFoundError, ValueError):
-            pass
+        self._drop_marker()
         self.ledger.undo()
         self.ledger.discard()
-        if self._error is not None:
-            log.warning("background flows stopped early: %s", self._error)
 
     def __enter__(self) -> "BackgroundFlows":
         return self.start()
@@ -164,8 +158,22 @@ class BackgroundFlows:
                         sock.sendto(b"\0", target)
                     self.sent += len(targets)
                     self._stop.wait(max(0.0, 1.0 - (time.monotonic() - began)))
-        except BaseException as exc:  # reported by stop(); the lab goes on without them
+        except BaseException as exc:  # raised by check(); the marker goes so no one relies on them
             self._error = exc
+            self._drop_marker()
+
+    def _drop_marker(self) -> None:
+        try:
+            info = json.loads(marker_path(self.dir).read_text())
+            if info.get("netns") == self.netns:
+                marker_path(self.dir).unlink(missing_ok=True)
+        except (FileNotFoundError, ValueError):
+            pass
+
+    def check(self) -> None:
+        """Raise :class:`~labkit.exceptions.TestbedError` if the sender stopped on an error."""
+        if self._error is not None:
+            raise TestbedError(f"background flows in {self.netns} stopped: {self._error}")
 
 
 def wait_until_warm(warm_at: float, on_wait=None) -> float:
@@ -201,6 +209,7 @@ def ensure(flows: int | None, *, directory: Path | None = None, on_wait=None) ->
     try:
         own.wait_warm(on_wait)
         yield running(directory)
+        own.check()
     finally:
         own.stop()
 

@@ -27,6 +27,7 @@ import pandas as pd
 
 from labkit import background
 from labkit.charts import seconds
+from labkit.exceptions import TestbedError
 from labkit.results import ROW_FILE, write_csv, write_json
 from labkit.sysctls import state_dir as default_state_dir
 
@@ -308,6 +309,9 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
             time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
         finally:
             monitor.stop()
+        if flows and background.running() is None:
+            raise TestbedError(f"iteration {iteration.number}: the background flows stopped during the "
+                               "load, so the garbage collector's cycle was not the declared one")
     samples, events = monitor.samples, monitor.events
     row = summarize(iteration, result.summary, samples, events, load_start=load_start,
                     load_stop=load_stop, load=result.timeseries, testbed=getattr(testbed, "name", "netns"))

@@ -25,3 +25,13 @@ def test_a_marker_of_a_dead_process_is_not_running(tmp_path):
     assert running(tmp_path) is None
     (tmp_path / "background-flows.json").write_text("not json")
     assert running(tmp_path) is None
+
+
+def test_a_sender_that_failed_is_reported_not_ignored(tmp_path):
+    from labkit.exceptions import TestbedError
+
+    flows = BackgroundFlows(10, directory=tmp_path)
+    flows.check()  # nothing went wrong yet
+    flows._error = OSError(101, "Network is unreachable")
+    with pytest.raises(TestbedError, match=rf"background flows in {flows.netns} stopped: .*unreachable"):
+        flows.check()
