@@ -99,6 +99,8 @@ def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, A
             execution_timeout=int(cell_timeout) if cell_timeout else None,
             progress_bar=bar, request_save_on_cell_execute=True, log_output=False,
             cwd=str(cwd) if cwd else None,
+            # the kernel's start-up warning about its local TCP sockets is noise on the progress display
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except Exception as exc:  # any way a notebook can fail is a result, recorded by the caller
         kind, message = classify(exc)
