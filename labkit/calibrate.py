@@ -29,7 +29,6 @@ node's timeout differing from the pod's); the article's 10 s stays 10 s only if
 it shortens the measured entry lifetime by at least 40 % and one pod's node
 count at 10 s fills no more of iteration 8's table than the article's did
 (200K of 512K); otherwise the shortest measured timeout (3 s) takes its place.
-
 """
 
 from __future__ import annotations
