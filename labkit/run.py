@@ -267,7 +267,8 @@ def load_spec(testbed, iteration):
 
 
 def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float = MONITOR_HZ,
-                  compress: bool = False, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  compress: bool = False, on_step: Callable[[str], None] | None = None,
+                  watch: Any = None) -> dict[str, Any]:
     """Run one iteration end to end and write its tidy data into ``out_dir``.
 
     Args:
@@ -279,6 +280,10 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
         hz: monitor samples per second and namespace.
         compress: write the CSV tables gzip-compressed (``*.csv.gz``).
         on_step: receives a line as each step starts (for a progress display).
+        watch: a live view of the load (:class:`labkit.live.LiveChart`): its
+            ``start(monitor)`` is called once the monitor samples, ``progress(totals)``
+            about once a second with the load's running totals, ``stop()`` when
+            sampling ends.
 
     Returns:
         The summary.csv row (also written to ``summary-row.json``).
@@ -298,17 +303,24 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
     with background.ensure(background_flows(testbed, iteration), on_wait=step) as flows:
         monitor = Monitor(testbed.monitor_targets(), hz=hz, netns_roles=netns_roles(testbed))
         monitor.start()
+        if watch is not None:
+            watch.start(monitor)
         try:
             step(f"iteration {iteration.number}: load for {iteration.duration_s:g} s at concurrency "
                  f"{iteration.concurrency}")
-            result = run_load_on(testbed.host("client"), spec, transfers=True)
+            result = run_load_on(testbed.host("client"), spec, transfers=True,
+                                 progress=watch.progress if watch is not None else None)
             load_start = float(result.summary["started_at"])
             load_stop = load_start + float(result.summary["duration_s"])
             step(f"iteration {iteration.number}: cool-down tail, {iteration.cooldown_s:g} s sampled")
             # The tail is observation only: the load has ended; the monitor keeps sampling.
             time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
         finally:
-            monitor.stop()
+            try:
+                monitor.stop()
+            finally:
+                if watch is not None:
+                    watch.stop()
         if flows and background.running() is None:
             raise TestbedError(f"iteration {iteration.number}: the background flows stopped during the "
                                "load, so the garbage collector's cycle was not the declared one")
