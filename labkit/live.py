@@ -97,6 +97,7 @@ class LiveChart:
         self._last: dict[str, tuple[float, dict[str, int]]] = {}
         self._events_seen = 0
         self._load_last: tuple[float, int, int] | None = None
+        self._load_offset: float | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -131,9 +132,11 @@ class LiveChart:
         now = float(totals["elapsed_s"])
         ok, failed = int(totals["ok"]), int(totals["failed"])
         with self._lock:
+            if self._load_offset is None:  # the load's second 0 on the chart's axis (lines come in batches)
+                self._load_offset = self._rel(time.time()) - now
             if self._load_last is not None and now > self._load_last[0]:
                 dt = now - self._load_last[0]
-                t = self._rel(time.time())
+                t = self._load_offset + now
                 self.series.transfers.append((t, (ok - self._load_last[1]) / dt, (failed - self._load_last[2]) / dt))
             self._load_last = (now, ok, failed)
 
