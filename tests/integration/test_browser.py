@@ -144,13 +144,15 @@ def _open(lab, name: str) -> None:
     driver = lab["driver"]
     driver.get(lab["url"].replace("00-start-here.ipynb", name))
     _wait(driver, lambda d: d.find_elements("css selector", ".jp-Notebook .jp-Cell"), 60, f"{name} to open")
-    _wait(driver, lambda d: _kernel_idle(d), 90, f"{name}'s kernel to start")
+    _wait(driver, lambda d: _kernel_idle(d, lab["url"], name), 90, f"{name}'s kernel to start")
 
 
-def _kernel_idle(driver) -> bool:
-    status = driver.find_elements("css selector", ".jp-Notebook-ExecutionIndicator, .jp-KernelStatus")
-    text = " ".join((s.get_attribute("data-status") or s.text or s.get_attribute("title") or "") for s in status)
-    return "idle" in text.lower() or "Idle" in text
+def _kernel_idle(driver, url: str, name: str) -> bool:
+    """The notebook's own kernel (its session's) has started and is idle."""
+    for session in _api(driver, url, "sessions"):
+        if session.get("path", "").endswith(name) and session.get("kernel"):
+            return session["kernel"].get("execution_state") == "idle"
+    return False
 
 
 def _wait(driver, predicate, timeout: float, what: str):
