@@ -173,9 +173,9 @@ class Sandbox:
 
     def status(self):
         """The testbed's picture from its ``labkit status --json`` document."""
-        from labkit.workshop import status_json, testbed_picture
+        from labkit.workshop import picture, status_json
 
-        return testbed_picture(status_json(self.session.testbed))
+        return picture(status_json(self.session.testbed))
 
     def conntrack_chart(self):
         """The last run's conntrack chart (as in the story's notebooks)."""

@@ -129,6 +129,18 @@ def steps(profile: str = "lab"):
     return _md("\n".join(lines) + "\n\nThen [sandbox.ipynb](sandbox.ipynb): your own values.")
 
 
+def picture(status: dict[str, Any]):
+    """:func:`testbed_picture` as a PNG image a notebook shows (no pyplot backend needed)."""
+    import io
+
+    from IPython.display import Image
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    buf = io.BytesIO()
+    FigureCanvasAgg(testbed_picture(status)).print_png(buf)
+    return Image(data=buf.getvalue(), format="png")
+
+
 # --- predict, then check ------------------------------------------------------------------
 
 def question(number: int):

@@ -50,9 +50,10 @@ def _kernel_pids(ids: list[str]) -> list[int]:
 def _parameterized(src: Path, dest: Path, **parameters) -> None:
     """The notebook with papermill's injected parameters cell, as `labkit replay` makes it."""
     import nbformat
+    from papermill.iorw import load_notebook_node
     from papermill.parameterize import parameterize_notebook
 
-    nb = parameterize_notebook(nbformat.read(src, as_version=4), parameters)
+    nb = parameterize_notebook(load_notebook_node(str(src)), parameters)
     nbformat.write(nb, dest)
 
 
@@ -165,7 +166,9 @@ def _wait(driver, predicate, timeout: float, what: str):
         if value:
             return value
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+    shots = Path(os.environ.get("LABKIT_SHOTS") or "/tmp")
+    driver.save_screenshot(str(shots / "timed-out.png"))
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (page: {shots / 'timed-out.png'})")
 
 
 def _run_all(driver) -> None:
@@ -202,8 +205,8 @@ def test_start_here_builds_the_testbed_and_draws_it(lab):
     driver = lab["driver"]
     _open(lab, "00-start-here.ipynb")
     _run_all(driver)
-    picture = _wait(driver, lambda d: (c := _cell_with(d, "workshop.testbed_picture(status)")) is not None
-                    and c.find_elements("css selector", ".jp-OutputArea img") and c, 120, "the testbed picture")
+    picture = _wait(driver, lambda d: (c := _cell_with(d, "workshop.picture(status)")) is not None
+                    and c.find_elements("css selector", ".jp-OutputArea img") and c, 360, "the testbed picture (up waits while another lab run holds the global sysctls)")
     count = _wait(driver, lambda d: re.search(r"\[node\]# cat /proc/sys/net/netfilter/nf_conntrack_count\s+(\d+)",
                                               _output_text(d, 'lab.sh("node"')), 60, "the node's count")
     assert int(count.group(1)) >= 0
