@@ -255,11 +255,13 @@ def run_load_on(host: Host, spec: LoadSpec, *, transfers: bool = False, python: 
             raise CommandFailed(result)
         table = read_transfers(host.read_file(path).decode()) if path else None
     finally:
-        if feed:
-            feed.stop()
-        leftovers = [p for p in (path, feed.path if feed else None) if p]
-        if leftovers:
-            host.run(["rm", "-f", *leftovers], check=False, timeout=30)
+        try:
+            if feed:
+                feed.stop()
+        finally:
+            leftovers = [p for p in (path, feed.path if feed else None) if p]
+            if leftovers:
+                host.run(["rm", "-f", *leftovers], check=False, timeout=30)
     return LoadResult.from_json(result.stdout, transfers=table)
 
 
@@ -276,11 +278,11 @@ class _ProgressFeed(threading.Thread):
     def __init__(self, host: Host, path: str, progress: Progress, interval: float = 0.5):
         super().__init__(name="labkit-loadgen-progress", daemon=True)
         self.host, self.path, self.progress, self.interval = host, path, progress, interval
-        self._stop = threading.Event()
+        self._halted = threading.Event()
         self._seen = 0
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halted.wait(self.interval):
             self._poll()
 
     def _poll(self) -> None:
@@ -298,7 +300,7 @@ class _ProgressFeed(threading.Thread):
 
     def stop(self) -> None:
         """Stop following (after one last read)."""
-        self._stop.set()
+        self._halted.set()
         if self.is_alive():
             self.join(5)
         self._poll()
