@@ -194,11 +194,20 @@ def _output_text(driver, source_part: str) -> str:
 
 
 def _shot(driver, element, path: Path) -> bytes:
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
-    time.sleep(0.3)
-    data = element.screenshot_as_png
-    path.write_bytes(data)
-    return data
+    """A screenshot of ``element`` (or of what ``element()`` finds: a chart replaced while we look)."""
+    for _ in range(10):
+        try:
+            found = element() if callable(element) else element
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", found)
+            time.sleep(0.3)
+            data = found.screenshot_as_png
+            path.write_bytes(data)
+            return data
+        except Exception:  # stale: the live chart was redrawn between finding and shooting it
+            if not callable(element):
+                raise
+            time.sleep(0.2)
+    raise AssertionError(f"could not take {path.name}")
 
 
 def test_start_here_builds_the_testbed_and_draws_it(lab):
@@ -224,17 +233,16 @@ def test_iteration_2_runs_in_jupyterlab_with_a_live_chart_and_the_articles_comma
     _open(lab, "iteration-2.ipynb")
     _run_all(driver)
     run_cell = _wait(driver, lambda d: _cell_with(d, "lab.run(live=live)"), 60, "the run cell")
-    image = _wait(driver, lambda d: run_cell.find_elements("css selector", ".jp-OutputArea img"), 90,
-                  "the live chart")[0]
+    _wait(driver, lambda d: run_cell.find_elements("css selector", ".jp-OutputArea img"), 90, "the live chart")
+    image = lambda: run_cell.find_elements("css selector", ".jp-OutputArea img")[0]  # noqa: E731
     started = time.monotonic()
     first = _shot(driver, image, lab["shots"] / "live-1.png")
     time.sleep(4)
-    image = run_cell.find_elements("css selector", ".jp-OutputArea img")[0]
     second = _shot(driver, image, lab["shots"] / "live-2.png")
     assert first != second, "the live chart did not change in 4 s of load"
     time.sleep(3)
     driver.save_screenshot(str(lab["shots"] / "live-midload-page.png"))
-    _shot(driver, run_cell.find_elements("css selector", ".jp-OutputArea img")[0], lab["shots"] / "live-3.png")
+    _shot(driver, image, lab["shots"] / "live-3.png")
     assert time.monotonic() - started < DURATION_S + 20
     count = _wait(driver, lambda d: re.search(r"\[node\]# cat /proc/sys/net/netfilter/nf_conntrack_count\s+(\d+)",
                                               _output_text(d, '"cat /proc/sys/net/netfilter/nf_conntrack_count"')),
