@@ -75,7 +75,9 @@ class RunSummary:
         """The summary's introduction, with the run's identity (Markdown)."""
         m = self.manifest
         env = m.get("environment", {})
-        who = (f"Run `{m.get('run_id', self.run_dir.name)}`, profile `{self.profile}`, "
+        shown = (f"{m.get('profile', 'lab')} (derived for this machine: {Path(self.profile).name})"
+                 if str(self.profile).endswith((".yaml", ".yml")) else self.profile)
+        who = (f"Run `{m.get('run_id', self.run_dir.name)}`, profile `{shown}`, "
                f"Linux {env.get('kernel', '?')} on {env.get('cpus', '?')} CPUs, "
                f"{len(self.summary)} iteration(s) completed.") if m else ""
         return _md(f"{load_story()['summary']['intro'].strip()}\n\n{who}")
