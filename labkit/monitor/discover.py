@@ -121,6 +121,15 @@ def _pod_of(record: Mapping) -> tuple[str, str] | None:
     return None
 
 
+def _netns_part(record: Mapping) -> dict:
+    """What :func:`_netns_inode_of` needs of a runtime record (kept instead of the whole record)."""
+    if "Config" in record:
+        return {"Config": {}, "HostConfig": {"NetworkMode": (record.get("HostConfig") or {}).get("NetworkMode")},
+                "State": {"Pid": (record.get("State") or {}).get("Pid")}}
+    return {"linux": {"namespaces": [s for s in ((record.get("linux") or {}).get("namespaces") or [])
+                                     if s.get("type") == "network"]}}
+
+
 def _netns_inode_of(record: Mapping, folder: str, proc: str) -> int | None:
     """The network namespace a runtime record's container runs in, or None (host network, gone)."""
     if "Config" in record:   # Docker: config.v2.json
@@ -141,11 +150,28 @@ def _netns_inode_of(record: Mapping, folder: str, proc: str) -> int | None:
             except (OSError, ValueError):
                 continue
     for path in paths:
-        try:
-            return os.stat(path).st_ino
-        except OSError:
-            continue
+        inode = netns_file_inode(path)
+        if inode is not None:
+            return inode
     return None
+
+
+def netns_file_inode(path: str) -> int | None:
+    """The inode of the namespace a file stands for, or None when it is gone.
+
+    ``/proc/PID/ns/net`` is read as its link text (``net:[INODE]``); other files
+    (``/run/netns/NAME``, bind mounts) are ``stat``-ed.
+    """
+    try:
+        match = _NET_LINK.match(os.readlink(path))
+        if match:
+            return int(match.group(1))
+    except OSError:
+        pass          # not a link: a bind mount or a plain file
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 class RuntimePods:
@@ -163,7 +189,8 @@ class RuntimePods:
     def __init__(self, roots: Iterable[str] = RUNTIME_ROOTS, proc: str = PROC):
         self.roots = tuple(roots)
         self.proc = proc
-        self._cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
+        self._cache: dict[str, tuple[int, tuple[str, str] | None, dict]] = {}
+        self._malformed: set[str] = set()
 
     def _records(self) -> list[tuple[str, str]]:
         found = []
@@ -191,20 +218,24 @@ class RuntimePods:
         for path, folder in self._records():
             seen.add(path)
             try:
-                mtime = os.stat(path).st_mtime
+                mtime = os.stat(path).st_mtime_ns
                 cached = self._cache.get(path)
                 if cached is None or cached[0] != mtime:
                     with open(path) as f:
-                        cached = (mtime, _pod_of(json.load(f)))
+                        record = json.load(f)
+                    cached = (mtime, _pod_of(record), _netns_part(record))
                     self._cache[path] = cached
-                pod = cached[1]
-                if pod is None:
-                    continue
-                with open(path) as f:   # the netns part may change (pid files); cheap to redo
-                    inode = _netns_inode_of(json.load(f), folder, self.proc)
-            except (OSError, ValueError) as exc:
-                log.debug("runtime record %s: %s", path, exc)   # a container going away
+            except OSError:
+                continue      # the container went away while listing
+            except ValueError as exc:
+                if path not in self._malformed:   # its namespace keeps its other name
+                    log.warning("container runtime record %s is not JSON (%s): its pod is not named", path, exc)
+                    self._malformed.add(path)
                 continue
+            _, pod, part = cached
+            if pod is None:
+                continue
+            inode = _netns_inode_of(part, folder, self.proc)  # pid files change: read each time
             if inode is not None:
                 out.setdefault(inode, f"{pod[0]}/{pod[1]}")
         for gone in set(self._cache) - seen:

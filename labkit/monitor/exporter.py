@@ -296,33 +296,56 @@ class ConntrackExporter:
             with self._lock:
                 self._suppressed += event.suppressed or 0
             return
-        if event.kind == TABLE_FULL:
-            # lines without a namespace come from the initial one (current kernels name every other)
-            inode = event.netns_inode if event.netns_inode is not None else INIT_NET_INODE
-            if inode not in self._watch and self.keep_foreign:
-                try:
-                    self.rescan()     # a namespace newer than the last rescan
-                except MonitorError as exc:
-                    self.error = self.error or exc
-            with self._lock:
-                watch = self._watch.get(inode)
-                if watch is not None:
+        if event.kind == TABLE_FULL and self.keep_foreign and event.netns_inode is not None \
+                and event.netns_inode not in self._watch:
+            try:
+                self.rescan()     # a namespace newer than the last rescan
+            except MonitorError as exc:
+                self.error = self.error or exc
+        with self._lock:
+            at_max = {inode: w.at_expect_max for inode, w in self._watch.items()}
+            inode = attribute_line(event, wall, at_max, self.hz)
+            watch = self._watch.get(inode) if inode is not None else None
+            if watch is not None:
+                if event.kind == TABLE_FULL:
                     watch.table_full += 1
-                elif self.keep_foreign:
-                    key = (TABLE_FULL, f"netns:{inode}")
-                    self._orphans[key] = self._orphans.get(key, 0) + 1
-            return
-        if event.kind == EXPECT_TABLE_FULL:
-            # the line names no namespace: the one whose expectations were at the max then
-            slack = max(1.5, 2.0 / self.hz)
-            with self._lock:
-                at_max = [w for w in self._watch.values()
-                          if w.at_expect_max is not None and abs(w.at_expect_max - wall) <= slack]
-                if len(at_max) == 1:
-                    at_max[0].expect_full += 1
                 else:
-                    key = (EXPECT_TABLE_FULL, "")
-                    self._orphans[key] = self._orphans.get(key, 0) + 1
+                    watch.expect_full += 1
+                return
+            if event.kind == EXPECT_TABLE_FULL:
+                key = (EXPECT_TABLE_FULL, "")
+            elif self.keep_foreign:
+                key = (TABLE_FULL, f"netns:{inode}")
+            else:
+                return        # another lab's namespace, not one of ours
+            self._orphans[key] = self._orphans.get(key, 0) + 1
+
+
+def attribute_line(event: KernelEvent, wall: float, at_expect_max: dict[int, float | None],
+                   hz: float) -> int | None:
+    """The namespace (inode) a kernel conntrack line belongs to.
+
+    ``table full in netns N`` belongs to N; a ``table full`` line that names no
+    namespace to the initial one (current kernels name every other).  An
+    ``expectation table full`` line names none: it goes to the one namespace whose
+    expectations were at the limit within two sampling periods (at least 1.5 s)
+    of the line, if exactly one was.
+
+    Args:
+        event: a ``table_full`` or ``expect_table_full`` event.
+        wall: when the kernel logged it (Unix time).
+        at_expect_max: ``{inode: last sample time with expectations at the limit, or None}``.
+        hz: the sampling rate.
+
+    Returns:
+        The inode, or None for an expectation line no one namespace can be given.
+    """
+    if event.kind == TABLE_FULL:
+        return event.netns_inode if event.netns_inode is not None else INIT_NET_INODE
+    slack = max(1.5, 2.0 / hz)
+    near = [inode for inode, t in at_expect_max.items() if t is not None and abs(t - wall) <= slack]
+    return near[0] if len(near) == 1 else None
+
 
     # -- reading -----------------------------------------------------------------------
 
