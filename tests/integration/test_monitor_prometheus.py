@@ -43,7 +43,8 @@ class Exporter:
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env=env or dict(os.environ))
         self.seen: list[str] = []          # its stdout lines so far
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
         first = wait_for(lambda: self.seen or self.proc.poll() is not None, 60, "the exporter to start")
         match = re.search(r"serving (http://127\.0\.0\.1:(\d+)/metrics)", self.seen[0] if self.seen else "")
         if not match:
@@ -66,15 +67,16 @@ class Exporter:
         return {ns for (name, ns) in self.scrape() if name == "node_nf_conntrack_entries"}
 
     def stop(self) -> tuple[int, str]:
-        """SIGTERM; return its exit code and stderr."""
+        """SIGTERM; return its exit code and stderr (its stdout lines are in :attr:`seen`)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proc.communicate(timeout=30)
+            self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
+            self.proc.wait()
+        self.reader.join(5)
+        return self.proc.returncode, self.proc.stderr.read()
 
 
 def wait_for(check, timeout: float, what: str):
