@@ -321,6 +321,26 @@ class ConntrackExporter:
             self._orphans[key] = self._orphans.get(key, 0) + 1
 
 
+    # -- reading -----------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The newest sample of each namespace and the kernel-line counts, as one consistent view."""
+        with self._lock:
+            states = [NetnsState(w.found, w.latest[0], w.latest[1], w.table_full, w.expect_full)
+                      for w in self._watch.values() if w.latest is not None]
+            orphans = dict(self._orphans)
+            suppressed = self._suppressed
+        lost = self._follower.lost if self._follower is not None else 0
+        states.sort(key=lambda s: s.found.label)
+        return Snapshot(states, orphans, suppressed, lost)
+
+    @property
+    def labels(self) -> list[str]:
+        """The labels of the namespaces sampled now, sorted."""
+        with self._lock:
+            return sorted(w.found.label for w in self._watch.values())
+
+
 def attribute_line(event: KernelEvent, wall: float, at_expect_max: dict[int, float | None],
                    hz: float) -> int | None:
     """The namespace (inode) a kernel conntrack line belongs to.
@@ -345,26 +365,6 @@ def attribute_line(event: KernelEvent, wall: float, at_expect_max: dict[int, flo
     slack = max(1.5, 2.0 / hz)
     near = [inode for inode, t in at_expect_max.items() if t is not None and abs(t - wall) <= slack]
     return near[0] if len(near) == 1 else None
-
-
-    # -- reading -----------------------------------------------------------------------
-
-    def snapshot(self) -> Snapshot:
-        """The newest sample of each namespace and the kernel-line counts, as one consistent view."""
-        with self._lock:
-            states = [NetnsState(w.found, w.latest[0], w.latest[1], w.table_full, w.expect_full)
-                      for w in self._watch.values() if w.latest is not None]
-            orphans = dict(self._orphans)
-            suppressed = self._suppressed
-        lost = self._follower.lost if self._follower is not None else 0
-        states.sort(key=lambda s: s.found.label)
-        return Snapshot(states, orphans, suppressed, lost)
-
-    @property
-    def labels(self) -> list[str]:
-        """The labels of the namespaces sampled now, sorted."""
-        with self._lock:
-            return sorted(w.found.label for w in self._watch.values())
 
 
 class ConntrackCollector:
