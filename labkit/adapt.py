@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from labkit.calibrate import (MAX_FAILED_SHARE, Measurement, _measure_iteration, derive_from,
+from labkit.calibrate import (MAX_FAILED_SHARE, Measurement, measurement_iteration, derive_from,
                               measurement)
 from labkit.exceptions import ReplayError, ScenarioError
 
@@ -249,8 +249,8 @@ def check(testbed: Any, scenario: Any, committed: Any, *, cores: float | None = 
     cores = round(available_cpus() if cores is None else cores, 2)
     cpu = pod_cpu(cores, basis)
     base = scenario.iteration(8, committed)
-    it = dataclasses.replace(_measure_iteration(base, "check", udp_timeout=CHECK_TIMEOUT, replicas=1,
-                                                duration=CHECK_S), cpu_limit=cpu,
+    it = dataclasses.replace(measurement_iteration(base, "check", udp_timeout=CHECK_TIMEOUT, replicas=1,
+                                                   duration=CHECK_S), cpu_limit=cpu,
                              concurrency=concurrency_for(base.concurrency, cpu, basis))
     step(f"machine check: {CHECK_S:g} s load, one pod with {cpu:g} CPU ({cores:g} CPU(s) for the lab), "
          f"{CHECK_TIMEOUT} s UDP timeout, tables no load fills")

@@ -57,11 +57,12 @@ class RunSummary:
         if cal.get("skipped"):
             return _md(f"**Profile used: the committed `lab` profile.** {cal['skipped']}.")
         m, b = cal["measured"], cal["basis"]
+        base_lifetime = {str(k): v for k, v in b["lifetimes"].items()}[str(m["udp_timeout"])]  # JSON keys are text
         seen = (f"Before the first iteration, one {m['udp_timeout']} s-timeout load measured this machine: it gives "
                 f"the lab {cal['cores']:g} CPU(s); one pod with {cal['cpu_limit']:g} CPU served "
                 f"**{m['transfers_per_s']:.0f} transfers/s** and a transfer held **{m['lifetime']} entry-s** in "
                 f"the node. The committed `lab` profile was derived on a machine where the same load gave "
-                f"{b['check_capacity']:.0f}/s and {b['lifetimes'][str(m['udp_timeout'])] if str(m['udp_timeout']) in b['lifetimes'] else b['lifetimes'].get(m['udp_timeout'])} entry-s "
+                f"{b['check_capacity']:.0f}/s and {base_lifetime:g} entry-s "
                 f"with {b['cpu_limit']:g} CPU per pod on {b['cores']:g} CPU(s) (tolerance {cal['tolerance']:.0%}).")
         if not cal.get("differs"):
             return _md(f"**Profile used: the committed `lab` profile.** {seen} Within tolerance.")
