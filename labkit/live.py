@@ -1,6 +1,6 @@
 """A live chart of a running load, redrawn in place about once a second.
 
-:class:`LiveChart` is the ``watch`` that :func:`labkit.run.run_iteration`
+:class:`LiveChart` is the ``live`` view that :func:`labkit.run.run_iteration`
 accepts: it is started with the running :class:`~labkit.monitor.Monitor`, fed
 the load generator's running totals, and stopped when sampling ends.  A thread
 of its own reads the monitor's newest sample of each namespace and its new
@@ -70,7 +70,7 @@ def _order(role: str) -> tuple[int, int]:
 
 
 class LiveChart:
-    """The live view of one load (the ``watch`` of :func:`labkit.run.run_iteration`).
+    """The live view of one load (the ``live`` argument of :func:`labkit.run.run_iteration`).
 
     Args:
         title: the figure's title.

@@ -27,7 +27,6 @@ import pandas as pd
 
 from labkit import background
 from labkit.charts import seconds
-from labkit.exceptions import TestbedError
 from labkit.results import ROW_FILE, write_csv, write_json
 from labkit.sysctls import state_dir as default_state_dir
 
@@ -268,7 +267,7 @@ def load_spec(testbed, iteration):
 
 def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float = MONITOR_HZ,
                   compress: bool = False, on_step: Callable[[str], None] | None = None,
-                  watch: Any = None) -> dict[str, Any]:
+                  wait_warm: bool | None = None, live: Any = None) -> dict[str, Any]:
     """Run one iteration end to end and write its tidy data into ``out_dir``.
 
     Args:
@@ -280,7 +279,11 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
         hz: monitor samples per second and namespace.
         compress: write the CSV tables gzip-compressed (``*.csv.gz``).
         on_step: receives a line as each step starts (for a progress display).
-        watch: a live view of the load (:class:`labkit.live.LiveChart`): its
+        wait_warm: wait until the background flows have the garbage collector on their
+            cycle before the load; default: unless the iteration is the plain server,
+            where no conntrack table is in play (its flows run all the same, so that
+            their CPU is spent in every iteration alike).
+        live: a live view of the load (:class:`labkit.live.LiveChart`): its
             ``start(monitor)`` is called once the monitor samples, ``progress(totals)``
             about once a second with the load's running totals, ``stop()`` when
             sampling ends.
@@ -300,30 +303,30 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
     step(f"iteration {iteration.number}: testbed up ({iteration.setup}, {iteration.replicas} replica(s))")
     testbed.up(iteration)
     spec = load_spec(testbed, iteration)
-    with background.ensure(background_flows(testbed, iteration), on_wait=step) as flows:
+    warm = iteration.setup != "plain" if wait_warm is None else wait_warm
+    with background.ensure(background_flows(testbed, iteration), on_wait=step, wait=warm) as flows:
         monitor = Monitor(testbed.monitor_targets(), hz=hz, netns_roles=netns_roles(testbed))
         monitor.start()
-        if watch is not None:
-            watch.start(monitor)
         try:
-            step(f"iteration {iteration.number}: load for {iteration.duration_s:g} s at concurrency "
-                 f"{iteration.concurrency}")
-            result = run_load_on(testbed.host("client"), spec, transfers=True,
-                                 progress=watch.progress if watch is not None else None)
-            load_start = float(result.summary["started_at"])
-            load_stop = load_start + float(result.summary["duration_s"])
-            step(f"iteration {iteration.number}: cool-down tail, {iteration.cooldown_s:g} s sampled")
-            # The tail is observation only: the load has ended; the monitor keeps sampling.
-            time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
+            if live is not None:
+                live.start(monitor)
+            # the flows' failure ends the load at once: the cycle would no longer be the declared one
+            with background.watch(flows):
+                step(f"iteration {iteration.number}: load for {iteration.duration_s:g} s at concurrency "
+                     f"{iteration.concurrency}")
+                result = run_load_on(testbed.host("client"), spec, transfers=True,
+                                     progress=live.progress if live is not None else None)
+                load_start = float(result.summary["started_at"])
+                load_stop = load_start + float(result.summary["duration_s"])
+                step(f"iteration {iteration.number}: cool-down tail, {iteration.cooldown_s:g} s sampled")
+                # The tail is observation only: the load has ended; the monitor keeps sampling.
+                time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
         finally:
             try:
                 monitor.stop()
             finally:
-                if watch is not None:
-                    watch.stop()
-        if flows and background.running() is None:
-            raise TestbedError(f"iteration {iteration.number}: the background flows stopped during the "
-                               "load, so the garbage collector's cycle was not the declared one")
+                if live is not None:
+                    live.stop()
     samples, events = monitor.samples, monitor.events
     row = summarize(iteration, result.summary, samples, events, load_start=load_start,
                     load_stop=load_stop, load=result.timeseries, testbed=getattr(testbed, "name", "netns"))

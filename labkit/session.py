@@ -125,9 +125,12 @@ class IterationSession:
         text = prof.description or "The article's values as they are."
         calib = (prof.extra or {}).get("calibration")
         if calib:
-            lines = [f"- `{d['sysctl'].split('.')[-1]}` {d['article']} -> **{d['lab']}**: {d['why']}"
+            lines = [f"- `{d['sysctl'].split('.')[-1]}` {d['article']} -> **{d['lab']}**"
+                     + (f" (committed profile: {d['committed']})" if "committed" in d else "") + f": {d['why']}"
                      for d in calib.get("derivation", [])]
-            text += "\n\nFrom `labkit calibrate` on this kind of machine:\n\n" + "\n".join(lines)
+            where = ("Derived for this machine before the run" if prof.extra.get("derived_from")
+                     else "From `labkit calibrate` on this kind of machine")
+            text += f"\n\n{where}:\n\n" + "\n".join(lines)
         return _md(f"**Why the `{prof.name}` values differ from the article's.** {text}")
 
     # --- running --------------------------------------------------------------------
@@ -168,7 +171,7 @@ class IterationSession:
         it = self.iteration
         chart = LiveChart(f"Iteration {it.number}: live", live=live,
                           expected_s=float(it.duration_s) + float(it.cooldown_s) + 2.0).begin()
-        run_iteration(self.testbed, it, self.out_dir, compress=self.compress, on_step=chart.step, watch=chart)
+        run_iteration(self.testbed, it, self.out_dir, compress=self.compress, on_step=chart.step, live=chart)
         return self.result_table()
 
     # --- the article's commands ---------------------------------------------------------
