@@ -27,6 +27,7 @@ from labkit.exceptions import LabkitError
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
+LAB_SETTINGS = Path(__file__).resolve().parent / "data" / "jupyterlab"  # overrides.json: no news pop-up
 KERNEL = "labkit"
 START_HERE = "00-start-here.ipynb"
 DEFAULT_PORT = 8888
@@ -94,8 +95,9 @@ def command(port: int, token: str, *, root: bool | None = None,
             f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
             f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={notebooks}",
             f"--MappingKernelManager.default_kernel_name={KERNEL}",
-            # a workshop room has no use for update checks and news pop-ups
-            "--LabApp.news_url=None",
+            # a workshop room has no use for update checks and news pop-ups (nor for the
+            # pop-up asking whether to fetch news: labkit's overrides.json answers "never")
+            "--LabApp.news_url=None", f"--LabApp.app_settings_dir={LAB_SETTINGS}",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
     if root:
         argv.append("--allow-root")

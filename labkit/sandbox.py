@@ -155,10 +155,14 @@ class Sandbox:
         try:
             shown = self.apply(**values)
         except LabkitError as exc:
-            state = self.session.testbed.status().get("state")
+            status = self.session.testbed.status()
+            state = str(status.get("state"))
+            if state == "up" and status.get("node_sysctls"):  # what is in force: the last values that applied
+                state += f" (iteration {status.get('iteration')}; " + ", ".join(
+                    f"{k.split('.')[-1]}={v}" for k, v in status["node_sysctls"].items()) + ")"
             after = "the testbed failed while changing" if self.changing else "refused before anything changed"
             return Panel([(f"{after} ({type(exc).__name__})", str(exc), True),
-                          ("the testbed is now", str(state), False)])
+                          ("the testbed is now", state, False)])
         return Panel([("applied", shown.data, False)])
 
     def run(self, live: bool = True, **values: Any) -> pd.DataFrame:

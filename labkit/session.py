@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ class IterationSession:
         self.out_dir = Path(out_dir) if out_dir else results_root() / f"notebook-{self.iteration.profile}" / \
             f"iteration-{self.iteration.number}"
         self._testbed = None
+        self._flows = None  # background flows this session started (see up())
         self.compress = compress
 
     # --- the story ------------------------------------------------------------------
@@ -150,13 +152,39 @@ class IterationSession:
         return self._testbed
 
     def up(self):
-        """Bring the testbed up (or reconfigure it) for this iteration; show what is there (Markdown)."""
+        """Bring the testbed up (or reconfigure it) for this iteration; show what is there (Markdown).
+
+        When the iteration runs background flows and none are running (and no replay
+        keeps them: ``run_id`` unset), they start here, so that the kernel's garbage
+        collector takes up their cycle (up to a minute) while the participant reads
+        on and predicts, not at the start of the load step.
+        """
         self.testbed.up(self.iteration)
         st = self.testbed.status()
         svc = st.get("service") or {}
         pods = ", ".join(h["name"] for h in st.get("hosts", []) if h.get("role") == "pod") or "none (plain server)"
         return _md(f"Testbed `{st.get('run_id')}` is **{st.get('state')}** for iteration {st.get('iteration')}: "
-                   f"service `{svc.get('node_ip')}:{svc.get('node_port')}/udp`, pods: {pods}.")
+                   f"service `{svc.get('node_ip')}:{svc.get('node_port')}/udp`, pods: {pods}.{self._warm_ahead()}")
+
+    def _warm_ahead(self) -> str:
+        """Start the iteration's background flows when none run; a sentence on them (or "")."""
+        from labkit import background
+        from labkit.run import background_flows
+
+        flows = background_flows(self.testbed, self.iteration)
+        if not flows or self.run_id is not None:
+            return ""
+        info = background.running()
+        if info is None:
+            if self._flows is not None:  # ours stopped (their error is in their marker): fresh ones
+                self._flows.stop()
+                self._flows = None
+            self._flows = background.BackgroundFlows(flows).start()
+            info = background.running() or {"warm_at": self._flows.started + self._flows.warm_s}
+        left = float(info["warm_at"]) - time.time()
+        when = (f"the kernel's garbage collector takes up their cycle within {left:.0f} s (the run step "
+                "waits for that if you get there sooner)" if left > 0 else "the garbage collector is on their cycle")
+        return (f" {flows:,} short background flows a second run beside it, as on a busy node: {when}.")
 
     def run(self, live: bool = True) -> pd.DataFrame:
         """Run the iteration (testbed up, monitor, load, cool-down); return the key numbers.
@@ -232,9 +260,15 @@ class IterationSession:
         return check(self.iteration.number, self.out_dir, prediction)
 
     def down(self) -> str:
-        """Bring the testbed down and restore the global sysctls; idempotent."""
-        if self._testbed is not None:
-            self._testbed.down()
+        """Bring the testbed down (and the background flows :meth:`up` started) and restore
+        the global sysctls; idempotent."""
+        try:
+            if self._testbed is not None:
+                self._testbed.down()
+        finally:
+            if self._flows is not None:
+                self._flows.stop()
+                self._flows = None
         return "testbed down, global sysctls restored"
 
     # --- results ----------------------------------------------------------------------

@@ -41,6 +41,12 @@ def _md(text: str):
 
 # --- the testbed's picture ------------------------------------------------------------------
 
+def _pod_lines(pod: dict[str, Any]) -> list[str]:
+    cpu = pod.get("cpu_limit")
+    lines = [pod.get("ip", ""), f"in.tftpd, CPU {cpu if cpu else 'no limit'}"]
+    return lines + [f"{k.split('.')[-1]}={v}" for k, v in (pod.get("sysctls") or {}).items()]
+
+
 def testbed_picture(status: dict[str, Any]) -> Figure:
     """Draw the testbed a ``labkit status --json`` document describes.
 
@@ -52,10 +58,12 @@ def testbed_picture(status: dict[str, Any]) -> Figure:
     """
     hosts = status.get("hosts") or []
     pods = [h for h in hosts if h.get("role") == "pod"]
-    fig = Figure(figsize=(10, 1.6 + 1.1 * max(len(pods), 1)), dpi=80)
+    pod_lines = [_pod_lines(pod) for pod in pods]
+    pod_h = 0.65 + 0.17 * max([len(lines) for lines in pod_lines] + [2])  # title, then its lines
+    height = max(2.7, 0.5 + (pod_h + 0.15) * len(pods))
+    fig = Figure(figsize=(10, height), dpi=80)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.set_xlim(0, 10)
-    height = 1.6 + 1.1 * max(len(pods), 1)
     ax.set_ylim(0, height)
     ax.axis("off")
     if status.get("state") in (None, "down") or not hosts:
@@ -82,13 +90,11 @@ def testbed_picture(status: dict[str, Any]) -> Figure:
     ax.annotate("", xy=(3.15, mid), xytext=(2.25, mid), arrowprops={"arrowstyle": "->", "lw": 1.5})
     if not pods:
         ax.text(4.65, mid - 1.15, "plain in.tftpd on the node (no NAT)", ha="center", fontsize=8.5)
-    for i, pod in enumerate(pods):
-        y = height - 1.0 - i * 1.1
-        cpu = pod.get("cpu_limit")
-        lines = [pod.get("ip", ""), f"in.tftpd, CPU {cpu if cpu else 'no limit'}"]
-        lines += [f"{k.split('.')[-1]}={v}" for k, v in (pod.get("sysctls") or {}).items()][:2]
-        box(7.0, y - 0.05, 2.8, 0.95, pod.get("name", f"pod-{i + 1}"), lines, "#e6f4ea")
-        ax.annotate("", xy=(6.95, y + 0.42), xytext=(6.15, mid), arrowprops={"arrowstyle": "->", "lw": 1.2})
+    top = mid + (pod_h + 0.15) * len(pods) / 2  # the pods' column, centred on the node
+    for i, (pod, lines) in enumerate(zip(pods, pod_lines)):
+        y = top - (i + 1) * (pod_h + 0.15) + 0.075
+        box(7.0, y, 2.8, pod_h, pod.get("name", f"pod-{i + 1}"), lines, "#e6f4ea")
+        ax.annotate("", xy=(6.95, y + pod_h / 2), xytext=(6.15, mid), arrowprops={"arrowstyle": "->", "lw": 1.2})
     fig.text(0.01, 0.01, f"{status.get('testbed')} testbed {status.get('run_id', '')}: {status.get('state')}, "
              f"iteration {status.get('iteration')} ({status.get('profile')} profile)", fontsize=8, color="0.35")
     return fig

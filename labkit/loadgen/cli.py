@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from labkit.loadgen.runner import NOTHING_OK_EXIT, run_load
 from labkit.loadgen.spec import DEFAULT_CONCURRENCY, DEFAULT_DURATION, LoadSpec
@@ -59,7 +60,7 @@ def register(subparsers) -> None:
     p.add_argument("--transfers", metavar="CSV", help="write one row per transfer to this CSV file")
     p.add_argument("--progress", metavar="FILE",
                    help="append the running totals to FILE as one JSON line about once a second "
-                        "(elapsed_s, started, ok, failed, in_flight; what a live chart reads)")
+                        "(elapsed_s, started, ok, failed, in_flight, and at: the wall time; what a live chart reads)")
     p.add_argument("--out", metavar="DIR",
                    help="write summary.json, timeseries.csv (and transfers.csv) to DIR")
     p.set_defaults(func=_loadgen)
@@ -115,8 +116,8 @@ def _fan_out(line, feed):
         if line is not None:
             line(p)
         if feed is not None:
-            feed.write(json.dumps({k: p[k] for k in ("elapsed_s", "started", "ok", "failed", "in_flight")})
-                       + "\n")
+            totals = {k: p[k] for k in ("elapsed_s", "started", "ok", "failed", "in_flight")}
+            feed.write(json.dumps({**totals, "at": round(time.time(), 3)}) + "\n")
 
     return progress
 

@@ -222,6 +222,7 @@ def test_start_here_builds_the_testbed_and_draws_it(lab):
     steps = _wait(driver, lambda d: "iteration = 9" in _output_text(d, "workshop.steps(profile)"), 30, "the steps")
     assert steps
     driver.save_screenshot(str(lab["shots"] / "start-here-page.png"))
+    assert "Jupyter news" not in driver.find_element("tag name", "body").text  # no pop-up over the lab
     _shot(driver, picture, lab["shots"] / "start-here-testbed.png")
     status = subprocess.run([sys.executable, "-m", "labkit", "status", "--json"], env=lab["env"],
                             capture_output=True, text=True, check=True).stdout

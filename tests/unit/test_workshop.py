@@ -132,6 +132,35 @@ def test_live_chart_series_follow_the_monitor_and_the_load():
     assert chart.redraws >= 3 and chart.status == "done"
 
 
+def test_live_chart_places_transfers_where_the_load_had_them_not_where_the_lines_arrived():
+    chart = live.LiveChart("it", interval=10, show=False)
+    chart.start(FakeMonitor())
+    t0 = chart._t0
+    # the feed's lines all come now, in one batch, though the load wrote them at 0.5, 1.5 and 2.5 s
+    for k in range(3):
+        chart.progress({"elapsed_s": 0.5 + k, "ok": 100 * k, "failed": 0, "at": t0 + 0.5 + k})
+    chart.stop()
+    assert [round(t, 1) for t, _ok, _f in chart.series.transfers] == [1.5, 2.5]
+    late = live.LiveChart("it", interval=10, show=False)  # a line without its time: placed on arrival
+    late.start(FakeMonitor())
+    late.progress({"elapsed_s": 3.0, "ok": 0, "failed": 0})
+    late.progress({"elapsed_s": 4.0, "ok": 50, "failed": 0})
+    late.stop()
+    assert late.series.transfers[0][0] == pytest.approx(1.0, abs=0.2)  # arrived at 0 s as its second 3
+
+
+def test_live_chart_keeps_its_beat_when_a_drawing_is_slow(monkeypatch):
+    chart = live.LiveChart("it", interval=0.2, show=False)
+    monkeypatch.setattr(chart, "_redraw", lambda: time.sleep(0.12))
+    monitor = FakeMonitor()
+    chart.start(monitor)
+    time.sleep(1.05)
+    chart._stop.set()
+    chart._thread.join(2)
+    # five beats of 0.2 s in 1.05 s; drawing after each (0.12 s) must not stretch them to 0.32 s (three)
+    assert monitor.n >= 1 + 4, monitor.n
+
+
 def test_live_chart_draws_counts_drops_transfers_and_log_marks():
     s = live.Series(counts={"node": [(0, 10), (1, 900)], "pod-1": [(0, 5), (1, 400)]},
                     maxima=[(1, 1000)], drops={"node": [(1, 120.0)]}, early_drops={"node": [(1, 12.0)]},
@@ -291,6 +320,10 @@ def test_notebook_command_listens_on_loopback_with_a_token_and_labkits_kernel():
     assert "--IdentityProvider.token=sekrit" in argv
     assert "--MappingKernelManager.default_kernel_name=labkit" in argv
     assert "--allow-root" not in argv and "--allow-root" in jupyter.command(8890, "x", root=True)
+    # no "fetch news?" pop-up over the notebook: the lab's settings answer it
+    settings = Path(next(a for a in argv if a.startswith("--LabApp.app_settings_dir=")).split("=", 1)[1])
+    overrides = json.loads((settings / "overrides.json").read_text())
+    assert overrides["@jupyterlab/apputils-extension:notification"]["fetchNews"] == "false"
 
 
 def test_notebook_command_refuses_without_the_kernel(tmp_path):
@@ -320,3 +353,66 @@ def test_the_notebooks_stay_thin():
             assert not any(line.lstrip().startswith(("def ", "class ", "for ", "while "))
                            for line in cell.source.splitlines()), (name, cell.source)
             assert len(cell.source.splitlines()) <= 14, (name, cell.source)
+
+
+# --- background flows start with the testbed, so the load step need not wait for them -------
+
+class FakeFlows:
+    made: list = []
+
+    def __init__(self, flows):
+        self.flows, self.started, self.warm_s, self.stopped = flows, time.time(), 61.0, False
+        FakeFlows.made.append(self)
+
+    def start(self):
+        return self
+
+    def stop(self):
+        self.stopped = True
+
+
+class UpTestbed:
+    name = "netns"
+
+    def __init__(self):
+        self.ups, self.downs = 0, 0
+
+    def up(self, iteration):
+        self.ups += 1
+
+    def down(self):
+        self.downs += 1
+
+    def status(self):
+        return {"run_id": "ab12", "state": "up", "iteration": 2, "service": {"node_ip": "10.69.0.1", "node_port": 30069},
+                "hosts": [{"role": "pod", "name": "pod-1"}]}
+
+
+def _session(monkeypatch, running, run_id=None):
+    from labkit import background
+    from labkit.session import IterationSession
+
+    FakeFlows.made = []
+    monkeypatch.setattr(background, "BackgroundFlows", FakeFlows)
+    monkeypatch.setattr(background, "running", lambda directory=None: running())
+    session = IterationSession(2, "lab", run_id=run_id)
+    session._testbed = UpTestbed()
+    assert session.iteration.background_flows > 0  # the lab profile runs them
+    return session
+
+
+def test_up_starts_the_background_flows_so_they_warm_while_the_participant_reads(monkeypatch):
+    session = _session(monkeypatch, lambda: None)
+    text = session.up().data
+    assert len(FakeFlows.made) == 1 and FakeFlows.made[0].flows == session.iteration.background_flows
+    assert "background flows" in text and ("within 61 s" in text or "within 60 s" in text)
+    session.down()
+    assert FakeFlows.made[0].stopped and session._testbed.downs == 1
+
+
+def test_up_uses_flows_already_running_and_a_replay_leaves_them_to_its_driver(monkeypatch):
+    session = _session(monkeypatch, lambda: {"warm_at": time.time() - 5})
+    assert "the garbage collector is on their cycle" in session.up().data and FakeFlows.made == []
+    session.down()
+    replay = _session(monkeypatch, lambda: None, run_id="20261201-lab-x")
+    assert "background" not in replay.up().data and FakeFlows.made == []
