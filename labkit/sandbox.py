@@ -155,15 +155,20 @@ class Sandbox:
         try:
             shown = self.apply(**values)
         except LabkitError as exc:
-            status = self.session.testbed.status()
-            state = str(status.get("state"))
-            if state == "up" and status.get("node_sysctls"):  # what is in force: the last values that applied
-                state += f" (iteration {status.get('iteration')}; " + ", ".join(
-                    f"{k.split('.')[-1]}={v}" for k, v in status["node_sysctls"].items()) + ")"
-            after = "the testbed failed while changing" if self.changing else "refused before anything changed"
-            return Panel([(f"{after} ({type(exc).__name__})", str(exc), True),
-                          ("the testbed is now", state, False)])
+            return self._refusal(exc)
         return Panel([("applied", shown.data, False)])
+
+    def _refusal(self, exc: Exception):
+        """A refusal (red) and the testbed's state after it, as a Panel."""
+        from labkit.commands import Panel
+
+        status = self.session.testbed.status()
+        state = str(status.get("state"))
+        if state == "up" and status.get("node_sysctls"):  # what is in force: the last values that applied
+            state += f" (iteration {status.get('iteration')}; " + ", ".join(
+                f"{k.split('.')[-1]}={v}" for k, v in status["node_sysctls"].items()) + ")"
+        after = "the testbed failed while changing" if self.changing else "refused before anything changed"
+        return Panel([(f"{after} ({type(exc).__name__})", str(exc), True), ("the testbed is now", state, False)])
 
     def run(self, live: bool = True, **values: Any) -> pd.DataFrame:
         """Apply the values, run a short load with the live chart, and return the key numbers.
@@ -172,6 +177,10 @@ class Sandbox:
             as :meth:`apply`, and what :func:`labkit.run.run_iteration` raises.
         """
         self.apply(**values)
+        return self._load(live)
+
+    def _load(self, live: bool) -> pd.DataFrame:
+        """The short load on the testbed as it is, into a fresh folder; the key numbers."""
         self.session.out_dir = self.out_root / time.strftime(f"run-%Y%m%d-%H%M%S-{next(self._runs)}")
         return self.session.run(live=live)
 
@@ -205,6 +214,8 @@ class Sandbox:
                             "cell and run the next cells.*")
         from IPython.display import display
 
+        from labkit.exceptions import LabkitError
+
         start = {**self.defaults(), **values}
         fields = {
             "conntrack_max": w.BoundedIntText(value=start["conntrack_max"], min=-(1 << 20), max=1 << 26,
@@ -231,7 +242,13 @@ class Sandbox:
             chosen["node_udp_timeout_stream"] = start["node_udp_timeout_stream"]
             chosen["pod_udp_timeout_stream"] = start["pod_udp_timeout_stream"]
             with out:  # drawn once at the end: a button's output area is not a running cell
-                display(self.run(live=False, **chosen))
+                self.changing = False
+                try:
+                    self.apply(**chosen)
+                except LabkitError as exc:  # a bad value: said in the widget's output, as in a cell
+                    display(self._refusal(exc))
+                    return
+                display(self._load(live=False))
 
         button.on_click(clicked)
         return w.VBox([*fields.values(), button, out])

@@ -252,6 +252,13 @@ def test_iteration_2_runs_in_jupyterlab_with_a_live_chart_and_the_articles_comma
     check = _wait(driver, lambda d: "finding F1" in _output_text(d, "lab.check(prediction)"), 120, "the check")
     assert check
     driver.save_screenshot(str(lab["shots"] / "iteration-2-end.png"))
+    # the pages a participant reads: the set-up's commands, the commands after the load, the check
+    for name, cell in (("iteration-2-setup", "lab.sysctl_w()"), ("iteration-2-pod", "lab.pod_sysctls()"),
+                       ("iteration-2-commands", '"cat /proc/sys/net/netfilter/nf_conntrack_count"'),
+                       ("iteration-2-check", "lab.check(prediction)")):
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'});", _cell_with(driver, cell))
+        time.sleep(0.5)
+        driver.save_screenshot(str(lab["shots"] / f"{name}.png"))
 
 
 def test_sandbox_refuses_a_bad_value_in_its_cell_and_the_testbed_stays_up(lab):
@@ -272,3 +279,8 @@ def test_sandbox_refuses_a_bad_value_in_its_cell_and_the_testbed_stays_up(lab):
                                               _output_text(d, 'sb.session.sh("node"')), 60, "the node after")
     assert int(after.group(2)) == 4096
     driver.save_screenshot(str(lab["shots"] / "sandbox-page.png"))
+    # the sliders render (JupyterLab's widget manager is installed with ipywidgets)
+    widgets = _wait(driver, lambda d: (c := _cell_with(d, "sb.widgets(**values)")) is not None
+                    and c.find_elements("css selector", ".jp-OutputArea .widget-slider") and c, 60, "the sliders")
+    assert "run the load" in widgets.find_element("css selector", ".jp-OutputArea").text
+    _shot(driver, widgets, lab["shots"] / "sandbox-widgets.png")

@@ -416,3 +416,20 @@ def test_up_uses_flows_already_running_and_a_replay_leaves_them_to_its_driver(mo
     session.down()
     replay = _session(monkeypatch, lambda: None, run_id="20261201-lab-x")
     assert "background" not in replay.up().data and FakeFlows.made == []
+
+
+def test_sandbox_widgets_show_a_bad_value_refused_in_their_output(monkeypatch, tmp_path):
+    pytest.importorskip("ipywidgets")
+    import IPython.display
+
+    monkeypatch.setenv("LABKIT_STATE_DIR", str(tmp_path))
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda *objs, **kw: shown.extend(objs))
+    sb = _sandbox()
+    box = sb.widgets(**sb.defaults())
+    field = next(c for c in box.children if getattr(c, "description", "") == "nf_conntrack_max")
+    field.value = -5
+    next(c for c in box.children if getattr(c, "description", "") == "run the load").click()
+    (title, text, refused), (_, state, _) = shown[-1].blocks
+    assert refused and title == "refused before anything changed (ScenarioError)"
+    assert "conntrack_max" in text and "-5" in text and state == "down"
