@@ -217,21 +217,22 @@ class Sandbox:
         from labkit.exceptions import LabkitError
 
         start = {**self.defaults(), **values}
+        wide = {"style": {"description_width": "260px"}, "layout": w.Layout(width="560px")}  # whole labels
         fields = {
             "conntrack_max": w.BoundedIntText(value=start["conntrack_max"], min=-(1 << 20), max=1 << 26,
-                                              description="nf_conntrack_max"),
+                                              description="nf_conntrack_max", **wide),
             "expect_max": w.BoundedIntText(value=start["expect_max"], min=-(1 << 20), max=1 << 20,
-                                           description="expect_max"),
+                                           description="nf_conntrack_expect_max", **wide),
             "node_udp_timeout": w.IntSlider(value=start["node_udp_timeout"] or 30, min=1, max=180,
-                                            description="node udp (s)"),
+                                            description="node nf_conntrack_udp_timeout (s)", **wide),
             "pod_udp_timeout": w.IntSlider(value=start["pod_udp_timeout"] or 30, min=1, max=180,
-                                           description="pod udp (s)"),
+                                           description="pod nf_conntrack_udp_timeout (s)", **wide),
             "allow_unsafe_sysctls": w.Checkbox(value=start["allow_unsafe_sysctls"],
-                                               description="kubelet allows the pod's UDP timeouts"),
-            "replicas": w.IntSlider(value=start["replicas"], min=1, max=4, description="replicas"),
+                                               description="kubelet allows the pod's UDP timeouts", **wide),
+            "replicas": w.IntSlider(value=start["replicas"], min=1, max=4, description="replicas", **wide),
             "cpu_per_pod": w.FloatSlider(value=start["cpu_per_pod"] or 0.35, min=0.05, max=float(os.cpu_count() or 1),
-                                         step=0.05, description="CPU per pod"),
-            "duration": w.IntSlider(value=start["duration"], min=3, max=60, description="load (s)"),
+                                         step=0.05, description="CPU per pod", **wide),
+            "duration": w.IntSlider(value=start["duration"], min=3, max=60, description="load duration (s)", **wide),
         }
         button = w.Button(description="run the load", button_style="primary")
         out = w.Output()

@@ -229,7 +229,20 @@ def check(number: int, own_dir: str | os.PathLike, prediction: Any = None) -> pd
     others = sorted(k for k in source if k != number)
     if others:
         out.append(("other iterations taken from", ", ".join(f"it.{k}: {source[k]}" for k in others)))
-    return pd.DataFrame(out, columns=["what", "value"]).set_index("what")
+    return FullTable(out, columns=["what", "value"]).set_index("what")
+
+
+class FullTable(pd.DataFrame):
+    """A DataFrame shown whole in a notebook: no cell cut to 50 characters and an ellipsis
+    (a finding's evidence is the point of the table)."""
+
+    @property
+    def _constructor(self):
+        return FullTable
+
+    def _repr_html_(self):
+        with pd.option_context("display.max_colwidth", None):
+            return super()._repr_html_()
 
 
 # --- errors a participant can read ----------------------------------------------------------

@@ -216,6 +216,8 @@ def test_check_uses_the_participants_own_numbers_and_names_where_the_others_came
     assert table.loc["on your data", "value"] == "pass" and "it.2 50/s" in table.loc["evidence (yours)", "value"]
     assert table.loc["reference run", "value"].startswith("pass: it.2")
     assert "it.1: reference run" in table.loc["other iterations taken from", "value"]
+    evidence = table.loc["evidence (yours)", "value"]
+    assert len(evidence) > 50 and evidence in table._repr_html_()  # shown whole, not cut to 50 characters
     # a run of iteration 1 of the same profile next to it is taken instead of the reference's
     one = tmp_path / "iteration-1"
     one.mkdir()
