@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
+import textwrap
 import threading
 import time
 from dataclasses import dataclass, field
@@ -287,5 +288,7 @@ def draw(s: Series, *, title: str = "", status: str = "", span: float | None = N
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
         else:
             ax.text(0.5, 0.5, empty, transform=ax.transAxes, ha="center", va="center", color="0.4")
-    fig.suptitle(f"{title}  [{status}]" if status else title, fontsize=11)
+    heading = textwrap.fill(f"{title}  [{status}]" if status else title, 110)  # a long step line wraps
+    fig.subplots_adjust(top=0.94 - 0.035 * heading.count("\n"))
+    fig.suptitle(heading, fontsize=11)
     return fig
