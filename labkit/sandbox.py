@@ -165,8 +165,8 @@ class Sandbox:
         status = self.session.testbed.status()
         state = str(status.get("state"))
         if state == "up" and status.get("node_sysctls"):  # what is in force: the last values that applied
-            state += f" (iteration {status.get('iteration')}; " + ", ".join(
-                f"{k.split('.')[-1]}={v}" for k, v in status["node_sysctls"].items()) + ")"
+            state += ", with " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in status["node_sysctls"].items())
+            state += " in force on the node"
         after = "the testbed failed while changing" if self.changing else "refused before anything changed"
         return Panel([(f"{after} ({type(exc).__name__})", str(exc), True), ("the testbed is now", state, False)])
 

@@ -103,5 +103,5 @@ def test_the_sandbox_refuses_a_max_below_what_the_node_tracks_and_stays_up(sessi
     title, text, refused = panel.blocks[0]
     assert refused and "refused before anything changed" in title
     assert "in the testbed's node namespace" in text or "in the testbed's pod-1 namespace" in text
-    assert panel.blocks[1][1].startswith("up (iteration 2;") and "nf_conntrack_max=1024" in panel.blocks[1][1]
+    assert panel.blocks[1][1].startswith("up, with ") and "nf_conntrack_max=1024" in panel.blocks[1][1]
     assert session.sh("node", "cat /proc/sys/net/netfilter/nf_conntrack_max").value() == 1024
