@@ -263,7 +263,12 @@ def readable_errors() -> bool:
     from labkit.exceptions import LabkitError
 
     def handler(shell, etype, value, tb, tb_offset=None):
-        return [f"\x1b[31m{etype.__name__}\x1b[0m: {value}"]  # shown as the cell's error, no traceback
+        # IPython only calls a custom handler and shows nothing itself: _showtraceback is what
+        # puts the cell's error output (name, message) in the notebook, as papermill and the
+        # replay's failure record read it; the traceback shown is one line
+        stb = [f"\x1b[31m{etype.__name__}\x1b[0m: {value}"]
+        shell._showtraceback(etype, value, stb)
+        return stb
 
     shell.set_custom_exc((LabkitError,), handler)
     return True

@@ -316,6 +316,25 @@ def test_readable_errors_is_a_no_op_outside_ipython():
     assert workshop.readable_errors() is False
 
 
+def test_readable_errors_shows_a_labkit_error_as_the_cells_error_in_one_line():
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        shown = []  # what a kernel sends as the cell's error output (papermill reads name and message)
+        shell._showtraceback = lambda etype, value, stb: shown.append((etype.__name__, str(value), stb))
+        assert workshop.readable_errors() is True
+        result = shell.run_cell("from labkit.exceptions import TestbedError\n"
+                                "raise TestbedError('the testbed is not up')")
+        assert not result.success and type(result.error_in_exec).__name__ == "TestbedError"
+        assert shown == [("TestbedError", "the testbed is not up",
+                          ["\x1b[31mTestbedError\x1b[0m: the testbed is not up"])]
+        shell.run_cell("1/0")  # other errors keep their traceback
+        assert shown[-1][0] == "ZeroDivisionError" and len(shown[-1][2]) > 1
+    finally:
+        InteractiveShell.clear_instance()
+
+
 def test_notebook_command_listens_on_loopback_with_a_token_and_labkits_kernel():
     argv = jupyter.command(8890, "sekrit", root=False)
     assert "--ServerApp.ip=127.0.0.1" in argv and "--ServerApp.port=8890" in argv
