@@ -197,7 +197,7 @@ class IterationSession:
         from labkit.run import run_iteration
 
         it = self.iteration
-        chart = LiveChart(f"Iteration {it.number}: live", live=live,
+        chart = LiveChart(f"Iteration {it.number}: the load as it ran", live=live,
                           expected_s=float(it.duration_s) + float(it.cooldown_s) + 2.0).begin()
         run_iteration(self.testbed, it, self.out_dir, compress=self.compress, on_step=chart.step, live=chart)
         return self.result_table()
