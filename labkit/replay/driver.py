@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from labkit import background
 from labkit.exceptions import ReplayError
+from labkit.replay import guard
 from labkit.replay import index as index_page
 from labkit.replay.kernel import KERNEL_NAME, ensure_kernel
 from labkit.replay.manifest import Manifest, now, read_sysctls
@@ -185,9 +186,11 @@ def run_iteration_notebook(options: ReplayOptions, run_dir: Path, manifest: Mani
     output = folder / "iteration.ipynb"
     outcome: Outcome | None = None
     try:
-        outcome = execute(options.notebook, output, params, kernel=options.kernel,
-                          cell_timeout=options.cell_timeout, cwd=folder,
-                          progress=options.progress_bar, label=f"iteration {number}")
+        with guard.notebook_kernel(run_id, f"iteration-{number}") as engine:  # ended before teardown
+            outcome = execute(options.notebook, output, params, kernel=options.kernel,
+                              cell_timeout=options.cell_timeout, cwd=folder,
+                              progress=options.progress_bar, label=f"iteration {number}",
+                              engine_kwargs=engine)
     finally:
         teardown_error = _teardown(options, run_id, number)
         entry["sysctls_after"] = read_sysctls()
@@ -269,9 +272,10 @@ def run_summary_notebook(options: ReplayOptions, run_dir: Path, manifest: Manife
     entry: dict[str, Any] = {"status": "running", "started": now(), "parameters": params}
     manifest.data["summary"] = entry
     manifest.save()
-    outcome = execute(options.summary_notebook, output, params, kernel=options.kernel,
-                      cell_timeout=options.cell_timeout, cwd=run_dir,
-                      progress=options.progress_bar, label="summary")
+    with guard.notebook_kernel(manifest.data["run_id"], "summary") as engine:
+        outcome = execute(options.summary_notebook, output, params, kernel=options.kernel,
+                          cell_timeout=options.cell_timeout, cwd=run_dir,
+                          progress=options.progress_bar, label="summary", engine_kwargs=engine)
     entry.update(status="ok" if outcome.ok else "failed", failure=None if outcome.ok else outcome.kind,
                  error=outcome.message or None, duration_s=round(outcome.duration_s, 1),
                  finished=now())
@@ -311,6 +315,7 @@ def replay(options: ReplayOptions) -> Path:
     run_dir, manifest = _prepare_run_dir(options)
     _say(options, f"run folder {run_dir}")
     total = len(options.iterations)
+    guard.claim(manifest.data["run_id"])  # `labkit clean` leaves a live replay alone
     try:
         with background.ensure(_background_flows(options), on_wait=lambda line: _say(options, line)):
             for i, number in enumerate(options.iterations, 1):
@@ -331,6 +336,8 @@ def replay(options: ReplayOptions) -> Path:
         manifest.save()
         index_page.write(run_dir, manifest)
         raise
+    finally:
+        guard.release(manifest.data["run_id"])
     entries = [manifest.entry(n) or {} for n in options.iterations]
     failed = [n for n, e in zip(options.iterations, entries) if e.get("status") != "ok"]
     summary_ok = options.summary_notebook is None or (manifest.data.get("summary") or {}).get("status") == "ok"

@@ -40,6 +40,14 @@ def options(tmp_path, torn_down, snapshots, **kw) -> ReplayOptions:
     return ReplayOptions(**base)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def own_state_dir(tmp_path_factory):
+    """The replays' state (owner, kernels' cgroups and connection files) goes to a folder of the test's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LABKIT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def failing_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("replay")
