@@ -109,11 +109,13 @@ def run_load(testbed, spec):
 
 
 def _check_still_up(testbed, run_dir, run_id) -> None:
-    from labkit.testbed.netns import STATE_NAME
+    from labkit.testbed.netns import STATE_NAME, state_lock
 
-    if not (run_dir / STATE_NAME).exists():
+    with state_lock(testbed.state_dir):  # a `down --force` that ended the load finishes first
+        gone = not (run_dir / STATE_NAME).exists()
+    if gone:
         raise TestbedError(f"netns testbed {run_id} was taken down while its load ran "
-                           "(`labkit down --force`?): the load was stopped and its numbers are not kept")
+                           "(`labkit down --force`?): the load was stopped and its numbers are not kept") from None
 
 
 def _release(testbed, run_dir, ids: list[int]) -> None:

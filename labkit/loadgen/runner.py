@@ -82,7 +82,10 @@ def run_load(spec: LoadSpec, *, transfers: bool | str = False,
     if spec.expected_size is None:
         probe = probe_file(spec)
         spec = spec.replace(expected_size=probe["size"])
-    tmpdir = tempfile.mkdtemp(prefix="labkit-loadgen-") if transfers else None
+    # the workers' tables go beside the CSV asked for (a run's state folder, which `labkit clean`
+    # empties after a crash), else to the temporary folder
+    beside = os.path.dirname(os.path.abspath(transfers)) if isinstance(transfers, (str, os.PathLike)) else None
+    tmpdir = tempfile.mkdtemp(prefix=".labkit-loadgen-", dir=beside) if transfers else None
     try:
         paths = [os.path.join(tmpdir, f"transfers-{i}.csv") if tmpdir else None
                  for i in range(spec.workers)]

@@ -115,8 +115,7 @@ def notebook_kernel(run_id: str, label: str) -> Iterator[dict[str, Any]]:
         connection = runtime / f"kernel-{label}.json"
         yield {"kernel_manager_class": _kernel_manager_class(str(cgroup / "cgroup.procs"), str(connection))}
     finally:
-        entries = {e["id"]: e for e in ledger.entries()}
-        if ident in entries:
-            ledger.remove(entries[ident])  # the kernel and all it started end here
-        for stale in runtime.glob(f"kernel-{label}.json"):
-            stale.unlink(missing_ok=True)
+        for entry in reversed(ledger.entries()):
+            # the kernel and all it started end here; then its connection file's folder goes
+            if entry["id"] == ident or (entry["kind"] == "path" and entry["path"] == str(runtime)):
+                ledger.remove(entry)
