@@ -227,9 +227,11 @@ def _entries_from_state(run: Path) -> list[dict[str, Any]]:
             cgroup_paths += [str(root / n) for n in _names(root) if n.startswith(f"lk{rid}-")]
         except TestbedError:
             pass
-    entries: list[dict[str, Any]] = [*procs]
-    entries += [{"kind": "cgroup", "path": p} for p in dict.fromkeys(cgroup_paths)]
-    entries += [{"kind": "netns", "name": n} for n in dict.fromkeys(netns)]
+    # only what is still there: the readable part of the ledger may have removed the rest
+    entries: list[dict[str, Any]] = [p for p in procs if proc_start_time(p["pid"]) == p["start"]]
+    entries += [{"kind": "cgroup", "path": p} for p in dict.fromkeys(cgroup_paths) if os.path.isdir(p)]
+    entries += [{"kind": "netns", "name": n} for n in dict.fromkeys(netns)
+                if os.path.exists(os.path.join(NETNS_DIR, n))]
     return list(reversed(entries))  # undo() works backwards
 
 
