@@ -26,6 +26,7 @@ from labkit.replay import index as index_page
 from labkit.replay.kernel import KERNEL_NAME, ensure_kernel
 from labkit.replay.manifest import Manifest, now, read_sysctls
 from labkit.replay.notebook import Outcome, execute, render_html
+from labkit.util import writable_dir
 from labkit.results import (ROW_FILE, SUMMARY_FILE, iteration_dir, read_json, summary_frame,
                             write_csv)
 
@@ -92,11 +93,15 @@ def latest_run(results: Path, profile: str) -> Path | None:
     return runs[-1] if runs else None
 
 
+MAX_ITERATION = 9
+
+
 def parse_iterations(text: str) -> list[int]:
-    """Parse ``1-9``, ``2,5,7`` or ``1-3,8`` into iteration numbers, in order, no repeats.
+    """Parse ``1-9``, ``2,5,7`` or ``1-3,8`` into iteration numbers, in order.
 
     Raises:
-        ReplayError: a part is not a number or a range of numbers 1..9.
+        ReplayError: a part is not a number or a range of numbers 1..9, a range
+            runs backwards, or an iteration is named twice.
     """
     out: list[int] = []
     for part in text.replace(" ", "").split(","):
@@ -107,9 +112,14 @@ def parse_iterations(text: str) -> list[int]:
             numbers = range(int(lo), int(hi or lo) + 1)
         except ValueError:
             raise ReplayError(f"--iterations {text!r}: {part!r} is not N or N-M") from None
-        if not numbers or numbers.start < 1 or numbers.stop > 10:
-            raise ReplayError(f"--iterations {text!r}: {part!r} is outside 1-9")
-        out += [n for n in numbers if n not in out]
+        if not numbers:
+            raise ReplayError(f"--iterations {text!r}: {part!r} runs backwards; write {hi}-{lo}")
+        if numbers.start < 1 or numbers.stop > MAX_ITERATION + 1:
+            raise ReplayError(f"--iterations {text!r}: {part!r} is outside 1-{MAX_ITERATION}")
+        twice = [n for n in numbers if n in out]
+        if twice:
+            raise ReplayError(f"--iterations {text!r}: iteration {twice[0]} is named twice")
+        out += list(numbers)
     if not out:
         raise ReplayError(f"--iterations {text!r}: no iteration named")
     return out
@@ -137,10 +147,15 @@ def _prepare_run_dir(options: ReplayOptions) -> tuple[Path, Manifest]:
         return Path(run_dir), manifest
     run_id = new_run_id(options.profile)
     run_dir = Path(options.out) if options.out else RESULTS / run_id
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ReplayError(f"--out {run_dir}: is a file, not a folder")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ReplayError(f"{run_dir} already holds a run; use --resume to continue it, "
                           "or another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        writable_dir(run_dir, "--out")
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
     manifest = Manifest.create(run_dir, run_id=run_dir.name, profile=options.profile,
                                testbed=options.testbed, iterations=options.iterations,
                                kernel=options.kernel)
