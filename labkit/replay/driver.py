@@ -201,7 +201,8 @@ def run_iteration_notebook(options: ReplayOptions, run_dir: Path, manifest: Mani
     output = folder / "iteration.ipynb"
     outcome: Outcome | None = None
     try:
-        with guard.notebook_kernel(run_id, f"iteration-{number}") as engine:  # ended before teardown
+        with guard.notebook_kernel(run_id, f"iteration-{number}",  # kernel ended before teardown
+                                   on_wait=lambda line: _say(options, f"iteration {number}: {line}")) as engine:
             outcome = execute(options.notebook, output, params, kernel=options.kernel,
                               cell_timeout=options.cell_timeout, cwd=folder,
                               progress=options.progress_bar, label=f"iteration {number}",

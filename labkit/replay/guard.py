@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from labkit import cgroups
 from labkit.cleanup import OWNER_NAME, owner_record
@@ -32,6 +33,7 @@ from labkit.util import atomic_write
 log = logging.getLogger(__name__)
 
 JUPYTER_DIR = "jupyter"
+WATCH_S = 2.0
 
 
 def replay_dir(run_id: str) -> Path:
@@ -84,13 +86,41 @@ def _kernel_manager_class(procs: str, connection_file: str):
     return CgroupKernelManager
 
 
+def _watch_globals(folder: Path, stop: threading.Event, on_wait: Callable[[str], None]) -> None:
+    """Say (once per holder) when the notebook's testbed waits for another run's global sysctls."""
+    from labkit.sysctls import CLAIM_PATH, describe_claimant
+
+    told = None
+    while not stop.wait(WATCH_S):
+        try:
+            claimant = Path(CLAIM_PATH).read_text().strip()
+        except OSError:
+            continue
+        building = any(json.loads(p.read_text()).get("state") == "building"
+                       for p in folder.glob("netns-*/state.json") if _readable(p))
+        if building and claimant and claimant != told and not claimant.startswith(str(folder) + "/") \
+                and Path(claimant).exists():
+            told = claimant
+            on_wait(f"waiting: {describe_claimant(claimant)}")
+
+
+def _readable(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 @contextmanager
-def notebook_kernel(run_id: str, label: str) -> Iterator[dict[str, Any]]:
+def notebook_kernel(run_id: str, label: str,
+                    on_wait: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
     """The scope of one notebook's kernel; yields papermill's extra arguments for it.
 
     Args:
         run_id: the replay's run id.
         label: names the kernel's cgroup (``iteration-3``, ``summary``).
+        on_wait: told when the notebook's testbed waits for global sysctls another run holds.
 
     Yields:
         ``{"kernel_manager_class": ...}`` for :func:`labkit.replay.notebook.execute`.
@@ -111,10 +141,15 @@ def notebook_kernel(run_id: str, label: str) -> Iterator[dict[str, Any]]:
                     "only its parent's exit ends it", label, exc)
         yield {}
         return
+    stop = threading.Event()
+    if on_wait is not None:
+        threading.Thread(target=_watch_globals, args=(folder, stop, on_wait), daemon=True,
+                         name="labkit-globals-watch").start()
     try:
         connection = runtime / f"kernel-{label}.json"
         yield {"kernel_manager_class": _kernel_manager_class(str(cgroup / "cgroup.procs"), str(connection))}
     finally:
+        stop.set()
         for entry in reversed(ledger.entries()):
             # the kernel and all it started end here; then its connection file's folder goes
             if entry["id"] == ident or (entry["kind"] == "path" and entry["path"] == str(runtime)):
