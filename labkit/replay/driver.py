@@ -348,6 +348,7 @@ def replay(options: ReplayOptions) -> Path:
             entry = run_summary_notebook(options, run_dir, manifest)
             _say(options, f"summary: {_describe(entry)}")
     except BaseException:
+        _mark_interrupted(manifest)
         manifest.data.update(status="interrupted", finished=now())
         manifest.save()
         index_page.write(run_dir, manifest)
@@ -369,6 +370,13 @@ def replay(options: ReplayOptions) -> Path:
     index_page.write(run_dir, manifest)
     _say(options, f"{manifest.data['status']}: {run_dir / 'index.html'}")
     return run_dir
+
+
+def _mark_interrupted(manifest: Manifest) -> None:
+    """Record every notebook still marked running as interrupted (a signal came mid-way)."""
+    for entry in [*manifest.data["iterations"].values(), manifest.data.get("summary") or {}]:
+        if entry.get("status") == "running":
+            entry.update(status="interrupted", finished=now())
 
 
 def _describe(entry: dict[str, Any]) -> str:
