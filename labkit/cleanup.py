@@ -147,7 +147,7 @@ def _live_reason(directory: Path, run: Path) -> str | None:
     if run.name.startswith(BG_PREFIX):
         owner = owner_alive(directory / BG_MARKER)
         token = run.name[len(BG_PREFIX):]
-        if owner and owner.get("netns") == f"lkbg{token}":
+        if owner and str(owner.get("netns", "")).startswith(f"lkbg{token}"):
             return f"background flows lkbg{token} are running (pid {owner['pid']}): left alone"
         return None
     load = owner_alive(run / LOAD_NAME)
@@ -207,8 +207,8 @@ def _entries_from_state(run: Path) -> list[dict[str, Any]]:
     cgroup_paths: list[str] = []
     procs: list[dict[str, Any]] = []
     rid = run.name[len(NETNS_PREFIX):]
-    if run.name.startswith(BG_PREFIX):
-        netns.append(f"lkbg{run.name[len(BG_PREFIX):]}")
+    if run.name.startswith(BG_PREFIX):  # lkbg<token><k>: one or more namespaces
+        netns += [n for n in _names(Path(NETNS_DIR)) if n.startswith(f"lkbg{run.name[len(BG_PREFIX):]}")]
     else:
         netns += [f"lk{rid}-client", f"lk{rid}-node"]
         for item in [state.get("server") or {}, *(state.get("pods") or [])]:

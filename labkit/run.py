@@ -27,7 +27,6 @@ import pandas as pd
 
 from labkit import background
 from labkit.charts import seconds
-from labkit.exceptions import TestbedError
 from labkit.results import ROW_FILE, write_csv, write_json
 from labkit.sysctls import state_dir as default_state_dir
 
@@ -299,19 +298,18 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
         monitor = Monitor(testbed.monitor_targets(), hz=hz, netns_roles=netns_roles(testbed))
         monitor.start()
         try:
-            step(f"iteration {iteration.number}: load for {iteration.duration_s:g} s at concurrency "
-                 f"{iteration.concurrency}")
-            result = run_guarded_load(testbed, spec)  # `down` refuses meanwhile; `clean` can end it
-            load_start = float(result.summary["started_at"])
-            load_stop = load_start + float(result.summary["duration_s"])
-            step(f"iteration {iteration.number}: cool-down tail, {iteration.cooldown_s:g} s sampled")
-            # The tail is observation only: the load has ended; the monitor keeps sampling.
-            time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
+            # the flows' failure ends the load at once: the cycle would no longer be the declared one
+            with background.watch(flows):
+                step(f"iteration {iteration.number}: load for {iteration.duration_s:g} s at concurrency "
+                     f"{iteration.concurrency}")
+                result = run_guarded_load(testbed, spec)  # `down` refuses meanwhile; `clean` can end it
+                load_start = float(result.summary["started_at"])
+                load_stop = load_start + float(result.summary["duration_s"])
+                step(f"iteration {iteration.number}: cool-down tail, {iteration.cooldown_s:g} s sampled")
+                # The tail is observation only: the load has ended; the monitor keeps sampling.
+                time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
         finally:
             monitor.stop()
-        if flows and background.running() is None:
-            raise TestbedError(f"iteration {iteration.number}: the background flows stopped during the "
-                               "load, so the garbage collector's cycle was not the declared one")
     samples, events = monitor.samples, monitor.events
     row = summarize(iteration, result.summary, samples, events, load_start=load_start,
                     load_stop=load_stop, load=result.timeseries, testbed=getattr(testbed, "name", "netns"))

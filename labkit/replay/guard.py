@@ -70,6 +70,24 @@ def release(run_id: str) -> None:
             pass  # a testbed's state still there: `labkit.run.teardown` or `labkit clean` owns it
 
 
+def kernel_cgroup_root() -> Path:
+    """Where a kernel's cgroup is made: the unified root on cgroup v2; on v1 a hierarchy other
+    than ``cpu`` (``pids``), since the testbed makes its pods' CPU cgroups inside the ``cpu``
+    cgroup of the process that builds it, the kernel.
+
+    Raises:
+        TestbedError: no such hierarchy.
+    """
+    root, version = cgroups.cpu_root()
+    if version == 2:
+        return root
+    for name in ("pids", "freezer", "devices"):
+        path = cgroups.CGROUP_ROOT / name
+        if (path / "cgroup.procs").exists():
+            return path
+    raise TestbedError("cgroup v1 without a pids, freezer or devices hierarchy to hold the notebook kernels")
+
+
 def _kernel_manager_class(procs: str, connection_file: str):
     """A KernelManager whose kernel joins a cgroup before it starts, with its connection file here."""
     from jupyter_client.manager import AsyncKernelManager
@@ -132,10 +150,11 @@ def notebook_kernel(run_id: str, label: str,
         if not runtime.exists():
             ledger.record("path", path=str(runtime))
             runtime.mkdir(mode=0o700, parents=True)
-        root, _ = cgroups.cpu_root()
+        root = kernel_cgroup_root()
         name = f"lkreplay-{run_id}-{label}-{secrets.token_hex(2)}"
         ident = ledger.record("cgroup", path=str(root / name))
-        cgroup = cgroups.make_cgroup(name, None)
+        cgroup = root / name
+        cgroup.mkdir()
     except (OSError, TestbedError) as exc:  # not root, or no cgroup controller: a plain kernel
         log.warning("%s: the notebook kernel runs without a cgroup of its own (%s); after a crash "
                     "only its parent's exit ends it", label, exc)

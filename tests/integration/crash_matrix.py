@@ -112,9 +112,14 @@ def processes_naming(text: str) -> list[str]:
 
 
 def lab_cgroups() -> set[str]:
-    """The cgroups labkit makes (``lk`` names) under the CPU controller's root."""
-    root, _ = cpu_root()
-    return {p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("lk")}
+    """The cgroups labkit makes (``lk`` names): the pods' and loadgens' (CPU controller) and the
+    notebook kernels'."""
+    from labkit.replay.guard import kernel_cgroup_root
+
+    names = set()
+    for root in {cpu_root()[0], kernel_cgroup_root()}:
+        names |= {p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("lk")}
+    return names
 
 
 def record(state: Path) -> dict:
