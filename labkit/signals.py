@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 ORDERLY = (signal.SIGTERM, signal.SIGHUP)
+_active: list["Caught"] = []
 
 
 @dataclass
@@ -35,6 +36,13 @@ class Caught:
     def exit_code(self) -> int:
         """128 + the signal's number."""
         return 128 + int(self.signum or signal.SIGINT)
+
+
+def noted(signum: int) -> None:
+    """Tell the command which signal came, when a handler of its own (one that defers the
+    signal to a safe point) caught it instead of :func:`orderly_signals`."""
+    if _active:
+        _active[-1].signum = signum
 
 
 @contextmanager
@@ -56,8 +64,10 @@ def orderly_signals() -> Iterator[Caught]:
     old = {s: signal.signal(s, interrupt) for s in ORDERLY}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         old[signal.SIGINT] = signal.signal(signal.SIGINT, note_sigint)
+    _active.append(caught)
     try:
         yield caught
     finally:
+        _active.remove(caught)
         for s, handler in old.items():
             signal.signal(s, handler)

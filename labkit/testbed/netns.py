@@ -39,6 +39,7 @@ from labkit.host import NETNS_DIR, Host, LocalHost, NetnsHost, in_netns
 from labkit.kubeproxy import Endpoint, render_helper_rule, render_rules
 from labkit.ledger import Ledger, netns_inode, proc_start_time
 from labkit.manifests import Manifests, PodTemplate, admit_sysctls, check_allowlist
+from labkit.signals import noted
 from labkit.sysctls import GlobalSysctls
 from labkit.sysctls import state_dir as default_state_dir
 from labkit.testbed.base import ServedFile, Testbed
@@ -145,6 +146,7 @@ class _Interrupts:
 
         def note(signum, frame):
             self.signum = signum
+            noted(signum)  # the command's exit code says which signal it was
 
         old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
