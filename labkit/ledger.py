@@ -55,7 +55,11 @@ class Ledger:
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line  # after a torn last line: never glue a record onto it
+                # a torn last line (a crash mid-append) named nothing that was made: drop it,
+                # never glue a record onto it
+                tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+                cut = tail.rfind(b"\n")
+                os.ftruncate(fd, size - len(tail) + cut + 1 if cut >= 0 else 0)
             os.write(fd, line)
             os.fsync(fd)
         finally:
