@@ -202,7 +202,8 @@ def check(testbed: Any, scenario: Any, committed: Any, *, cores: float | None = 
           tolerance: float = TOLERANCE, on_step: Callable[[str], None] | None = None) -> Check:
     """Measure this machine with one short load and compare it with ``committed``'s basis.
 
-    The background flows must be running and warm (the caller's), as in the lab's loads.
+    The background flows must be running (the caller's), as in the lab's loads; the
+    check does not wait for them to be warm (see :func:`labkit.run.run_iteration`).
 
     Args:
         testbed: the netns testbed to measure on (brought down afterwards).
@@ -236,7 +237,9 @@ def check(testbed: Any, scenario: Any, committed: Any, *, cores: float | None = 
     with tempfile.TemporaryDirectory(prefix="labkit-check-") as tmp:
         try:
             testbed.down()
-            row = run_iteration(testbed, it, Path(tmp))
+            # no wait for the collector's cycle: the tables never fill, and the flows' listing
+            # reaps expired entries from their first second
+            row = run_iteration(testbed, it, Path(tmp), wait_warm=False)
         finally:
             testbed.down()
     m = measurement(f"check-T{CHECK_TIMEOUT}", row, udp_timeout=CHECK_TIMEOUT)

@@ -32,6 +32,9 @@ one core.
 
 The worker picks up the new cycle at its next pass, at most 60 s after the
 flows start (:data:`WARM_S`); :meth:`BackgroundFlows.wait_warm` waits for that.
+Loads whose tables never fill need not wait (the listing reaps from the first
+second): a replay's machine check and the plain server of iteration 1 run
+meanwhile.
 A replay starts the flows once and keeps them for all its iterations; a single
 ``labkit run`` starts its own when none are running (see :func:`ensure`).  When
 the sender fails, it says so in its marker file (``status: failed`` and the
@@ -173,12 +176,13 @@ class BackgroundFlows:
     Args:
         flows: flows per second (the live entries any garbage-collection pass sees).
         directory: the state directory (default :func:`labkit.sysctls.state_dir`).
-        warm_s: seconds the garbage collector may take to pick up their cycle.
+        warm_s: seconds the garbage collector may take to pick up their cycle (default :data:`WARM_S`).
     """
 
-    def __init__(self, flows: int, *, directory: Path | None = None, warm_s: float = WARM_S):
+    def __init__(self, flows: int, *, directory: Path | None = None, warm_s: float | None = None):
         if int(flows) < 1:
             raise ValueError(f"background flows: {flows!r} flows per second; give at least 1")
+        warm_s = WARM_S if warm_s is None else warm_s
         if float(warm_s) < 0:
             raise ValueError(f"background flows: warm-up {warm_s!r} s; give 0 or more")
         self.flows = int(flows)
@@ -309,10 +313,11 @@ def wait_until_warm(warm_at: float, on_wait=None) -> float:
 
 
 @contextmanager
-def ensure(flows: int | None, *, directory: Path | None = None, on_wait=None) -> Iterator[dict | None]:
+def ensure(flows: int | None, *, directory: Path | None = None, on_wait=None,
+           wait: bool = True) -> Iterator[dict | None]:
     """Background flows for the length of the block: the machine's own if running, else new ones.
 
-    Waits until they are warm.  ``flows`` None or 0: none (yields None).
+    Waits until they are warm, unless ``wait`` is False.  ``flows`` None or 0: none (yields None).
 
     Yields:
         The marker of the flows in use.
@@ -330,12 +335,14 @@ def ensure(flows: int | None, *, directory: Path | None = None, on_wait=None) ->
         raise TestbedError(f"the background flows of this run stopped: {reason}")
     info = running(directory)
     if info is not None:
-        wait_until_warm(float(info["warm_at"]), on_wait)
+        if wait:
+            wait_until_warm(float(info["warm_at"]), on_wait)
         yield info
         return
     own = BackgroundFlows(flows, directory=directory).start()
     try:
-        own.wait_warm(on_wait)
+        if wait:
+            own.wait_warm(on_wait)
         yield running(directory)
         own.check()
     finally:

@@ -266,7 +266,8 @@ def load_spec(testbed, iteration):
 
 
 def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float = MONITOR_HZ,
-                  compress: bool = False, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  compress: bool = False, on_step: Callable[[str], None] | None = None,
+                  wait_warm: bool | None = None) -> dict[str, Any]:
     """Run one iteration end to end and write its tidy data into ``out_dir``.
 
     Args:
@@ -278,6 +279,10 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
         hz: monitor samples per second and namespace.
         compress: write the CSV tables gzip-compressed (``*.csv.gz``).
         on_step: receives a line as each step starts (for a progress display).
+        wait_warm: wait until the background flows have the garbage collector on their
+            cycle before the load; default: unless the iteration is the plain server,
+            where no conntrack table is in play (its flows run all the same, so that
+            their CPU is spent in every iteration alike).
 
     Returns:
         The summary.csv row (also written to ``summary-row.json``).
@@ -294,7 +299,8 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
     step(f"iteration {iteration.number}: testbed up ({iteration.setup}, {iteration.replicas} replica(s))")
     testbed.up(iteration)
     spec = load_spec(testbed, iteration)
-    with background.ensure(background_flows(testbed, iteration), on_wait=step) as flows:
+    warm = iteration.setup != "plain" if wait_warm is None else wait_warm
+    with background.ensure(background_flows(testbed, iteration), on_wait=step, wait=warm) as flows:
         monitor = Monitor(testbed.monitor_targets(), hz=hz, netns_roles=netns_roles(testbed))
         monitor.start()
         try:

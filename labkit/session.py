@@ -117,9 +117,12 @@ class IterationSession:
         text = prof.description or "The article's values as they are."
         calib = (prof.extra or {}).get("calibration")
         if calib:
-            lines = [f"- `{d['sysctl'].split('.')[-1]}` {d['article']} -> **{d['lab']}**: {d['why']}"
+            lines = [f"- `{d['sysctl'].split('.')[-1]}` {d['article']} -> **{d['lab']}**"
+                     + (f" (committed profile: {d['committed']})" if "committed" in d else "") + f": {d['why']}"
                      for d in calib.get("derivation", [])]
-            text += "\n\nFrom `labkit calibrate` on this kind of machine:\n\n" + "\n".join(lines)
+            where = ("Derived for this machine before the run" if prof.extra.get("derived_from")
+                     else "From `labkit calibrate` on this kind of machine")
+            text += f"\n\n{where}:\n\n" + "\n".join(lines)
         return _md(f"**Why the `{prof.name}` values differ from the article's.** {text}")
 
     # --- running --------------------------------------------------------------------

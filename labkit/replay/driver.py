@@ -27,6 +27,7 @@ from labkit.replay import index as index_page
 from labkit.replay.kernel import KERNEL_NAME, ensure_kernel
 from labkit.replay.manifest import Manifest, now, read_sysctls
 from labkit.replay.notebook import Outcome, execute, render_html
+from labkit.scenario import load_scenario
 from labkit.util import writable_dir
 from labkit.results import (ROW_FILE, SUMMARY_FILE, iteration_dir, read_json, summary_frame,
                             write_csv)
@@ -313,7 +314,6 @@ def _background_flows(options: ReplayOptions) -> int:
     :func:`labkit.run.run_iteration` finds them running instead of starting (and waiting
     for) their own.
     """
-    from labkit.scenario import load_scenario
 
     if options.testbed != "netns":
         return 0
@@ -329,20 +329,22 @@ class _Flows:
         self.count, self.options, self.manifest = flows, options, manifest
         self.current: background.BackgroundFlows | None = None
 
-    def ready(self) -> None:
-        """Have warm flows running (start them, or new ones after a failure); say why it waits."""
+    def ready(self, warm: bool = False) -> None:
+        """Have flows running (start them, or new ones after a failure); with ``warm``, wait
+        until the garbage collector has taken up their cycle, and say why it waits."""
         if not self.count:
             return
-        if self.current is not None and not self.current.failed:
-            return
-        if self.current is not None:
+        if self.current is not None and self.current.failed:
             self.current.stop()
             _say(self.options, f"background flows: starting a fresh set after the failure ({self.current.error})")
-        self.current = background.BackgroundFlows(self.count).start()
-        log_entry = {"started": now(), "namespaces": self.current.namespaces, "flows": self.count}
-        self.manifest.data.setdefault("background_flows", []).append(log_entry)
-        self.manifest.save()
-        self.current.wait_warm(lambda line: _say(self.options, line))
+            self.current = None
+        if self.current is None:
+            self.current = background.BackgroundFlows(self.count).start()
+            log_entry = {"started": now(), "namespaces": self.current.namespaces, "flows": self.count}
+            self.manifest.data.setdefault("background_flows", []).append(log_entry)
+            self.manifest.save()
+        if warm:
+            self.current.wait_warm(lambda line: _say(self.options, line))
 
     def failure(self) -> str | None:
         """Why the current flows stopped (recorded in the manifest once), None while they run."""
@@ -369,7 +371,6 @@ def _check_machine(options: ReplayOptions, run_dir: Path, manifest: Manifest) ->
     """
     from labkit import adapt
     from labkit.calibrate import write_profile
-    from labkit.scenario import load_scenario
     from labkit.testbed import get_testbed
 
     if "profile_used" in manifest.data:
@@ -405,6 +406,10 @@ def _check_machine(options: ReplayOptions, run_dir: Path, manifest: Manifest) ->
 def replay(options: ReplayOptions) -> Path:
     """Run the batch; return the run folder.
 
+    Background flows, when the profile has them, start once; the machine check and the
+    plain server of iteration 1 run while the garbage collector takes up their cycle,
+    and the first iteration with conntrack in play waits for it if need be.
+
     Raises:
         ReplayError: the run folder cannot be made or resumed, or the kernel
             cannot be registered.  A notebook that fails does not raise: it is
@@ -419,14 +424,15 @@ def replay(options: ReplayOptions) -> Path:
     guard.claim(manifest.data["run_id"])  # `labkit clean` leaves a live replay alone
     flows = _Flows(_background_flows(options), options, manifest)
     try:
-        flows.ready()
+        flows.ready()  # the check and a plain server need no warm collector: they run meanwhile
         profile_used = _check_machine(options, run_dir, manifest)
         params = {**options.parameters, "profile": profile_used}
+        scenario = load_scenario()
         for i, number in enumerate(options.iterations, 1):
             if options.resume and _completed(manifest, run_dir, number):
                 _say(options, f"[{i}/{total}] iteration {number}: done earlier, skipped")
                 continue
-            flows.ready()
+            flows.ready(warm=scenario.iteration(number, profile_used).setup != "plain")
             _say(options, f"[{i}/{total}] iteration {number}: running")
             entry = run_iteration_notebook(dataclasses.replace(options, parameters=params),
                                            run_dir, manifest, number)
