@@ -122,6 +122,8 @@ def _clean_tree(directory: Path, report: CleanReport) -> None:
                                "left alone; stop it first (Ctrl-C or kill -TERM)")
             continue
         problems = len(report.problems)
+        # its kernels first, before its lock: a kernel of a killed replay may be building (holding it)
+        _undo(Ledger(replay, salvage=True), report, str(replay))
         with state_lock(replay):
             _clean_tree(replay, report)
         if len(report.problems) == problems:  # else keep it: what is left is named there
