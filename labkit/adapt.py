@@ -12,7 +12,8 @@ background flows warm) and compares it with the basis (:func:`compare`):
 * **CPU**: a pod's CPU limit is the basis's share of the machine
   (``cpu_limit x cores / basis cores``, never more than the basis's), so that two
   pods, the client and the kernel's share still fit in what this machine gives
-  the lab (its CPUs, less any cgroup quota above the lab);
+  the lab (its CPUs, less any cgroup quota above the lab); the transfers in
+  flight follow the pod's CPU (:func:`concurrency_for`);
 * **capacity**: the transfers/s that one pod serves at that limit;
 * **entry lifetime**: the entry-seconds one transfer holds in the node at the
   short timeout, which is the timeout plus the kernel's reaping lag.
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from labkit.calibrate import (MAX_FAILED_SHARE, Measurement, _measure_iteration, derive_from,
+from labkit.calibrate import (MAX_FAILED_SHARE, Measurement, measurement_iteration, derive_from,
                               measurement)
 from labkit.exceptions import ReplayError, ScenarioError
 
@@ -126,6 +127,16 @@ def pod_cpu(cores: float, basis: Basis) -> float:
     return round(min(basis.cpu_limit, basis.cpu_limit * cores / basis.cores), 3)
 
 
+def concurrency_for(concurrency: int, cpu_limit: float, basis: Basis) -> int:
+    """Transfers in flight for a pod of ``cpu_limit``: the basis's, in proportion to the pod's CPU.
+
+    A pod with half the CPU gets half the transfers in flight, so a transfer takes as
+    long as on the basis machine (Little's law) instead of queueing into the client's
+    retries; at least 8.
+    """
+    return max(8, int(round(concurrency * cpu_limit / basis.cpu_limit)))
+
+
 def lifetimes_for(basis: Basis, lifetime_check: float) -> dict[int, float]:
     """Each timeout's lifetime on this machine: the basis's, shifted by the measured lag change."""
     shift = lifetime_check - basis.lifetimes[CHECK_TIMEOUT]
@@ -170,11 +181,19 @@ def adapt(basis: Basis, committed: Any, measured: Measurement, cores: float, cpu
     capacity = basis.capacity * ratio
     lifetimes = lifetimes_for(basis, measured.lifetime or basis.lifetimes[CHECK_TIMEOUT])
     peak_t10 = basis.peak_t10 * ratio * lifetimes[10] / basis.lifetimes[10]
+    run = dict(committed.run)
+    run["concurrency"] = concurrency_for(int(run["concurrency"]), cpu_limit, basis)
     doc = derive_from(capacity, lifetimes, peak_t10, article, cpu_limit=cpu_limit,
-                      run=dict(committed.run), background_flows=committed.background_flows)
+                      run=run, background_flows=committed.background_flows)
     for row in doc["calibration"]["derivation"]:
         table = committed.sysctl_values.get(row["sysctl"], {})
         row["committed"] = table.get(row["article"], row["article"])
+    if run["concurrency"] != committed.run["concurrency"]:
+        doc["calibration"]["derivation"].insert(0, {
+            "sysctl": "transfers in flight", "article": "-", "lab": run["concurrency"],
+            "committed": committed.run["concurrency"],
+            "why": f"the committed {committed.run['concurrency']} in proportion to the pod's CPU "
+                   f"({cpu_limit:g} of {basis.cpu_limit:g}), so a transfer takes as long as there"})
     doc["calibration"]["derivation"].insert(0, {
         "sysctl": "CPU per pod (cores)", "article": "no limit", "lab": cpu_limit, "committed": committed.cpu_limit,
         "why": f"the committed {basis.cpu_limit:g} of {basis.cores:g} CPU(s), as a share of the {cores:g} this "
@@ -230,8 +249,9 @@ def check(testbed: Any, scenario: Any, committed: Any, *, cores: float | None = 
     cores = round(available_cpus() if cores is None else cores, 2)
     cpu = pod_cpu(cores, basis)
     base = scenario.iteration(8, committed)
-    it = dataclasses.replace(_measure_iteration(base, "check", udp_timeout=CHECK_TIMEOUT, replicas=1,
-                                                duration=CHECK_S), cpu_limit=cpu)
+    it = dataclasses.replace(measurement_iteration(base, "check", udp_timeout=CHECK_TIMEOUT, replicas=1,
+                                                   duration=CHECK_S), cpu_limit=cpu,
+                             concurrency=concurrency_for(base.concurrency, cpu, basis))
     step(f"machine check: {CHECK_S:g} s load, one pod with {cpu:g} CPU ({cores:g} CPU(s) for the lab), "
          f"{CHECK_TIMEOUT} s UDP timeout, tables no load fills")
     with tempfile.TemporaryDirectory(prefix="labkit-check-") as tmp:

@@ -101,21 +101,27 @@ def _marker(directory: Path | None) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
-def running(directory: Path | None = None) -> dict | None:
-    """The marker of background flows running on this machine, None when there are none."""
-    info = _marker(directory)
+def _running(info: dict | None) -> dict | None:
     if info is None or info.get("status", "running") != "running":
         return None
     names = info.get("namespaces") or [info.get("netns", "")]
     return info if all(netns_inode(str(n)) is not None for n in names) else None
 
 
-def failure(directory: Path | None = None) -> str | None:
-    """Why the flows of a live run stopped (their marker says failed), None when they did not."""
-    info = _marker(directory)
+def _failure(info: dict | None) -> str | None:
     if info is None or info.get("status") != "failed":
         return None
     return str(info.get("error") or "no reason recorded")
+
+
+def running(directory: Path | None = None) -> dict | None:
+    """The marker of background flows running on this machine, None when there are none."""
+    return _running(_marker(directory))
+
+
+def failure(directory: Path | None = None) -> str | None:
+    """Why the flows of a live run stopped (their marker says failed), None when they did not."""
+    return _failure(_marker(directory))
 
 
 def flush_table(sock: socket.socket) -> None:
@@ -379,8 +385,9 @@ def watch(info: dict | None, *, directory: Path | None = None,
 
     def loop() -> None:
         while not stop.wait(WATCH_EVERY_S):
-            reason = failure(directory)
-            if reason is None and running(directory) is None:
+            marker = _marker(directory)  # one read a poll
+            reason = _failure(marker)
+            if reason is None and _running(marker) is None:
                 reason = "they are no longer running (their process or namespaces are gone)"
             if reason is not None:
                 fire(reason)

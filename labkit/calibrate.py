@@ -219,8 +219,9 @@ def derive_from(capacity: float, lifetimes: dict[int, float], peak_t10: float, a
     }
 
 
-def _measure_iteration(base, name: str, *, udp_timeout: int | None, replicas: int,
-                       duration: float) -> Any:
+def measurement_iteration(base, name: str, *, udp_timeout: int | None, replicas: int,
+                          duration: float) -> Any:
+    """``base`` with tables no load fills and ``udp_timeout`` on node and pod: a measurement load."""
     node = dict(base.node_sysctls)
     pod = dict(base.pod_sysctls)
     if udp_timeout is not None:
@@ -264,7 +265,7 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
             background.ensure(flows, on_wait=step):
         try:
             for name, base, timeout, replicas, duration in plan:
-                it = dataclasses.replace(_measure_iteration(base, name, udp_timeout=timeout,
+                it = dataclasses.replace(measurement_iteration(base, name, udp_timeout=timeout,
                                                             replicas=replicas, duration=duration),
                                          cpu_limit=cpu_limit)
                 step(f"calibrate: {name}, {duration:g} s")

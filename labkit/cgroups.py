@@ -155,6 +155,10 @@ def remove_cgroup(path: Path | str, timeout: float = 5.0) -> None:
     path = Path(path)
     if not path.exists():
         return
+    try:  # a killed process needs CPU to exit: a throttled cgroup full of forks would outlast the timeout
+        set_cpu_limit(path, None)
+    except TestbedError as exc:
+        log.warning("%s", exc)
     deadline = time.monotonic() + timeout
     while True:
         pids = procs(path)

@@ -57,11 +57,12 @@ class RunSummary:
         if cal.get("skipped"):
             return _md(f"**Profile used: the committed `lab` profile.** {cal['skipped']}.")
         m, b = cal["measured"], cal["basis"]
+        base_lifetime = {str(k): v for k, v in b["lifetimes"].items()}[str(m["udp_timeout"])]  # JSON keys are text
         seen = (f"Before the first iteration, one {m['udp_timeout']} s-timeout load measured this machine: it gives "
                 f"the lab {cal['cores']:g} CPU(s); one pod with {cal['cpu_limit']:g} CPU served "
                 f"**{m['transfers_per_s']:.0f} transfers/s** and a transfer held **{m['lifetime']} entry-s** in "
                 f"the node. The committed `lab` profile was derived on a machine where the same load gave "
-                f"{b['check_capacity']:.0f}/s and {b['lifetimes'][str(m['udp_timeout'])] if str(m['udp_timeout']) in b['lifetimes'] else b['lifetimes'].get(m['udp_timeout'])} entry-s "
+                f"{b['check_capacity']:.0f}/s and {base_lifetime:g} entry-s "
                 f"with {b['cpu_limit']:g} CPU per pod on {b['cores']:g} CPU(s) (tolerance {cal['tolerance']:.0%}).")
         if not cal.get("differs"):
             return _md(f"**Profile used: the committed `lab` profile.** {seen} Within tolerance.")
@@ -75,7 +76,9 @@ class RunSummary:
         """The summary's introduction, with the run's identity (Markdown)."""
         m = self.manifest
         env = m.get("environment", {})
-        who = (f"Run `{m.get('run_id', self.run_dir.name)}`, profile `{self.profile}`, "
+        shown = (f"{m.get('profile', 'lab')} (derived for this machine: {Path(self.profile).name})"
+                 if str(self.profile).endswith((".yaml", ".yml")) else self.profile)
+        who = (f"Run `{m.get('run_id', self.run_dir.name)}`, profile `{shown}`, "
                f"Linux {env.get('kernel', '?')} on {env.get('cpus', '?')} CPUs, "
                f"{len(self.summary)} iteration(s) completed.") if m else ""
         return _md(f"{load_story()['summary']['intro'].strip()}\n\n{who}")

@@ -76,7 +76,7 @@ def test_the_derived_profile_keeps_the_article_committed_and_new_value_of_each_s
     assert rows[(MAX, 131072)]["committed"] == LAB.sysctl_values[MAX][131072]
     assert rows[(EXPECT_MAX, 1024)]["lab"] == doc["sysctl_values"][EXPECT_MAX][1024]
     assert doc["cpu_limit"] == 0.175 and doc["background_flows"] == LAB.background_flows
-    assert doc["run"] == dict(LAB.run)
+    assert doc["run"] == {**dict(LAB.run), "concurrency": 32}
     assert "1 CPU(s)" in doc["description"] and doc["derived_from"].startswith("lab (")
     path = write_profile(doc, tmp_path / "profile-lab.yaml")
     loaded = load_profile(path, SCENARIO)
@@ -93,3 +93,15 @@ def test_a_profile_without_a_basis_cannot_be_checked_and_says_how_to_go_on():
     broken = dataclasses.replace(LAB, extra={"calibration": {"basis": {"cores": "two"}}})
     with pytest.raises(ScenarioError, match="incomplete or not numbers"):
         Basis.of(broken)
+
+
+def test_transfers_in_flight_follow_the_pods_cpu():
+    assert adapt.concurrency_for(64, 0.35, BASIS) == 64
+    assert adapt.concurrency_for(64, 0.175, BASIS) == 32
+    assert adapt.concurrency_for(64, 0.087, BASIS) == 16
+    assert adapt.concurrency_for(64, 0.01, BASIS) == 8  # never a trickle
+    half = derived(30.0, cores=0.5)
+    assert half["run"]["concurrency"] == 16 and half["cpu_limit"] == pytest.approx(0.0875, abs=0.001)
+    rows = {r["sysctl"]: r for r in half["calibration"]["derivation"]}
+    assert (rows["transfers in flight"]["committed"], rows["transfers in flight"]["lab"]) == (64, 16)
+    assert "transfers in flight" not in {r["sysctl"] for r in derived(175.0)["calibration"]["derivation"]}

@@ -75,7 +75,7 @@ def test_watch_stops_the_block_when_the_flows_fail(tmp_path, monkeypatch):
     from labkit.exceptions import TestbedError
 
     monkeypatch.setattr(background, "WATCH_EVERY_S", 0.02)
-    monkeypatch.setattr(background, "running", lambda directory=None: {"status": "running"})
+    monkeypatch.setattr(background, "_running", lambda info: {"status": "running"})
     seen = []
     with pytest.raises(TestbedError, match="stopped during the load: OSError.*No such device"):
         with background.watch({"netns": "lkbgx0"}, directory=tmp_path, on_failure=seen.append):
@@ -88,7 +88,7 @@ def test_watch_ends_a_blocking_load_at_once_by_interrupting_the_main_thread(tmp_
     from labkit.exceptions import TestbedError
 
     monkeypatch.setattr(background, "WATCH_EVERY_S", 0.02)
-    monkeypatch.setattr(background, "running", lambda directory=None: {"status": "running"})
+    monkeypatch.setattr(background, "_running", lambda info: {"status": "running"})
     threading.Timer(0.2, _failed_marker, args=(tmp_path,)).start()
     began = time.monotonic()
     with pytest.raises(TestbedError, match="No such device"):
