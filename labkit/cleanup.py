@@ -33,6 +33,7 @@ from labkit import cgroups
 from labkit.exceptions import LabkitError, TestbedError
 from labkit.host import NETNS_DIR
 from labkit.ledger import LEDGER_NAME, Ledger, describe, proc_start_time
+from labkit.sysctls import STATE_NAME as SYSCTLS_NAME
 from labkit.sysctls import restore_crashed
 from labkit.sysctls import state_dir as default_state_dir
 
@@ -108,11 +109,13 @@ def _clean_tree(directory: Path, report: CleanReport) -> None:
     _undo(own, report, f"{directory}")
     if not own.entries():
         own.path.unlink(missing_ok=True)
+    live_runs = []
     for run in sorted((p for p in directory.glob(f"{NETNS_PREFIX}*") if p.is_dir()),
                       key=lambda p: p.stat().st_mtime):
         live = _live_reason(directory, run)
         if live:
             report.kept.append(live)
+            live_runs.append(run.name)
             continue
         _clean_run(run, report)
     for replay in sorted(p for p in directory.glob(f"{REPLAY_PREFIX}*") if p.is_dir()):
@@ -128,12 +131,6 @@ def _clean_tree(directory: Path, report: CleanReport) -> None:
             _clean_tree(replay, report)
         if len(report.problems) == problems:  # else keep it: what is left is named there
             _remove_folder(replay, report)
-    try:
-        restored = restore_crashed(directory)
-    except LabkitError as exc:
-        report.problems.append(f"{directory}: {exc}")
-    else:
-        report.removed += [f"global sysctl {k} restored to {v}" for k, v in restored.items()]
     for name in (BG_MARKER,):
         marker = directory / name
         if marker.exists() and not owner_alive(marker):
@@ -142,6 +139,16 @@ def _clean_tree(directory: Path, report: CleanReport) -> None:
     for tmp in directory.glob(".*.tmp"):
         tmp.unlink(missing_ok=True)
         report.removed.append(f"stale temporary file {tmp}")
+    holder = _globals_holder(directory)
+    if holder in live_runs:  # the saved originals belong to a run still in use
+        report.kept.append(f"global sysctls saved in {directory} left as they are: {holder} still uses them")
+        return
+    try:
+        restored = restore_crashed(directory)
+    except LabkitError as exc:
+        report.problems.append(f"{directory}: {exc}")
+    else:
+        report.removed += [f"global sysctl {k} restored to {v}" for k, v in restored.items()]
 
 
 def _live_reason(directory: Path, run: Path) -> str | None:
@@ -156,6 +163,28 @@ def _live_reason(directory: Path, run: Path) -> str | None:
     if load:
         return (f"a load is under way on netns run {run.name[len(NETNS_PREFIX):]} (pid {load['pid']}): "
                 "left alone; stop it first, or `labkit down --force`")
+    user = owner_alive(run / OWNER_NAME)
+    if user:
+        return (f"netns testbed {run.name[len(NETNS_PREFIX):]} is in use by pid {user['pid']} "
+                f"({_command_of(user['pid'])}): left alone; end that process or run `labkit down`")
+    return None
+
+
+def _command_of(pid: int) -> str:
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    return " ".join(w.decode(errors="replace") for w in words if w)[:80] or "?"
+
+
+def _globals_holder(directory: Path) -> str | None:
+    """The run (``netns-<id>``) whose originals are saved in ``directory``, if readable."""
+    for name in (SYSCTLS_NAME, SYSCTLS_NAME + ".bak"):
+        try:
+            return str(json.loads((directory / name).read_text()).get("owner"))
+        except (OSError, ValueError, AttributeError):
+            continue
     return None
 
 

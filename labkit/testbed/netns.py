@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from labkit import cgroups
+from labkit.cleanup import OWNER_NAME, owner_record
 from labkit.exceptions import GlobalSysctlsHeld, StateCorrupt, TestbedError
 from labkit.host import NETNS_DIR, Host, LocalHost, NetnsHost, in_netns
 from labkit.kubeproxy import Endpoint, render_helper_rule, render_rules
@@ -281,6 +282,9 @@ class NetnsTestbed(Testbed):
                                    last_up={"seconds": round(took, 3),
                                             "waited_for_globals_s": round(self._waited, 3)})
                 self._save()
+                # the process that configured it last uses it: `labkit clean` leaves it alone while
+                # that process lives (a notebook's kernel), and removes it once it is gone
+                atomic_write(self.run_dir / OWNER_NAME, json.dumps(owner_record()).encode())
         except GlobalSysctlsHeld:
             if fresh:
                 self._down_locked()

@@ -27,7 +27,7 @@ from labkit.cgroups import cpu_root
 from labkit.host import LocalHost
 
 
-def _ledger(path: Path) -> list[dict]:
+def ledger_lines(path: Path) -> list[dict]:
     out = []
     try:
         text = path.read_text()
@@ -45,7 +45,7 @@ def observe(state: Path) -> set[str]:
     """The moments a run under ``state`` has reached so far (see the module's docstring)."""
     seen: set[str] = set()
     for run in list(state.glob("netns-*")) + list(state.glob("replay-*/netns-*")):
-        lines = _ledger(run / "ledger.jsonl")
+        lines = ledger_lines(run / "ledger.jsonl")
         kinds = {e.get("id"): e.get("kind") for e in lines if e.get("op") == "create"}
         try:
             doc = json.loads((run / "state.json").read_text())
@@ -85,8 +85,10 @@ def wait_for(state: Path, proc: subprocess.Popen, moment: str, after: set[str] =
     """
     deadline = time.monotonic() + timeout
     need = set(after) | {moment}
+    seen: set[str] = set()  # cumulative: a load's announcement is gone once its teardown starts
     while time.monotonic() < deadline:
-        if need <= observe(state):
+        seen |= observe(state)
+        if need <= seen:
             return time.monotonic()
         if proc.poll() is not None:
             raise AssertionError(f"the command ended (exit {proc.returncode}) before {moment!r}: "

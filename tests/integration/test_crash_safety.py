@@ -17,7 +17,7 @@ import pytest
 
 from labkit.ledger import Ledger
 from tests.conftest import need_program, need_root
-from tests.integration.crash_matrix import differences, labkit, record, run_ids, spawn, wait_for
+from tests.integration.crash_matrix import differences, ledger_lines, labkit, record, run_ids, spawn, wait_for
 from tests.integration.test_testbed_lifecycle import unclaimed_globals
 
 pytestmark = pytest.mark.integration
@@ -76,7 +76,9 @@ def test_defect3_down_during_a_load_is_refused_and_force_fails_the_run(state, tm
     proc = spawn(directory, ["run", "--iteration", "2", "--profile", "quick", "--out", str(out)])
     wait_for(directory, proc, "loading")
     ids |= run_ids(directory)
-    csv = [str(p) for p in directory.glob("netns-*/load-*.csv")]
+    # the loadgen may not have made its CSV yet: the run's ledger names it before the load starts
+    csv = [e["path"] for run in directory.glob("netns-*") for e in ledger_lines(run / "ledger.jsonl")
+           if e.get("kind") == "path" and e.get("path", "").endswith(".csv")]
     refused = labkit(directory, "down")
     assert refused.returncode == 1 and "a load is under way" in refused.stderr
     assert "--force" in refused.stderr and list(directory.glob("netns-*/state.json"))

@@ -256,3 +256,35 @@ def test_defect2_a_sigtermed_loadgen_still_reports_what_it_counted(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode in (0, 3), (proc.returncode, err)  # not killed on the spot (-15)
     assert "interrupted" in out and "started" in out  # the summary of what it did
+
+
+def test_defect1_clean_leaves_a_testbed_whose_process_lives_and_its_globals_alone(tmp_path):
+    """A notebook kernel (or any live process) still using its testbed is not a crashed run:
+    clean leaves it and the global sysctls it saved; once that process is gone, clean removes it."""
+    import subprocess
+    import sys
+
+    from labkit.cleanup import OWNER_NAME, clean
+    from labkit.ledger import proc_start_time
+
+    user = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = tmp_path / "netns-abcde"
+        run.mkdir()
+        Ledger(run).record("path", path=str(run / "srv"))
+        (run / "srv").mkdir()
+        (run / "state.json").write_text(json.dumps({"state": "up", "run_id": "abcde"}))
+        (run / OWNER_NAME).write_text(json.dumps({"pid": user.pid, "start": proc_start_time(user.pid)}))
+        (tmp_path / "global-sysctls.json").write_text(json.dumps(
+            {"owner": "netns-abcde", "saved": {"net.netfilter.nf_conntrack_max": "262144"}}))
+        report = clean(tmp_path)
+        assert (run / "srv").exists() and (tmp_path / "global-sysctls.json").exists()
+        assert any(f"pid {user.pid}" in k and "abcde" in k for k in report.kept), report.kept
+        assert any("global sysctls" in k for k in report.kept), report.kept
+        assert not report.removed and not report.problems
+    finally:
+        user.kill()
+        user.wait()
+    (tmp_path / "global-sysctls.json").unlink()  # restoring them would need root: not this test's point
+    report = clean(tmp_path)
+    assert f"path {run / 'srv'}" in report.removed and not run.exists()
