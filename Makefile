@@ -3,11 +3,14 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: lab test unit setup-lab setup-test clean-lab
+.PHONY: lab notebook test unit setup-lab setup-test clean-lab
 
 lab: setup-lab
 	$(VENV)/bin/labkit doctor
 	$(VENV)/bin/labkit replay --profile lab
+
+notebook: setup-lab
+	$(VENV)/bin/labkit notebook
 
 test: setup-test
 	$(VENV)/bin/python -m pytest -q tests

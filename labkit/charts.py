@@ -113,7 +113,10 @@ def conntrack_chart(samples: pd.DataFrame, events: pd.DataFrame, *, t0: float,
     counts = s[(s["metric"] == "nf_conntrack_count") & s["netns"].isin(lab)]
     for netns in lab:
         part = counts[counts["netns"] == netns]
-        ax_count.plot(part["t"], part["value"], color=colors[netns], lw=1.6, label=f"{netns} count")
+        # the node wide and under the pods: a pod that tracks what the node does still lets it show
+        node = netns == NODE
+        ax_count.plot(part["t"], part["value"], color=colors[netns], lw=4.0 if node else 1.6,
+                      alpha=0.55 if node else 1.0, zorder=2 if node else 3, label=f"{netns} count")
     cmax = s[s["metric"] == "nf_conntrack_max"]["value"]
     if not cmax.empty:
         ax_count.axhline(cmax.max(), color="black", ls="--", lw=1.2,

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "labkit.loadgen.cli",
     "labkit.monitor.cli",
     "labkit.replay.cli",
+    "labkit.jupyter",
     "labkit.capacity_cli",
 )
 

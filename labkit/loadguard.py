@@ -62,11 +62,12 @@ def refuse_during_load(testbed, action: str, *, force: bool = False) -> None:
             testbed.ledger.remove(entry)  # ends the loadgen and everything it started
 
 
-def run_load(testbed, spec):
+def run_load(testbed, spec, progress=None):
     """Run an iteration's load from the testbed's client and return the :class:`LoadResult`.
 
     On the netns testbed the load is announced (``load.json``), its loadgen runs in a
-    cgroup the run's ledger lists, and its per-transfer CSV lives in the run's state
+    cgroup the run's ledger lists, and its per-transfer CSV (and its progress file, with
+    ``progress``: see :func:`labkit.loadgen.run_load_on`) lives in the run's state
     folder; other testbeds just run it on their client.
 
     Raises:
@@ -76,7 +77,7 @@ def run_load(testbed, spec):
     from labkit.loadgen import run_load_on
 
     if getattr(testbed, "name", None) != "netns" or not hasattr(testbed, "ledger"):
-        return run_load_on(testbed.host("client"), spec, transfers=True)
+        return run_load_on(testbed.host("client"), spec, transfers=True, progress=progress)
     from labkit.testbed.netns import STATE_NAME, state_lock
 
     run_dir, run_id = testbed.run_dir, testbed.run_id
@@ -91,6 +92,9 @@ def run_load(testbed, spec):
         ids = [ledger.record("cgroup", path=str(root / name))]
         csv = run_dir / f"load-{token}.csv"
         ids.append(ledger.record("path", path=str(csv)))
+        feed = run_dir / f"load-{token}.progress.jsonl" if progress is not None else None
+        if feed is not None:
+            ids.append(ledger.record("path", path=str(feed)))
         ids.append(ledger.record("path", path=str(run_dir / LOAD_NAME)))
         cgroup = cgroups.make_cgroup(name, None)
         command = " ".join(os.path.basename(a) for a in sys.argv[:3]) or "python"
@@ -98,7 +102,8 @@ def run_load(testbed, spec):
                                                       "command": command}).encode(), mode=0o600)
     try:
         result = run_load_on(testbed.host("client"), spec, transfers=True, cgroup=cgroup,
-                             transfers_path=str(csv))
+                             transfers_path=str(csv), progress=progress,
+                             progress_path=str(feed) if feed is not None else None)
     except Exception:
         _check_still_up(testbed, run_dir, run_id)
         raise

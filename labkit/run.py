@@ -267,7 +267,7 @@ def load_spec(testbed, iteration):
 
 def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float = MONITOR_HZ,
                   compress: bool = False, on_step: Callable[[str], None] | None = None,
-                  wait_warm: bool | None = None) -> dict[str, Any]:
+                  wait_warm: bool | None = None, live: Any = None) -> dict[str, Any]:
     """Run one iteration end to end and write its tidy data into ``out_dir``.
 
     Args:
@@ -283,6 +283,10 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
             cycle before the load; default: unless the iteration is the plain server,
             where no conntrack table is in play (its flows run all the same, so that
             their CPU is spent in every iteration alike).
+        live: a live view of the load (:class:`labkit.live.LiveChart`): its
+            ``start(monitor)`` is called once the monitor samples, ``progress(totals)``
+            about once a second with the load's running totals, ``stop()`` when
+            sampling ends.
 
     Returns:
         The summary.csv row (also written to ``summary-row.json``).
@@ -304,18 +308,26 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
         monitor = Monitor(testbed.monitor_targets(), hz=hz, netns_roles=netns_roles(testbed))
         monitor.start()
         try:
+            if live is not None:
+                live.start(monitor)
             # the flows' failure ends the load at once: the cycle would no longer be the declared one
             with background.watch(flows):
                 step(f"iteration {iteration.number}: load for {iteration.duration_s:g} s at concurrency "
                      f"{iteration.concurrency}")
-                result = run_guarded_load(testbed, spec)  # `down` refuses meanwhile; `clean` can end it
+                # `down` refuses meanwhile; `clean` can end it
+                result = run_guarded_load(testbed, spec,
+                                          progress=live.progress if live is not None else None)
                 load_start = float(result.summary["started_at"])
                 load_stop = load_start + float(result.summary["duration_s"])
                 step(f"iteration {iteration.number}: cool-down tail, {iteration.cooldown_s:g} s sampled")
                 # The tail is observation only: the load has ended; the monitor keeps sampling.
                 time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
         finally:
-            monitor.stop()
+            try:
+                monitor.stop()
+            finally:
+                if live is not None:
+                    live.stop()
     samples, events = monitor.samples, monitor.events
     row = summarize(iteration, result.summary, samples, events, load_start=load_start,
                     load_stop=load_stop, load=result.timeseries, testbed=getattr(testbed, "name", "netns"))

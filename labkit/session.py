@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,13 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL_WAIT_S = 300.0  # another lab run may hold the global sysctls for a while
+NODE_SYSCTLS = ("net.netfilter.nf_conntrack_max", "net.netfilter.nf_conntrack_expect_max",
+                "net.netfilter.nf_conntrack_udp_timeout", "net.netfilter.nf_conntrack_udp_timeout_stream")
+
+
+def results_root() -> Path:
+    """Where notebooks run outside a replay write their folders: ``$LABKIT_RESULTS_DIR`` or ``results/``."""
+    return Path(os.environ.get("LABKIT_RESULTS_DIR") or REPO / "results")
 
 
 def _md(text: str):
@@ -40,7 +48,8 @@ class IterationSession:
         iteration: the iteration number (1..9).
         profile: ``article``, ``lab``, ``quick`` or a profile file.
         testbed: the testbed backend name (``netns``).
-        out_dir: the iteration's folder; ``results/notebook-<profile>/iteration-<N>`` when None.
+        out_dir: the iteration's folder; ``results/notebook-<profile>/iteration-<N>`` when None
+            (``$LABKIT_RESULTS_DIR`` instead of ``results/`` when set).
         run_id: the replay's run id; the testbed then keeps its state where the
             replay driver tears it down.
         duration, cooldown: override the profile's load duration and cool-down (s).
@@ -64,9 +73,10 @@ class IterationSession:
         self.profile = self.scenario._profile(profile)
         self.testbed_name = testbed
         self.run_id = run_id
-        self.out_dir = Path(out_dir) if out_dir else REPO / "results" / f"notebook-{self.iteration.profile}" / \
+        self.out_dir = Path(out_dir) if out_dir else results_root() / f"notebook-{self.iteration.profile}" / \
             f"iteration-{self.iteration.number}"
         self._testbed = None
+        self._flows = None  # background flows this session started (see up())
         self.compress = compress
 
     # --- the story ------------------------------------------------------------------
@@ -141,17 +151,124 @@ class IterationSession:
             self._testbed = get_testbed(self.testbed_name, **options)
         return self._testbed
 
-    def run(self) -> pd.DataFrame:
-        """Run the iteration (testbed up, monitor, load, cool-down); return the key numbers."""
+    def up(self):
+        """Bring the testbed up (or reconfigure it) for this iteration; show what is there (Markdown).
+
+        When the iteration runs background flows and none are running (and no replay
+        keeps them: ``run_id`` unset), they start here, so that the kernel's garbage
+        collector takes up their cycle (up to a minute) while the participant reads
+        on and predicts, not at the start of the load step.
+        """
+        self.testbed.up(self.iteration)
+        st = self.testbed.status()
+        svc = st.get("service") or {}
+        pods = ", ".join(h["name"] for h in st.get("hosts", []) if h.get("role") == "pod") or "none (plain server)"
+        return _md(f"Testbed `{st.get('run_id')}` is **{st.get('state')}** for iteration {st.get('iteration')}: "
+                   f"service `{svc.get('node_ip')}:{svc.get('node_port')}/udp`, pods: {pods}.{self._warm_ahead()}")
+
+    def _warm_ahead(self) -> str:
+        """Start the iteration's background flows when none run; a sentence on them (or "")."""
+        from labkit import background
+        from labkit.run import background_flows
+
+        flows = background_flows(self.testbed, self.iteration)
+        if not flows or self.run_id is not None:
+            return ""
+        info = background.running()
+        if info is None:
+            if self._flows is not None:  # ours stopped (their error is in their marker): fresh ones
+                self._flows.stop()
+                self._flows = None
+            self._flows = background.BackgroundFlows(flows).start()
+            info = background.running() or {"warm_at": self._flows.started + self._flows.warm_s}
+        left = float(info["warm_at"]) - time.time()
+        when = (f"the kernel's garbage collector takes up their cycle within {left:.0f} s (the run step "
+                "waits for that if you get there sooner)" if left > 0 else "the garbage collector is on their cycle")
+        return (f" {flows:,} short background flows a second run beside it, as on a busy node: {when}.")
+
+    def run(self, live: bool = True) -> pd.DataFrame:
+        """Run the iteration (testbed up, monitor, load, cool-down); return the key numbers.
+
+        A chart of the load is shown in the cell: redrawn about once a second while
+        it runs (``live``), and left as a static image when it ends (papermill and the
+        HTML report keep that one).  ``live=False`` draws it once, at the end.
+        """
+        from labkit.live import LiveChart
         from labkit.run import run_iteration
 
-        run_iteration(self.testbed, self.iteration, self.out_dir, compress=self.compress)
+        it = self.iteration
+        chart = LiveChart(f"Iteration {it.number}: the load as it ran", live=live,
+                          expected_s=float(it.duration_s) + float(it.cooldown_s) + 2.0).begin()
+        run_iteration(self.testbed, it, self.out_dir, compress=self.compress, on_step=chart.step, live=chart)
         return self.result_table()
 
+    # --- the article's commands ---------------------------------------------------------
+
+    def sh(self, role: str, command: str):
+        """Run one of the article's commands as ``role`` (``node``, ``pod-1``, ``init`` ...) and show it.
+
+        Returns:
+            The :class:`~labkit.commands.Shown` command (its Result, and a table where the
+            output is one), or a note when this iteration has no such role (no pods in iteration 1).
+
+        Raises:
+            TestbedError: the testbed is not up.
+        """
+        from labkit.commands import sh
+        from labkit.exceptions import TestbedError
+
+        if not self.testbed.roles():
+            raise TestbedError("the testbed is not up: run `lab.up()` (or `labkit up`) first")
+        if role not in self.testbed.roles():
+            return _md(f"*Iteration {self.iteration.number} has no `{role}` "
+                       f"({'the server is a plain process on the node' if self.iteration.setup == 'plain' else 'roles: ' + ', '.join(self.testbed.roles())}): "
+                       f"nothing to run there.*")
+        return sh(self.testbed, role, command)
+
+    def sysctl_w(self):
+        """The article's ``sysctl -w`` of this iteration's node values, run for real (where each may be set)."""
+        from labkit.commands import Shown, ShownList, sh, sysctl_commands
+
+        lines = sysctl_commands(dict(self.iteration.node_sysctls))
+        if not lines:
+            return ShownList([sh(self.testbed, "node", "sysctl " + " ".join(NODE_SYSCTLS),
+                                 note="Iteration 1 sets nothing: these are the kernel's defaults.")])
+        shown: list[Shown] = [sh(self.testbed, role, cmd) for role, cmd in lines]
+        return ShownList(shown)
+
+    def pod_sysctls(self):
+        """The Deployment's ``securityContext.sysctls``, the kubelet's allowlist, and its verdict.
+
+        Also shows the kubelet's refusal (``SysctlForbidden``) of the article's pod
+        sysctls when they are not allowlisted: with an empty allowlist when this
+        iteration sets them, under this iteration's allowlist otherwise.
+        """
+        from labkit.commands import kubelet_admission
+
+        return kubelet_admission(self.iteration, self.scenario.iteration(8, self.profile))
+
+    def question(self):
+        """The question to answer before the run (Markdown)."""
+        from labkit.workshop import question
+
+        return question(self.iteration.number)
+
+    def check(self, prediction=None) -> pd.DataFrame:
+        """After the run: the article's finding for this iteration from your numbers, beside the reference."""
+        from labkit.workshop import check
+
+        return check(self.iteration.number, self.out_dir, prediction)
+
     def down(self) -> str:
-        """Bring the testbed down and restore the global sysctls; idempotent."""
-        if self._testbed is not None:
-            self._testbed.down()
+        """Bring the testbed down (and the background flows :meth:`up` started) and restore
+        the global sysctls; idempotent."""
+        try:
+            if self._testbed is not None:
+                self._testbed.down()
+        finally:
+            if self._flows is not None:
+                self._flows.stop()
+                self._flows = None
         return "testbed down, global sysctls restored"
 
     # --- results ----------------------------------------------------------------------

@@ -48,6 +48,24 @@ def is_global(name: str) -> bool:
     return sysctl_name(name) in GLOBAL_SYSCTLS
 
 
+def check_max(host: Host, value: int, where: str = "in its own namespace") -> None:
+    """Refuse an ``nf_conntrack_max`` below what ``host``'s namespace already tracks.
+
+    Args:
+        host: the namespace to read ``nf_conntrack_count`` in.
+        value: the new global max.
+        where: how the message names that namespace.
+
+    Raises:
+        TestbedError: ``value`` is below the current ``nf_conntrack_count`` there.
+    """
+    tracked = int(host.read_sysctl("net.netfilter.nf_conntrack_count"))
+    if int(value) < tracked:
+        raise TestbedError(
+            f"refusing to set net.netfilter.nf_conntrack_max={value}: the machine already tracks {tracked} "
+            f"connections {where}; lowering the max below that would drop them")
+
+
 class GlobalSysctls:
     """Set and restore the global sysctls for one lab run.
 
@@ -163,11 +181,7 @@ class GlobalSysctls:
         atomic_write(self.claim_path, str(self.path).encode())
         for name, value in names.items():
             if name.endswith("nf_conntrack_max"):
-                tracked = int(self.host.read_sysctl("net.netfilter.nf_conntrack_count"))
-                if int(value) < tracked:
-                    raise TestbedError(
-                        f"refusing to set {name}={value}: the machine already tracks {tracked} "
-                        "connections in its own namespace; lowering the max below that would drop them")
+                check_max(self.host, value)
             log.info("global %s=%s (was %s)", name, value, saved[name])
             self.host.write_sysctl(name, value)
 

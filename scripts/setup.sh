@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up what labkit needs on a Debian-like machine, idempotently:
 #   scripts/setup.sh lab    Debian packages for the netns testbed + .venv with labkit
-#   scripts/setup.sh test   the same, plus what the tests need (sshd, vagrant, shellcheck)
+#   scripts/setup.sh test   the same, plus what the tests need (sshd, vagrant, shellcheck,
+#                           chromium and its driver for the browser test)
 # Quick when all is there: it installs only what is missing.
 set -euo pipefail
 
@@ -13,7 +14,7 @@ venv="$here/.venv"
 lab_pkgs="ip:iproute2 iptables:iptables iptables-restore:iptables conntrack:conntrack
 in.tftpd:tftpd-hpa tftp:tftp-hpa atftp:atftp modprobe:kmod pgrep:procps"
 test_pkgs="sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
-vagrant:vagrant shellcheck:shellcheck sudo:sudo
+vagrant:vagrant shellcheck:shellcheck sudo:sudo chromium:chromium chromedriver:chromium-driver
 prometheus:prometheus"
 # packages with no command of their own (checked with dpkg): the Vagrant libvirt
 # provider, so that `vagrant validate` also checks the libvirt settings

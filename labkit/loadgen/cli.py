@@ -8,7 +8,9 @@ result as one JSON document (what :func:`labkit.loadgen.run_load_on` parses).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 
 from labkit.exceptions import LoadgenError
 from labkit.loadgen.runner import NOTHING_OK_EXIT, run_load
@@ -58,6 +60,9 @@ def register(subparsers) -> None:
                         "free ephemeral port each time)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--transfers", metavar="CSV", help="write one row per transfer to this CSV file")
+    p.add_argument("--progress", metavar="FILE",
+                   help="append the running totals to FILE as one JSON line about once a second "
+                        "(elapsed_s, started, ok, failed, in_flight, and at: the wall time; what a live chart reads)")
     p.add_argument("--out", metavar="DIR",
                    help="write summary.json, timeseries.csv (and transfers.csv) to DIR")
     p.set_defaults(func=_loadgen)
@@ -91,13 +96,17 @@ def _loadgen(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise LoadgenError(str(exc)) from None
     live = sys.stderr.isatty()
-    progress = _ProgressLine(sys.stderr) if live else None
+    line = _ProgressLine(sys.stderr) if live else None
     keep = args.transfers or bool(args.out)
+    feed = open(args.progress, "a", buffering=1) if args.progress else None
+    progress = _fan_out(line, feed)
     try:
         result = run_load(spec, transfers=args.transfers or keep, progress=progress)
     finally:
-        if progress:
-            progress.clear()
+        if line:
+            line.clear()
+        if feed:
+            feed.close()
     if args.out:
         result.write(args.out)
     if args.json:
@@ -105,6 +114,21 @@ def _loadgen(args: argparse.Namespace) -> int:
     else:
         print(format_summary(result.summary))
     return 0 if result.ok or not result.summary["started"] else NOTHING_OK_EXIT
+
+
+def _fan_out(line, feed):
+    """One progress callback for the terminal line and the JSON-lines file (either may be None)."""
+    if line is None and feed is None:
+        return None
+
+    def progress(p: dict) -> None:
+        if line is not None:
+            line(p)
+        if feed is not None:
+            totals = {k: p[k] for k in ("elapsed_s", "started", "ok", "failed", "in_flight")}
+            feed.write(json.dumps({**totals, "at": round(time.time(), 3)}) + "\n")
+
+    return progress
 
 
 class _ProgressLine:

@@ -23,7 +23,7 @@ import time
 import uuid
 from typing import Callable
 
-from labkit.exceptions import CommandFailed, LoadgenError
+from labkit.exceptions import CommandFailed, LabkitError, LoadgenError
 from labkit.host import Host, LocalHost, NetnsHost
 from labkit.loadgen.engine import OK, TRANSFER_COLUMNS, run_engine
 from labkit.loadgen.result import LoadResult, merge_records, read_transfers
@@ -210,7 +210,8 @@ def _board_totals(board: dict[int, dict]) -> dict:
 
 def run_load_on(host: Host, spec: LoadSpec, *, transfers: bool = False, python: str | None = None,
                 timeout: float | None = None, cgroup: str | os.PathLike | None = None,
-                transfers_path: str | None = None) -> LoadResult:
+                transfers_path: str | None = None, progress: Progress | None = None,
+                progress_path: str | None = None) -> LoadResult:
     """Run a load on ``host`` (a client namespace, a remote machine) and return its result.
 
     Runs ``PYTHON -m labkit loadgen ... --json`` there; labkit must be
@@ -229,6 +230,10 @@ def run_load_on(host: Host, spec: LoadSpec, *, transfers: bool = False, python: 
         cgroup: a cgroup of this machine to run the loadgen in (a local host or
             namespace only), so that whoever removes the cgroup ends it.
         transfers_path: where the per-transfer CSV goes (default a file in ``/tmp``).
+        progress: called from a helper thread with the running totals
+            (elapsed_s, started, ok, failed, in_flight) about once a second
+            while the load runs (read from a ``--progress`` file there).
+        progress_path: where that file goes (default a file in ``/tmp``).
 
     Returns:
         The :class:`LoadResult`.
@@ -246,6 +251,10 @@ def run_load_on(host: Host, spec: LoadSpec, *, transfers: bool = False, python: 
     if transfers:
         path = transfers_path or f"/tmp/labkit-loadgen-{uuid.uuid4().hex}.csv"
         argv += ["--transfers", path]
+    feed = None
+    if progress is not None:
+        feed = _ProgressFeed(host, progress_path or f"/tmp/labkit-progress-{uuid.uuid4().hex}.jsonl", progress)
+        argv += ["--progress", feed.path]
     if timeout is None and spec.duration is not None:
         timeout = spec.duration + spec.deadline + 60.0
     runner = host
@@ -259,17 +268,66 @@ def run_load_on(host: Host, spec: LoadSpec, *, transfers: bool = False, python: 
                 *argv]
         runner = LocalHost(host.name)
     try:
+        if feed:
+            feed.start()
         result = runner.run(argv, timeout=timeout, check=False)
         if result.exit_code not in (0, NOTHING_OK_EXIT):
             raise CommandFailed(result)
         table = read_transfers(host.read_file(path).decode()) if path else None
     finally:
-        if path and local:
-            # removed here, not through the host: its namespace may be gone by now
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        elif path:
-            host.run(["rm", "-f", path], check=False, timeout=30)
+        try:
+            if feed:
+                feed.stop()
+        finally:
+            leftovers = [p for p in (path, feed.path if feed else None) if p]
+            if leftovers and local:
+                # removed here, not through the host: its namespace may be gone by now
+                for leftover in leftovers:
+                    try:
+                        os.unlink(leftover)
+                    except FileNotFoundError:
+                        pass
+            elif leftovers:
+                host.run(["rm", "-f", *leftovers], check=False, timeout=30)
     return LoadResult.from_json(result.stdout, transfers=table)
+
+
+class _ProgressFeed(threading.Thread):
+    """Follows a ``--progress`` file on a host and hands each new line to ``progress``.
+
+    Reads the whole file about once a second (through ``host.read_file``: a
+    local read for a namespace, SFTP for a remote host) and passes on the lines
+    it has not passed on yet.  A missing file (the load has not started) is
+    simply not read yet.  A callback that raises ends the thread, and the same
+    error is raised again by :meth:`stop`'s last read, in the caller's thread.
+    """
+
+    def __init__(self, host: Host, path: str, progress: Progress, interval: float = 0.5):
+        super().__init__(name="labkit-loadgen-progress", daemon=True)
+        self.host, self.path, self.progress, self.interval = host, path, progress, interval
+        self._halted = threading.Event()
+        self._seen = 0
+
+    def run(self) -> None:
+        while not self._halted.wait(self.interval):
+            self._poll()
+
+    def _poll(self) -> None:
+        import json
+
+        try:
+            text = self.host.read_file(self.path).decode()
+        except (OSError, LabkitError):
+            return  # not written yet
+        lines = text.splitlines()
+        complete = lines if text.endswith("\n") else lines[:-1]
+        for line in complete[self._seen:]:
+            self.progress(json.loads(line))
+        self._seen = max(self._seen, len(complete))
+
+    def stop(self) -> None:
+        """Stop following (after one last read)."""
+        self._halted.set()
+        if self.is_alive():
+            self.join(5)
+        self._poll()

@@ -199,7 +199,9 @@ def run_iteration_notebook(options: ReplayOptions, run_dir: Path, manifest: Mani
     folder.mkdir(parents=True)
     run_id = manifest.data["run_id"]
     params = {"iteration": number, "profile": options.profile, "testbed": options.testbed,
-              "out_dir": str(folder.resolve()), "run_id": run_id, **options.parameters}
+              "out_dir": str(folder.resolve()), "run_id": run_id,
+              "live": False,  # no chart redrawn each second beside a measured load; drawn once at its end
+              **options.parameters}
     entry: dict[str, Any] = {"iteration": number, "status": "running", "started": now(),
                              "folder": folder.name, "parameters": params,
                              "sysctls_before": read_sysctls()}

@@ -93,6 +93,20 @@ def test_html_reports_are_self_contained_with_inline_charts(quick_run):
     assert 'href="summary.html"' in index
 
 
+def test_reports_show_the_articles_commands_with_their_output_not_the_python(quick_run):
+    out, _, _, _, _ = quick_run
+    text = (out / "iteration-2" / "iteration.html").read_text()
+    count = re.search(r"\[node\]# cat /proc/sys/net/netfilter/nf_conntrack_count</b>\s*(\d+)", text)
+    assert count and int(count.group(1)) > 0, "the node's count right after the load"
+    for command in ("[init]# sysctl -w net.netfilter.nf_conntrack_max=1024", "[node]# conntrack -S",
+                    "[node]# iptables-save -t nat", "expectations have been shown", "SysctlForbidden",
+                    "finding F1"):
+        assert command in text, command
+    assert "KUBE-NODEPORTS" in text and "lab.sh(" not in text and "IterationSession(" not in text
+    # the load's chart, drawn once at its end, besides the three charts of the iteration
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', text)) >= 4
+
+
 def test_the_machine_is_left_as_it_was(quick_run):
     out, _, _, before, after = quick_run
     assert after == before

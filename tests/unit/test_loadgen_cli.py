@@ -123,3 +123,29 @@ def test_out_writes_summary_series_and_transfers(slow_server, tmp_path):
     assert list(table["outcome"]) == ["ok"] * 6 and (table["bytes"] == len(CONTENT)).all()
     series = pd.read_csv(out / "timeseries.csv")
     assert series.query("metric == 'completed'")["value"].sum() == 6
+
+
+def test_run_load_on_hands_the_running_totals_to_a_progress_callback(slow_server):
+    seen = []
+    feeds = {f for f in os.listdir("/tmp") if f.startswith("labkit-progress-")}
+    spec = LoadSpec("127.0.0.1", slow_server.port, "f", expected_size=len(CONTENT), concurrency=4, duration=3.2)
+    before = time.time()
+    result = run_load_on(LocalHost(), spec, progress=seen.append)
+    after = time.time()
+    assert len(seen) >= 2, seen   # about once a second, while it ran
+    assert [p["elapsed_s"] for p in seen] == sorted(p["elapsed_s"] for p in seen)
+    assert all(set(p) == {"elapsed_s", "started", "ok", "failed", "in_flight", "at"} for p in seen)
+    assert all(before < p["at"] < after for p in seen)  # when the load had them: a chart places them there
+    assert 0 < seen[-1]["ok"] <= result.summary["ok"]
+    assert {f for f in os.listdir("/tmp") if f.startswith("labkit-progress-")} <= feeds  # its own was removed
+
+
+def test_the_progress_file_gets_one_json_line_a_second(slow_server, tmp_path):
+    feed = tmp_path / "progress.jsonl"
+    proc = subprocess.run(_argv(slow_server, "-c", "4", "-d", "2.5", "--progress", str(feed)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in feed.read_text().splitlines()]
+    assert len(lines) >= 2 and lines[-1]["ok"] > 0
+    gaps = [b["at"] - a["at"] for a, b in zip(lines, lines[1:])]
+    assert all(0.5 < g < 1.6 for g in gaps), gaps
