@@ -118,6 +118,18 @@ class ScenarioError(LabkitError):
         super().__init__(f"{where}: {message}" if where else message)
 
 
+class SizingError(LabkitError):
+    """A value given to the conntrack sizing model is out of range, or nothing fits.
+
+    Attributes:
+        field: the input it is about (``rate``, ``node_udp_timeout``...), or None.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None):
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
 class LoadgenError(LabkitError):
     """The load generator was misused or could not run."""
 
