@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "labkit.loadgen.cli",
     "labkit.monitor.cli",
     "labkit.replay.cli",
+    "labkit.capacity_cli",
 )
 
 
