@@ -39,8 +39,8 @@ from functools import lru_cache
 from typing import Any, Mapping
 
 from labkit.exceptions import SizingError
+from labkit.monitor.parse import PAGE_SIZE, SlabCache, parse_slabinfo  # noqa: F401  (re-exported)
 
-PAGE_SIZE = 4096
 POINTER_BYTES = 8  # struct hlist_nulls_head: one pointer per bucket (64-bit)
 # Measured on the project's Linux 6.18 machine (tests/data/slabinfo-6.18-idle.txt and
 # /sys/kernel/slab/nf_conntrack_expect): 256-byte conntrack objects, 16 to a 4 KiB page;
@@ -76,65 +76,6 @@ def _integer(value: Any, name: str, minimum: int = 1) -> int:
 
 
 # --- the kernel's slab caches --------------------------------------------------------
-
-@dataclass(frozen=True)
-class SlabCache:
-    """One line of ``/proc/slabinfo``.
-
-    Attributes:
-        name: the cache (``nf_conntrack``).
-        active_objs: objects in use.
-        num_objs: objects the cache's slabs hold (in use or free).
-        objsize: bytes per object, padding included.
-        objperslab, pagesperslab: how objects pack into slabs.
-    """
-
-    name: str
-    active_objs: int
-    num_objs: int
-    objsize: int
-    objperslab: int
-    pagesperslab: int
-
-    @property
-    def bytes_per_object(self) -> float:
-        """Memory one object costs, the slab's unused tail shared out."""
-        return self.pagesperslab * PAGE_SIZE / self.objperslab
-
-    @property
-    def active_bytes(self) -> float:
-        """Memory of the objects in use."""
-        return self.active_objs * self.bytes_per_object
-
-    @property
-    def total_bytes(self) -> int:
-        """Memory the cache's slabs hold."""
-        return int(self.num_objs * self.bytes_per_object)
-
-
-def parse_slabinfo(text: str, source: str = "/proc/slabinfo") -> dict[str, SlabCache]:
-    """Parse ``/proc/slabinfo`` (version 2.x) into ``{name: SlabCache}`` (pure).
-
-    Raises:
-        SizingError: the text is not slabinfo 2.x, or a line is malformed (its number named).
-    """
-    lines = text.splitlines()
-    if not lines or not lines[0].startswith("slabinfo - version: 2."):
-        raise SizingError(f"{source}: not /proc/slabinfo version 2.x (first line {lines[:1]!r})")
-    caches = {}
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip() or line.startswith("#"):
-            continue
-        head = line.split(":", 1)[0].split()
-        try:
-            name, active, total, size, per_slab, pages = head[0], *map(int, head[1:6])
-        except (ValueError, IndexError):
-            raise SizingError(f"{source}: line {number} is not a slab cache line: {line!r}") from None
-        if per_slab <= 0 or pages <= 0:
-            raise SizingError(f"{source}: line {number}: objperslab and pagesperslab must be > 0")
-        caches[name] = SlabCache(name, active, total, size, per_slab, pages)
-    return caches
-
 
 def entry_bytes(caches: Mapping[str, SlabCache] | None) -> float:
     """Bytes one conntrack entry costs: the ``nf_conntrack`` cache's, else 6.18's 256."""
@@ -436,6 +377,9 @@ def recommend(rate: float, tables: Tables, lifetime: Lifetime | None = None, *,
                    f"max {cap}")
         timeout = t
         pod_timeout = None if pod_timeout is None else t
+    if timeout < min_udp_timeout:
+        why.append(f"UDP timeout {timeout:g} s is under {min_udp_timeout:g} s: a TFTP client may wait that "
+                   "long between retransmissions, and a retried packet then finds no NAT entry")
     conntrack_max = _round_up(need(timeout))
     if cap is not None:
         conntrack_max = min(conntrack_max, cap)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from labkit import background
+from labkit import background, capacity
 from labkit.charts import seconds
 from labkit.exceptions import TestbedError
 from labkit.results import ROW_FILE, write_csv, write_json
@@ -231,6 +231,8 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
         "latency_p99_ms": load_summary.get("latency_p99_ms"),
         "status": "ok",
     }
+    row.update(capacity.slab_columns(s, load_start, load_stop))
+    row.update(capacity.predict_row(row))  # the sizing model beside the measurement
     return row
 
 

@@ -74,6 +74,20 @@ class RunSummary:
         })
         return out.set_index("iteration")
 
+    def model_check(self) -> pd.DataFrame:
+        """The sizing model (``labkit.capacity``) beside the measurement, per iteration."""
+        from labkit.capacity import compare
+
+        cols = ["transfers_per_s", "predicted_transfers_per_s", "node_fills predicted/measured",
+                "node_steady predicted", "node_steady measured", "node_steady_error",
+                "pod_fills predicted/measured", "pod_steady predicted", "pod_steady measured",
+                "pod_steady_error", "predicted_entry_bytes", "slab_lab_bytes_peak", "memory_error"]
+        return compare(self.summary)[cols]
+
+    def model_chart(self):
+        """Predicted against measured: transfers/s and each namespace's steady count."""
+        return charts.model_chart(self.model_check(), title="The sizing model beside the measurement")
+
     def findings(self):
         """F1-F7 and the iteration-4 observations, checked; also written to ``findings.csv``.
 

@@ -10,7 +10,7 @@ import pytest
 
 from labkit import capacity
 from labkit.capacity import Lifetime, Tables, kube_proxy_max, parse_slabinfo, predict, recommend
-from labkit.exceptions import SizingError
+from labkit.exceptions import MonitorError, SizingError
 
 DATA = Path(__file__).parent.parent / "data"
 REFERENCE = Path(__file__).parent.parent.parent / "results" / "reference" / "summary.csv"
@@ -28,6 +28,14 @@ def test_slabinfo_of_this_kernel_gives_256_byte_entries():
     assert "kmalloc-64" in caches and len(caches) > 100
 
 
+def test_monitor_samples_the_conntrack_slab_from_slabinfo():
+    from labkit.monitor.sampler import slab_metrics
+
+    metrics = slab_metrics((DATA / "slabinfo-6.18-idle.txt").read_text())
+    assert metrics == {"slab_conntrack_objects": 224, "slab_conntrack_bytes": 224 * 256}
+    assert slab_metrics("slabinfo - version: 2.1\n") == {}
+
+
 def test_slabinfo_shares_a_slab_tail_among_objects():
     text = ("slabinfo - version: 2.1\n# name <active_objs> ...\n"
             "big 10 17 232 17 1 : tunables 0 0 0 : slabdata 1 1 0\n")
@@ -43,7 +51,7 @@ def test_slabinfo_shares_a_slab_tail_among_objects():
     ("slabinfo - version: 2.1\n# header\nnf_conntrack 1 2 256 0 1\n", "line 3"),
 ])
 def test_bad_slabinfo_is_refused_with_the_line(text, says):
-    with pytest.raises(SizingError, match=says):
+    with pytest.raises(MonitorError, match=says):
         parse_slabinfo(text)
 
 
