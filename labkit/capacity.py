@@ -462,6 +462,9 @@ def predict_row(row: Mapping[str, Any], calibration: Mapping[str, Any] | None = 
     keys = ("model_offered_per_s", "predicted_transfers_per_s", "predicted_node_fills", "predicted_pod_fills",
             "predicted_expect_fills", "predicted_node_count", "predicted_pod_count", "predicted_expect_count",
             "predicted_entry_bytes", "predicted_memory_bytes")
+    if str(row.get("node_notrack", False)).lower() in ("true", "1"):
+        # untracked NodePort traffic is never NAT'ed: nothing reaches the pods, nothing is tracked
+        return {**out, **dict(zip(keys, (round(offered, 2), 0.0, False, False, False, 0.0, 0.0, 0.0, 0, 0)))}
     if offered <= 0 or not _number(row, "conntrack_max"):
         return {**out, **{k: None for k in keys}}
     tracks = str(row.get("pods_track_conntrack", True)).lower() not in ("false", "0")

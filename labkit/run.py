@@ -212,6 +212,8 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
         "file_size": iteration.file_size,
         "cpu_limit": iteration.cpu_limit,
         "pods_track_conntrack": iteration.pods_track_conntrack,
+        "node_notrack": getattr(iteration, "node_notrack", False),
+        "proxy_mode": getattr(iteration, "proxy_mode", "iptables"),
         "node_udp_timeout_stream": _median(s, NODE, "udp_timeout_stream"),
         "pod_udp_timeout_stream": _median(s, pods[0], "udp_timeout_stream") if pods else None,
         "node_table_full_logs": count_kind("table_full", {NODE}),

@@ -58,6 +58,7 @@ class RunSummary:
         base = s.iloc[0]
         out = pd.DataFrame({
             "iteration": s["iteration"],
+            "part": ["article" if n <= 9 else "past the article" for n in s["iteration"]],
             "title": s.get("title", ""),
             "lab transfers/s": s["transfers_per_s"].round(0).astype(int),
             "lab vs it. 1": (s["transfers_per_s"] / base["transfers_per_s"]).round(2),
@@ -112,7 +113,7 @@ class RunSummary:
         frame["column"] = frame["where"] + ": " + frame["sysctl"].str.replace("net.netfilter.nf_conntrack_", "", regex=False)
         frame["shown"] = [f"{v} ({a})" if v != a else f"{v}" for v, a in zip(frame["value"], frame["article"])]
         pivot = frame.pivot(index="iteration", columns="column", values="shown").fillna("default")
-        return pivot.reindex(range(1, 10)).fillna("-")
+        return pivot.reindex(sorted(set(self.summary["iteration"]) | set(range(1, 10)))).fillna("-")
 
     def environment(self) -> pd.DataFrame:
         """Where and with what the run ran (from the manifest)."""

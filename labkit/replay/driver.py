@@ -91,13 +91,18 @@ def latest_run(results: Path, profile: str) -> Path | None:
     return runs[-1] if runs else None
 
 
+LAST_ITERATION = 12  # 1-9 the article's, 10-12 past it
+
+
 def parse_iterations(text: str) -> list[int]:
-    """Parse ``1-9``, ``2,5,7`` or ``1-3,8`` into iteration numbers, in order, no repeats.
+    """Parse ``1-9``, ``2,5,7``, ``1-3,8`` or ``all`` (1-12) into iteration numbers, in order, no repeats.
 
     Raises:
-        ReplayError: a part is not a number or a range of numbers 1..9.
+        ReplayError: a part is not a number or a range of numbers 1..12.
     """
     out: list[int] = []
+    if text.strip().lower() == "all":
+        text = f"1-{LAST_ITERATION}"
     for part in text.replace(" ", "").split(","):
         if not part:
             continue
@@ -106,8 +111,8 @@ def parse_iterations(text: str) -> list[int]:
             numbers = range(int(lo), int(hi or lo) + 1)
         except ValueError:
             raise ReplayError(f"--iterations {text!r}: {part!r} is not N or N-M") from None
-        if not numbers or numbers.start < 1 or numbers.stop > 10:
-            raise ReplayError(f"--iterations {text!r}: {part!r} is outside 1-9")
+        if not numbers or numbers.start < 1 or numbers.stop > LAST_ITERATION + 1:
+            raise ReplayError(f"--iterations {text!r}: {part!r} is outside 1-{LAST_ITERATION}")
         out += [n for n in numbers if n not in out]
     if not out:
         raise ReplayError(f"--iterations {text!r}: no iteration named")

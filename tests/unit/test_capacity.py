@@ -199,6 +199,13 @@ def test_predicted_columns_of_a_row_that_served_nothing_are_empty():
     assert out["predicted_node_fills"] is None and out["measured_node_fills"] is False
 
 
+def test_a_notrack_node_is_predicted_to_serve_nothing_and_track_nothing():
+    out = capacity.predict_row({"transfers_per_s": 0, "conntrack_max": 12928, "replicas": 1, "node_notrack": True,
+                                "peak_node_count": 0, "profile": "lab"})
+    assert out["predicted_transfers_per_s"] == 0 and out["predicted_node_fills"] is False
+    assert out["predicted_node_count"] == 0 and out["model_offered_per_s"] == 285
+
+
 def test_slab_columns_take_the_lab_share_of_the_peak():
     samples = pd.DataFrame({"t": [0.0, 1.0, 2.0, 3.0, 4.0], "metric": [capacity.SLAB_BYTES] * 5,
                             "value": [1000, 1500, 9000, 4000, 100000]})

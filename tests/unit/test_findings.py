@@ -99,3 +99,35 @@ def test_i4_needs_the_entries_still_there_a_second_after_the_stop():
     # an idle table at the stop is not "still high"
     got = results(frame(changes={(4, "node_count_at_stop"): 300, (4, "node_count_after_stop"): 300}))
     assert got["I4"] == FAIL
+
+PAST = GOOD + [
+    dict(iteration=10, transfers_per_s=250, replicas=1, conntrack_max=24000, peak_pod_count=0,
+         peak_node_count=900),
+    dict(iteration=11, transfers_per_s=0, transfers_ok=0, transfers_failed=640, replicas=1,
+         conntrack_max=24000, peak_node_count=0),
+    dict(iteration=12, transfers_per_s=105, replicas=1, conntrack_max=6000, node_drops=870),
+]
+
+
+def test_findings_past_the_article_only_when_the_run_went_past_it():
+    assert "F8" not in results(frame())
+    assert results(frame(PAST)) == {k: PASS for k in ("F1", "F2", "F3", "F4", "F5", "F6", "F7", "I4",
+                                                      "F8", "F9", "F10")}
+    partial = results(frame([r for r in PAST if r["iteration"] != 12]))
+    assert partial["F10"] == NOT_RUN and partial["F8"] == PASS
+
+
+@pytest.mark.parametrize("change, broken", [
+    ({(10, "peak_pod_count"): 12}, "F8"),                      # the pod tracked after all
+    ({(10, "pod_drops"): 3}, "F8"),
+    ({(10, "transfers_per_s"): 200}, "F8"),                    # under 0.9x iteration 8
+    ({(11, "transfers_ok"): 5}, "F9"),                         # the NodePort worked
+    ({(11, "peak_node_count"): 40}, "F9"),                     # the node tracked the requests
+    ({(11, "transfers_failed"): 0}, "F9"),
+    ({(12, "transfers_per_s"): 200}, "F10"),                   # nftables mode relieved the node
+    ({(12, "node_drops"): 0}, "F10"),
+])
+def test_each_finding_past_the_article_fails_when_its_evidence_is_missing(change, broken):
+    got = results(frame(PAST, change))
+    assert got[broken] == FAIL
+    assert all(v == PASS for k, v in got.items() if k != broken)

@@ -122,6 +122,7 @@ def test_parse_iterations():
     assert parse_iterations("1-9") == list(range(1, 10))
     assert parse_iterations("2,5,7") == [2, 5, 7]
     assert parse_iterations("1-3,2,8") == [1, 2, 3, 8]
-    for bad in ("0-3", "x", "5-12", ""):
-        with pytest.raises(ReplayError):
+    assert parse_iterations("1-12") == parse_iterations("all") == list(range(1, 13))
+    for bad in ("0-3", "x", "5-13", "", "13"):
+        with pytest.raises(ReplayError, match="1-12|not N|no iteration"):
             parse_iterations(bad)

@@ -96,5 +96,5 @@ def test_steady_rate_is_the_second_half_of_the_load():
 
 def test_every_iteration_has_its_story():
     story = load_story()
-    assert set(story["iterations"]) == set(range(1, 10))
-    assert all(story["iterations"][n]["story"].strip() for n in range(1, 10))
+    assert set(story["iterations"]) == set(range(1, 13))
+    assert all(story["iterations"][n]["story"].strip() for n in range(1, 13))

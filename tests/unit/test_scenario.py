@@ -25,8 +25,9 @@ def raw():
 
 
 def test_the_article_profile_has_the_articles_table(scenario):
-    its = scenario.iterations("article")
-    assert scenario.numbers == list(range(1, 10))
+    its = scenario.iterations("article")[:9]
+    assert scenario.numbers == list(range(1, 13))
+    assert not any(i.past_article for i in its)
     assert [i.article_tps for i in its] == [8500, 1000, 1000, 1000, 4000, 4100, 4600, 5100, 5800]
     assert [i.setup for i in its] == ["plain"] + ["nodeport"] * 8
     assert [i.replicas for i in its[1:]] == [1, 3, 1, 1, 1, 1, 1, 2]
@@ -183,3 +184,26 @@ def test_a_profile_given_as_data_is_checked_and_added(raw):
     assert it.pods_track_conntrack is False and it.cooldown_s == 0
     with pytest.raises(ScenarioError, match="sysctl_values.*not 8192"):
         parse_profile(dict(data, sysctl_values={EXPECT: {1024: 16}}), scenario=s)
+
+
+@pytest.mark.parametrize("profile", ["article", "lab", "quick"])
+def test_three_iterations_go_past_the_article_in_every_profile(scenario, profile):
+    seven, eight, two = (scenario.iteration(n, profile) for n in (7, 8, 2))
+    ten, eleven, twelve = (scenario.iteration(n, profile) for n in (10, 11, 12))
+    assert all(i.past_article and i.article_tps == 0 for i in (ten, eleven, twelve))
+    # 10: iteration 7's node, pods that track nothing, no unsafe sysctl
+    assert ten.node_sysctls == seven.node_sysctls and not ten.pods_track_conntrack
+    assert not ten.pod_sysctls and not ten.allowed_unsafe_sysctls
+    # 11: iteration 8 plus NOTRACK on the node
+    assert eleven.node_notrack and eleven.node_sysctls == eight.node_sysctls
+    assert eleven.pod_sysctls == eight.pod_sysctls and eleven.proxy_mode == "iptables"
+    # 12: iteration 2's tables in nftables mode
+    assert twelve.proxy_mode == "nftables" and twelve.node_sysctls == two.node_sysctls
+    assert not (seven.node_notrack or eight.node_notrack) and two.proxy_mode == "iptables"
+
+
+def test_a_bad_proxy_mode_is_refused_naming_the_field(raw):
+    raw["iterations"][11]["proxy_mode"] = "ipvs"
+    with pytest.raises(ScenarioError, match=r"iterations\[11\]\.proxy_mode: must be one of iptables, nftables"):
+        parse_scenario(raw, "iterations.yaml")
+
