@@ -505,7 +505,7 @@ class NetnsTestbed(Testbed):
     def _apply_nft_rules(self, current: list[dict]) -> None:
         """Iteration 12: the node's rules as kube-proxy's nftables mode renders them, loaded with nft."""
         if not shutil.which("nft", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
-            raise TestbedError(f"iteration needs nft for kube-proxy's nftables mode: install the Debian "
+            raise TestbedError("iteration needs nft for kube-proxy's nftables mode: install the Debian "
                                "package nftables (make lab does)")
         svc = self.manifests.service_port()
         port = self.manifests.pod_template().container_port
