@@ -71,7 +71,9 @@ def test_summarize_gives_designs_columns_from_the_monitor_and_the_load():
 
 def test_summary_row_carries_the_models_prediction_beside_the_measurement():
     import dataclasses
-    it = dataclasses.replace(load_scenario().iteration(3, "quick"), duration_s=10, cooldown_s=5)
+    it = load_scenario().iteration(3, "quick")
+    it = dataclasses.replace(it, duration_s=10, cooldown_s=5,
+                             node_sysctls={**it.node_sysctls, "net.netfilter.nf_conntrack_max": 1000})
     samples, events, load = frames()
     slab = pd.DataFrame([(T0 + i, "local", "init", "slab_conntrack_bytes", 50_000 + 20_000 * min(i, 5))
                          for i in range(0, 15)], columns=["time", "host", "netns", "metric", "value"])
