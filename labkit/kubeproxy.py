@@ -214,7 +214,7 @@ def render_nft_rules(svc: ServicePort, endpoints: Sequence[Endpoint], *, cluster
     svc_c, ext_c = f"service-{base}", f"external-{base}"
     eps = [(ep, f"endpoint-{_hash(svc.service_port_name + proto + str(ep))[:8].lower()}-{base}__{ep.ip}/{ep.port}")
            for ep in endpoints]
-    q = lambda name: f'"{name}"'  # noqa: E731  (chain names with '/' need quotes)
+    q = lambda name: name  # noqa: E731  (nft identifiers may hold '/', as kube-proxy's do)
     out = [f"table ip {NFT_TABLE}", f"delete table ip {NFT_TABLE}", f"table ip {NFT_HELPER_TABLE}",
            f"delete table ip {NFT_HELPER_TABLE}"]
     if helper_rule:
@@ -228,7 +228,7 @@ def render_nft_rules(svc: ServicePort, endpoints: Sequence[Endpoint], *, cluster
     out += [f"table ip {NFT_TABLE} {{", '\tcomment "rules for kube-proxy"',
             "\tchain nat-prerouting {", "\t\ttype nat hook prerouting priority dstnat; policy accept;",
             "\t\tjump services", "\t}",
-            "\tchain nat-output {", "\t\ttype nat hook output priority dstnat; policy accept;",
+            "\tchain nat-output {", "\t\ttype nat hook output priority -100; policy accept;",
             "\t\tjump services", "\t}",
             "\tchain nat-postrouting {", "\t\ttype nat hook postrouting priority srcnat; policy accept;",
             "\t\tjump masquerading", "\t}",

@@ -90,8 +90,8 @@ def test_nftables_mode_spreads_the_nodeport_over_every_endpoint(svc):
     for ep in EPS:
         assert f"meta l4proto udp dnat to {ep.ip}:69" in text
         assert f"ip saddr {ep.ip} jump mark-for-masquerade" in text
-    assert f"service-nodeports {{ udp . {svc.node_port} : goto \"external-" in text
-    assert "service-ips { 10.96.0.69 . udp . 69 : goto \"service-" in text
+    assert f"service-nodeports {{ udp . {svc.node_port} : goto external-" in text
+    assert "service-ips { 10.96.0.69 . udp . 69 : goto service-" in text
     assert f'udp dport {svc.node_port} ct helper set "tftp"' in text
     assert "masquerade fully-random" in text and "meta mark & 0x4000 == 0 return" in text
     assert text.count("{") == text.count("}")
