@@ -67,7 +67,7 @@ SHORTEN_BY = 0.4
 ARTICLE_IT8_SHARE = 200_000 / 524_288
 NODE_TIMEOUT_MAX = 524288  # the article's max in iterations 7-9, where the node's timeout is short
 MAX_FAILED_SHARE = 0.05  # a busy machine loses a few transfers to 1 s client timeouts
-LAB_RUN = {"duration_s": 60, "cooldown_s": 10, "concurrency": 64, "file_size": 5120}
+LAB_RUN = {"duration_s": 50, "cooldown_s": 5, "concurrency": 64, "file_size": 5120}
 
 
 @dataclass(frozen=True)
@@ -122,20 +122,60 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
     """
     by_name = {m.name: m for m in measurements}
     t30, t10 = by_name["nodeport-T30"], by_name["nodeport-T10"]
-    capacity = t10.transfers_per_s
+    lifetimes = {m.udp_timeout: m.lifetime for m in measurements
+                 if m.name.startswith("nodeport-T") and m.replicas == 1 and m.lifetime}
+    profile = derive_from(t10.transfers_per_s, lifetimes, t10.peak_node_count, article,
+                          cpu_limit=cpu_limit, run=run, background_flows=background_flows)
+    profile["calibration"]["measurements"] = [dataclasses.asdict(m) for m in measurements]
+    profile["calibration"]["basis"] = basis_of(measurements, cpu_limit)
+    return profile
+
+
+def basis_of(measurements: list[Measurement], cpu_limit: float, cores: float | None = None) -> dict[str, Any]:
+    """What a profile was derived from, in the form a later machine check compares with (pure)."""
+    from labkit.cgroups import available_cpus
+
+    by_name = {m.name: m for m in measurements}
+    return {
+        "cores": round(cores if cores is not None else available_cpus(), 2),
+        "cpu_limit": cpu_limit,
+        "capacity_transfers_per_s": round(by_name["nodeport-T10"].transfers_per_s, 1),
+        "check_transfers_per_s": round(by_name["nodeport-T3"].transfers_per_s, 1) if "nodeport-T3" in by_name else None,
+        "lifetime_entry_s": {m.udp_timeout: m.lifetime for m in measurements
+                             if m.name.startswith("nodeport-T") and m.replicas == 1 and m.lifetime},
+        "peak_node_count_t10": by_name["nodeport-T10"].peak_node_count,
+    }
+
+
+def derive_from(capacity: float, lifetimes: dict[int, float], peak_t10: float, article: dict[int, int], *,
+                cpu_limit: float, run: dict[str, Any] | None = None,
+                background_flows: int = 0) -> dict[str, Any]:
+    """Derive the ``lab`` profile from one pod's capacity and the entry lifetimes (pure).
+
+    Args:
+        capacity: transfers/s one pod serves through the NodePort with no table in the way.
+        lifetimes: entry-seconds per transfer in the node at UDP timeouts 30, 10 (and 3) s.
+        peak_t10: the node's peak count under one pod's load at a 10 s timeout.
+        article: the article's transfers/s per iteration number.
+        cpu_limit, run, background_flows: as :func:`derive`.
+
+    Returns:
+        The profile document, its ``calibration.derivation`` listing each value and why.
+    """
+    l30, l10, l3 = lifetimes[30], lifetimes[10], lifetimes.get(3)
     art_capacity = article[ARTICLE_CAPACITY_ITERATION]
     maxes, derivation = {}, []
     for value, number in BINDING_ITERATION.items():
         share = article[number] / art_capacity
-        lab = int(math.ceil(share * capacity * t30.lifetime / 64.0) * 64)
+        lab = int(math.ceil(share * capacity * l30 / 64.0) * 64)
         maxes[value] = lab
         derivation.append({
             "sysctl": MAX, "article": value, "lab": lab,
             "why": f"iteration {number}: article {article[number]}/s of {art_capacity}/s = "
-                   f"{share:.3f} x lab capacity {capacity:.0f}/s x lifetime {t30.lifetime:.1f} entry-s"})
+                   f"{share:.3f} x lab capacity {capacity:.0f}/s x lifetime {l30:.1f} entry-s"})
     short, why = 10, []
-    shortened = t10.lifetime <= (1 - SHORTEN_BY) * t30.lifetime
-    share = t10.peak_node_count / maxes[NODE_TIMEOUT_MAX]
+    shortened = l10 <= (1 - SHORTEN_BY) * l30
+    share = peak_t10 / maxes[NODE_TIMEOUT_MAX]
     if not shortened:
         why.append("expired entries wait to be reaped, so 10 s does not shorten their life as it did on "
                    "the article's kernel")
@@ -143,14 +183,14 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
         why.append(f"at 10 s one pod's load filled {share:.0%} of iteration 8's table, more than the "
                    f"article's {ARTICLE_IT8_SHARE:.0%} (200K of 512K), and two pods (iteration 9) would "
                    "fill it")
-    if why and "nodeport-T3" in by_name:
+    if why and l3 is not None:
         short = 3
     else:
         why = []
     derivation.append({
         "sysctl": UDP_TIMEOUT, "article": 10, "lab": short,
-        "why": f"measured: a transfer held {t10.lifetime:.0f} entry-s at a 10 s timeout, {t30.lifetime:.0f} "
-               f"at 30 s" + (f", {by_name['nodeport-T3'].lifetime:.0f} at 3 s" if "nodeport-T3" in by_name else "")
+        "why": f"measured: a transfer held {l10:.0f} entry-s at a 10 s timeout, {l30:.0f} "
+               f"at 30 s" + (f", {l3:.0f} at 3 s" if l3 is not None else "")
                + ("; " + "; ".join(why) if why else "")})
     scale = maxes[DEFAULT_MAX] / DEFAULT_MAX
     expects = {}
@@ -163,8 +203,8 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
         "name": "lab",
         "description": (
             f"Calibrated on this machine: one pod with {cpu_limit} CPU serves {capacity:.0f} "
-            f"transfers/s; a transfer holds {t30.lifetime:.0f} entry-seconds at a 30 s UDP timeout "
-            f"({t10.lifetime:.0f} at 10 s). Each table admits the share of capacity the article's "
+            f"transfers/s; a transfer holds {l30:.0f} entry-seconds at a 30 s UDP timeout "
+            f"({l10:.0f} at 10 s). Each table admits the share of capacity the article's "
             "table admitted."),
         "run": dict(run or LAB_RUN),
         "cpu_limit": cpu_limit,
@@ -172,7 +212,6 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
         "background_flows": background_flows,
         "sysctl_values": {MAX: maxes, EXPECT_MAX: expects, UDP_TIMEOUT: {30: 30, 10: short}},
         "calibration": {
-            "measurements": [dataclasses.asdict(m) for m in measurements],
             "capacity_transfers_per_s": round(capacity, 1),
             "article_capacity_transfers_per_s": art_capacity,
             "derivation": derivation,
@@ -180,8 +219,9 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
     }
 
 
-def _measure_iteration(base, name: str, *, udp_timeout: int | None, replicas: int,
-                       duration: float) -> Any:
+def measurement_iteration(base, name: str, *, udp_timeout: int | None, replicas: int,
+                          duration: float) -> Any:
+    """``base`` with tables no load fills and ``udp_timeout`` on node and pod: a measurement load."""
     node = dict(base.node_sysctls)
     pod = dict(base.pod_sysctls)
     if udp_timeout is not None:
@@ -225,7 +265,7 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
             background.ensure(flows, on_wait=step):
         try:
             for name, base, timeout, replicas, duration in plan:
-                it = dataclasses.replace(_measure_iteration(base, name, udp_timeout=timeout,
+                it = dataclasses.replace(measurement_iteration(base, name, udp_timeout=timeout,
                                                             replicas=replicas, duration=duration),
                                          cpu_limit=cpu_limit)
                 step(f"calibrate: {name}, {duration:g} s")

@@ -144,13 +144,17 @@ class Lifetime:
 def lifetime_from_profile(calibration: Mapping[str, Any] | None, **kwargs: Any) -> Lifetime:
     """A :class:`Lifetime` with the node lifetimes a calibration measured, if any.
 
-    Reads ``calibration.lifetimes`` (``{timeout: entry-s}``) or the
-    ``measurements`` ``labkit calibrate`` writes (one pod, ``nodeport-T*``).
+    Reads ``calibration.lifetimes`` (``{timeout: entry-s}``), else the basis's
+    ``lifetime_entry_s`` (what a profile derived for this machine by
+    :mod:`labkit.adapt` holds), else the ``measurements`` ``labkit calibrate``
+    writes (one pod, ``nodeport-T*``).
     """
     points: dict[float, float] = {}
     cal = calibration or {}
     for t, life in (cal.get("lifetimes") or {}).items():
         points[float(t)] = float(life)
+    for t, life in ((cal.get("basis") or {}).get("lifetime_entry_s") or {}).items():
+        points.setdefault(float(t), float(life))
     for m in cal.get("measurements") or []:
         if m.get("lifetime") and m.get("udp_timeout") and int(m.get("replicas", 1)) == 1:
             points.setdefault(float(m["udp_timeout"]), float(m["lifetime"]))

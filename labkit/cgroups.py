@@ -22,8 +22,35 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PERIOD_US = 100_000
 
 
+def own_cgroup(version: int, proc_cgroup: str | None = None) -> str:
+    """This process's cgroup path (``/`` at the root) for the CPU controller.
+
+    Args:
+        version: 2 for the unified hierarchy, 1 for the v1 ``cpu`` controller.
+        proc_cgroup: the text of ``/proc/self/cgroup`` (read when None).
+    """
+    text = proc_cgroup if proc_cgroup is not None else Path("/proc/self/cgroup").read_text()
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (version == 2 and controllers == "") or (version == 1 and "cpu" in controllers.split(",")):
+            return path or "/"
+    return "/"
+
+
+def _v1_mount() -> Path | None:
+    for v1 in ("cpu", "cpu,cpuacct"):
+        if (CGROUP_ROOT / v1 / "cpu.cfs_quota_us").exists():
+            return CGROUP_ROOT / v1
+    return None
+
+
 def cpu_root() -> tuple[Path, int]:
     """Where CPU-controlled cgroups are made, and the cgroup version (2 or 1).
+
+    On cgroup v1 that is this process's own ``cpu`` cgroup, so a lab started inside a
+    CPU budget (a cgroup with a quota, see ``scripts/cpu-budget``) keeps its pods
+    inside that budget; on v2 (where a cgroup with processes may not have
+    controlled children) it is the root.
 
     Raises:
         TestbedError: no cgroup CPU controller is available.
@@ -37,11 +64,45 @@ def cpu_root() -> tuple[Path, int]:
             raise TestbedError("cgroup v2: the cpu controller is not enabled for child cgroups; "
                                "run: echo +cpu > /sys/fs/cgroup/cgroup.subtree_control")
         return CGROUP_ROOT, 2
-    for v1 in ("cpu", "cpu,cpuacct"):
-        path = CGROUP_ROOT / v1
-        if (path / "cpu.cfs_quota_us").exists():
-            return path, 1
+    mount = _v1_mount()
+    if mount is not None:
+        own = mount / own_cgroup(1).lstrip("/")
+        return (own if (own / "cpu.cfs_quota_us").exists() else mount), 1
     raise TestbedError("no cgroup cpu controller mounted (v2 or v1); pods cannot get a CPU limit")
+
+
+def quota_cores(path: Path, version: int) -> float | None:
+    """The CPU quota of one cgroup in cores (None: no quota or not readable)."""
+    try:
+        if version == 2:
+            quota, period = (path / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        quota = int((path / "cpu.cfs_quota_us").read_text())
+        return None if quota < 0 else quota / int((path / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> float:
+    """The CPU this process and its children may use: its CPUs, less any cgroup quota above it.
+
+    The smaller of the CPUs it may run on (``sched_getaffinity``) and the
+    tightest CPU quota of its cgroup and every cgroup above it.
+    """
+    cpus = float(len(os.sched_getaffinity(0)))
+    try:
+        root, version = cpu_root()
+    except TestbedError:
+        return cpus
+    base = CGROUP_ROOT if version == 2 else _v1_mount()
+    path = base / own_cgroup(version).lstrip("/")
+    while True:
+        quota = quota_cores(path, version)
+        if quota is not None:
+            cpus = min(cpus, quota)
+        if path == base or path.parent == path:
+            return cpus
+        path = path.parent
 
 
 def make_cgroup(name: str, cpu_limit: float | None) -> Path:
@@ -94,6 +155,10 @@ def remove_cgroup(path: Path | str, timeout: float = 5.0) -> None:
     path = Path(path)
     if not path.exists():
         return
+    try:  # a killed process needs CPU to exit: a throttled cgroup full of forks would outlast the timeout
+        set_cpu_limit(path, None)
+    except TestbedError as exc:
+        log.warning("%s", exc)
     deadline = time.monotonic() + timeout
     while True:
         pids = procs(path)

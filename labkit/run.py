@@ -27,7 +27,6 @@ import pandas as pd
 
 from labkit import background, capacity
 from labkit.charts import seconds
-from labkit.exceptions import TestbedError
 from labkit.results import ROW_FILE, write_csv, write_json
 from labkit.sysctls import state_dir as default_state_dir
 
@@ -135,7 +134,8 @@ def steady_rate(load: pd.DataFrame, duration_s: float) -> float | None:
 
 def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataFrame,
               events: pd.DataFrame, *, load_start: float, load_stop: float,
-              load: pd.DataFrame | None = None, testbed: str = "netns") -> dict[str, Any]:
+              load: pd.DataFrame | None = None, testbed: str = "netns",
+              calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Return an iteration's summary.csv row from its tidy data (pure).
 
     Args:
@@ -148,6 +148,9 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
         load: the loadgen's per-second series; ``transfers_per_s`` is then the
             steady rate of :func:`steady_rate` (else the whole load's average).
         testbed: the testbed's name.
+        calibration: the ``calibration`` block of the profile the iteration ran with,
+            for the sizing model's columns (None: the committed profile of that name;
+            a profile derived for this machine must be passed, as it shares the name).
 
     Returns:
         The row: DESIGN.md's columns plus labkit's (see :mod:`labkit.results`).
@@ -234,7 +237,7 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
         "status": "ok",
     }
     row.update(capacity.slab_columns(s, load_start, load_stop))
-    row.update(capacity.predict_row(row))  # the sizing model beside the measurement
+    row.update(capacity.predict_row(row, calibration))  # the sizing model beside the measurement
     return row
 
 
@@ -271,7 +274,9 @@ def load_spec(testbed, iteration):
 
 
 def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float = MONITOR_HZ,
-                  compress: bool = False, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  compress: bool = False, on_step: Callable[[str], None] | None = None,
+                  wait_warm: bool | None = None,
+                  calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run one iteration end to end and write its tidy data into ``out_dir``.
 
     Args:
@@ -283,6 +288,12 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
         hz: monitor samples per second and namespace.
         compress: write the CSV tables gzip-compressed (``*.csv.gz``).
         on_step: receives a line as each step starts (for a progress display).
+        wait_warm: wait until the background flows have the garbage collector on their
+            cycle before the load; default: unless the iteration is the plain server,
+            where no conntrack table is in play (its flows run all the same, so that
+            their CPU is spent in every iteration alike).
+        calibration: the profile's ``calibration`` block for the model's columns
+            (see :func:`summarize`).
 
     Returns:
         The summary.csv row (also written to ``summary-row.json``).
@@ -299,26 +310,27 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
     step(f"iteration {iteration.number}: testbed up ({iteration.setup}, {iteration.replicas} replica(s))")
     testbed.up(iteration)
     spec = load_spec(testbed, iteration)
-    with background.ensure(background_flows(testbed, iteration), on_wait=step) as flows:
+    warm = iteration.setup != "plain" if wait_warm is None else wait_warm
+    with background.ensure(background_flows(testbed, iteration), on_wait=step, wait=warm) as flows:
         monitor = Monitor(testbed.monitor_targets(), hz=hz, netns_roles=netns_roles(testbed))
         monitor.start()
         try:
-            step(f"iteration {iteration.number}: load for {iteration.duration_s:g} s at concurrency "
-                 f"{iteration.concurrency}")
-            result = run_load_on(testbed.host("client"), spec, transfers=True)
-            load_start = float(result.summary["started_at"])
-            load_stop = load_start + float(result.summary["duration_s"])
-            step(f"iteration {iteration.number}: cool-down tail, {iteration.cooldown_s:g} s sampled")
-            # The tail is observation only: the load has ended; the monitor keeps sampling.
-            time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
+            # the flows' failure ends the load at once: the cycle would no longer be the declared one
+            with background.watch(flows):
+                step(f"iteration {iteration.number}: load for {iteration.duration_s:g} s at concurrency "
+                     f"{iteration.concurrency}")
+                result = run_load_on(testbed.host("client"), spec, transfers=True)
+                load_start = float(result.summary["started_at"])
+                load_stop = load_start + float(result.summary["duration_s"])
+                step(f"iteration {iteration.number}: cool-down tail, {iteration.cooldown_s:g} s sampled")
+                # The tail is observation only: the load has ended; the monitor keeps sampling.
+                time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
         finally:
             monitor.stop()
-        if flows and background.running() is None:
-            raise TestbedError(f"iteration {iteration.number}: the background flows stopped during the "
-                               "load, so the garbage collector's cycle was not the declared one")
     samples, events = monitor.samples, monitor.events
     row = summarize(iteration, result.summary, samples, events, load_start=load_start,
-                    load_stop=load_stop, load=result.timeseries, testbed=getattr(testbed, "name", "netns"))
+                    load_stop=load_stop, load=result.timeseries, testbed=getattr(testbed, "name", "netns"),
+                    calibration=calibration)
     row["background_flows"] = int(flows["flows"]) if flows else 0
     fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
     for name, frame in (("samples", samples), ("events", events)):

@@ -122,9 +122,12 @@ class IterationSession:
         text = prof.description or "The article's values as they are."
         calib = (prof.extra or {}).get("calibration")
         if calib:
-            lines = [f"- `{d['sysctl'].split('.')[-1]}` {d['article']} -> **{d['lab']}**: {d['why']}"
+            lines = [f"- `{d['sysctl'].split('.')[-1]}` {d['article']} -> **{d['lab']}**"
+                     + (f" (committed profile: {d['committed']})" if "committed" in d else "") + f": {d['why']}"
                      for d in calib.get("derivation", [])]
-            text += "\n\nFrom `labkit calibrate` on this kind of machine:\n\n" + "\n".join(lines)
+            where = ("Derived for this machine before the run" if prof.extra.get("derived_from")
+                     else "From `labkit calibrate` on this kind of machine")
+            text += f"\n\n{where}:\n\n" + "\n".join(lines)
         return _md(f"**Why the `{prof.name}` values differ from the article's.** {text}")
 
     # --- running --------------------------------------------------------------------
@@ -147,7 +150,10 @@ class IterationSession:
         """Run the iteration (testbed up, monitor, load, cool-down); return the key numbers."""
         from labkit.run import run_iteration
 
-        run_iteration(self.testbed, self.iteration, self.out_dir, compress=self.compress)
+        # the model's columns from the profile this iteration ran with (a profile derived for
+        # this machine is named "lab" too, so a lookup by name would find the committed one)
+        calibration = dict((self.profile.extra or {}).get("calibration") or {})
+        run_iteration(self.testbed, self.iteration, self.out_dir, compress=self.compress, calibration=calibration)
         return self.result_table()
 
     def down(self) -> str:

@@ -37,13 +37,48 @@ class RunSummary:
         self.summary = pd.read_csv(self.run_dir / SUMMARY_FILE)
         manifest = self.run_dir / MANIFEST_FILE
         self.manifest = read_json(manifest) if manifest.exists() else {}
-        self.profile = profile or self.manifest.get("profile") or "lab"
+        self.profile = self._local(profile or self.manifest.get("profile_used")
+                                   or self.manifest.get("profile") or "lab")
+
+    def _local(self, profile: str) -> str:
+        """A profile file recorded with the run, found in the run folder wherever that now lives."""
+        if str(profile).endswith((".yaml", ".yml")) and not Path(profile).exists():
+            here = self.run_dir / Path(profile).name
+            if here.exists():
+                return str(here)
+        return str(profile)
+
+    def calibration(self):
+        """Which lab profile the run used and why: the machine check and each derived value (Markdown)."""
+        cal = self.manifest.get("calibration")
+        if not cal:
+            return _md(f"The run used the `{Path(self.profile).stem}` profile as it is "
+                       "(no machine check: it is not a `lab` replay on the netns testbed).")
+        if cal.get("skipped"):
+            return _md(f"**Profile used: the committed `lab` profile.** {cal['skipped']}.")
+        m, b = cal["measured"], cal["basis"]
+        base_lifetime = {str(k): v for k, v in b["lifetimes"].items()}[str(m["udp_timeout"])]  # JSON keys are text
+        seen = (f"Before the first iteration, one {m['udp_timeout']} s-timeout load measured this machine: it gives "
+                f"the lab {cal['cores']:g} CPU(s); one pod with {cal['cpu_limit']:g} CPU served "
+                f"**{m['transfers_per_s']:.0f} transfers/s** and a transfer held **{m['lifetime']} entry-s** in "
+                f"the node. The committed `lab` profile was derived on a machine where the same load gave "
+                f"{b['check_capacity']:.0f}/s and {base_lifetime:g} entry-s "
+                f"with {b['cpu_limit']:g} CPU per pod on {b['cores']:g} CPU(s) (tolerance {cal['tolerance']:.0%}).")
+        if not cal.get("differs"):
+            return _md(f"**Profile used: the committed `lab` profile.** {seen} Within tolerance.")
+        rows = "\n".join(f"| {d['sysctl'].replace('net.netfilter.', '')} | {d['article']} | {d.get('committed', '')} "
+                          f"| **{d['lab']}** | {d['why']} |" for d in cal.get("derivation") or [])
+        return _md(f"**Profile used: the `lab` profile derived for this machine** (`profile-lab.yaml` in the run "
+                   f"folder). {seen} It differs: " + "; ".join(cal["reasons"]) + ".\n\n"
+                   "| value | article | committed | this machine | why |\n|---|---|---|---|---|\n" + rows)
 
     def intro(self):
         """The summary's introduction, with the run's identity (Markdown)."""
         m = self.manifest
         env = m.get("environment", {})
-        who = (f"Run `{m.get('run_id', self.run_dir.name)}`, profile `{self.profile}`, "
+        shown = (f"{m.get('profile', 'lab')} (derived for this machine: {Path(self.profile).name})"
+                 if str(self.profile).endswith((".yaml", ".yml")) else self.profile)
+        who = (f"Run `{m.get('run_id', self.run_dir.name)}`, profile `{shown}`, "
                f"Linux {env.get('kernel', '?')} on {env.get('cpus', '?')} CPUs, "
                f"{len(self.summary)} iteration(s) completed.") if m else ""
         return _md(f"{load_story()['summary']['intro'].strip()}\n\n{who}")

@@ -13,7 +13,8 @@ venv="$here/.venv"
 lab_pkgs="ip:iproute2 iptables:iptables iptables-restore:iptables conntrack:conntrack
 in.tftpd:tftpd-hpa tftp:tftp-hpa atftp:atftp modprobe:kmod pgrep:procps nft:nftables"
 test_pkgs="sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
-vagrant:vagrant shellcheck:shellcheck sudo:sudo"
+vagrant:vagrant shellcheck:shellcheck sudo:sudo
+prometheus:prometheus"
 # packages with no command of their own (checked with dpkg): the Vagrant libvirt
 # provider, so that `vagrant validate` also checks the libvirt settings
 test_debs="vagrant-libvirt"

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: the load duration plus 5 minutes)")
     p.add_argument("--show-code", action="store_true", help="keep the code cells in the HTML reports")
     p.add_argument("--compress", action="store_true", help="write the data tables as *.csv.gz")
+    p.add_argument("--no-recalibrate", dest="recalibrate", action="store_false",
+                   help="lab profile: use the committed values as they are, without first checking that this "
+                        "machine matches the one they were derived on")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("calibrate", help="measure this machine and kernel; derive the lab profile",
@@ -94,7 +97,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     options = ReplayOptions(profile=args.profile, iterations=parse_iterations(args.iterations),
                             out=args.out, resume=args.resume, testbed=args.testbed,
                             cell_timeout=args.cell_timeout, report=_step, progress_bar=tty,
-                            show_code=args.show_code,
+                            show_code=args.show_code, recalibrate=args.recalibrate,
                             parameters={"compress": True} if args.compress else {})
     if options.cell_timeout is None:
         options.cell_timeout = default_cell_timeout(args.profile)

@@ -12,6 +12,7 @@ what completed and moves an earlier failed attempt aside
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -25,6 +26,7 @@ from labkit.replay import index as index_page
 from labkit.replay.kernel import KERNEL_NAME, ensure_kernel
 from labkit.replay.manifest import Manifest, now, read_sysctls
 from labkit.replay.notebook import Outcome, execute, render_html
+from labkit.scenario import load_scenario
 from labkit.results import (ROW_FILE, SUMMARY_FILE, iteration_dir, read_json, summary_frame,
                             write_csv)
 
@@ -62,6 +64,9 @@ class ReplayOptions:
         report: receives one line per step; None stays silent.
         progress_bar: papermill's per-cell bar (for a terminal).
         show_code: keep code cells in the HTML reports.
+        recalibrate: for the ``lab`` profile on the netns testbed, check this machine
+            before the first iteration and derive its own profile when it differs
+            (:mod:`labkit.adapt`); False keeps the committed profile as it is.
     """
 
     profile: str = "lab"
@@ -78,6 +83,7 @@ class ReplayOptions:
     report: Report | None = None
     progress_bar: bool = False
     show_code: bool = False
+    recalibrate: bool = True
 
 
 def new_run_id(profile: str) -> str:
@@ -270,7 +276,7 @@ def run_summary_notebook(options: ReplayOptions, run_dir: Path, manifest: Manife
         html = run_dir / "summary.html"
         if html.exists():
             _set_aside(html)
-    params = {"run_dir": str(run_dir.resolve()), "profile": options.profile}
+    params = {"run_dir": str(run_dir.resolve()), "profile": manifest.data.get("profile_used", options.profile)}
     entry: dict[str, Any] = {"status": "running", "started": now(), "parameters": params}
     manifest.data["summary"] = entry
     manifest.save()
@@ -293,7 +299,6 @@ def _background_flows(options: ReplayOptions) -> int:
     :func:`labkit.run.run_iteration` finds them running instead of starting (and waiting
     for) their own.
     """
-    from labkit.scenario import load_scenario
 
     if options.testbed != "netns":
         return 0
@@ -302,8 +307,93 @@ def _background_flows(options: ReplayOptions) -> int:
                default=0)
 
 
+class _Flows:
+    """The batch's background flows: one set for the whole replay, a fresh one after a failure."""
+
+    def __init__(self, flows: int, options: ReplayOptions, manifest: Manifest):
+        self.count, self.options, self.manifest = flows, options, manifest
+        self.current: background.BackgroundFlows | None = None
+
+    def ready(self, warm: bool = False) -> None:
+        """Have flows running (start them, or new ones after a failure); with ``warm``, wait
+        until the garbage collector has taken up their cycle, and say why it waits."""
+        if not self.count:
+            return
+        if self.current is not None and self.current.failed:
+            self.current.stop()
+            _say(self.options, f"background flows: starting a fresh set after the failure ({self.current.error})")
+            self.current = None
+        if self.current is None:
+            self.current = background.BackgroundFlows(self.count).start()
+            log_entry = {"started": now(), "namespaces": self.current.namespaces, "flows": self.count}
+            self.manifest.data.setdefault("background_flows", []).append(log_entry)
+            self.manifest.save()
+        if warm:
+            self.current.wait_warm(lambda line: _say(self.options, line))
+
+    def failure(self) -> str | None:
+        """Why the current flows stopped (recorded in the manifest once), None while they run."""
+        if self.current is None or not self.current.failed:
+            return None
+        entry = self.manifest.data["background_flows"][-1]
+        if "failed" not in entry:
+            entry.update(failed=now(), error=self.current.error)
+            self.manifest.save()
+        return self.current.error
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.stop()
+
+
+def _check_machine(options: ReplayOptions, run_dir: Path, manifest: Manifest) -> str:
+    """The profile the notebooks get: the lab profile checked (and derived) for this machine.
+
+    On ``--resume`` the run's recorded choice is kept.  Otherwise, for the ``lab``
+    profile on the netns testbed, one short load compares this machine with the
+    profile's basis; when it differs, the derived profile is written to the run
+    folder (``profile-lab.yaml``), recorded in the manifest, and used.
+    """
+    from labkit import adapt
+    from labkit.calibrate import write_profile
+    from labkit.testbed import get_testbed
+
+    if "profile_used" in manifest.data:
+        return manifest.data["profile_used"]
+    used = options.profile
+    if options.profile == "lab" and options.testbed == "netns" and options.recalibrate:
+        from labkit.run import replay_state_dir
+
+        scenario = load_scenario()
+        run_id = manifest.data["run_id"]
+        testbed = get_testbed("netns", global_wait=300.0, state_dir=replay_state_dir(run_id))
+        try:
+            result = adapt.check(testbed, scenario, scenario._profile("lab"), on_step=lambda l: _say(options, l))
+        finally:
+            error = _teardown(options, run_id, 0)
+            if error:
+                raise ReplayError(f"machine check: its testbed could not be brought down: {error}")
+        manifest.data["calibration"] = result.record()
+        if result.profile is not None:
+            path = write_profile(result.profile, run_dir / adapt.PROFILE_FILE)
+            used = str(path.resolve())
+            _say(options, "machine check: this machine differs from the lab profile's ("
+                 + "; ".join(result.reasons) + f"): using the profile derived for it, {path.name}")
+        else:
+            _say(options, "machine check: within the calibration's tolerance: the committed lab profile is used")
+    elif options.profile == "lab" and options.testbed == "netns":
+        manifest.data["calibration"] = {"skipped": "--no-recalibrate: the committed lab profile is used as it is"}
+    manifest.data["profile_used"] = used
+    manifest.save()
+    return used
+
+
 def replay(options: ReplayOptions) -> Path:
     """Run the batch; return the run folder.
+
+    Background flows, when the profile has them, start once; the machine check and the
+    plain server of iteration 1 run while the garbage collector takes up their cycle,
+    and the first iteration with conntrack in play waits for it if need be.
 
     Raises:
         ReplayError: the run folder cannot be made or resumed, or the kernel
@@ -316,17 +406,28 @@ def replay(options: ReplayOptions) -> Path:
     run_dir, manifest = _prepare_run_dir(options)
     _say(options, f"run folder {run_dir}")
     total = len(options.iterations)
+    flows = _Flows(_background_flows(options), options, manifest)
     try:
-        with background.ensure(_background_flows(options), on_wait=lambda line: _say(options, line)):
-            for i, number in enumerate(options.iterations, 1):
-                if options.resume and _completed(manifest, run_dir, number):
-                    _say(options, f"[{i}/{total}] iteration {number}: done earlier, skipped")
-                    continue
-                _say(options, f"[{i}/{total}] iteration {number}: running")
-                entry = run_iteration_notebook(options, run_dir, manifest, number)
-                _say(options, f"[{i}/{total}] iteration {number}: {_describe(entry)}")
-                write_summary(run_dir, manifest)
-                index_page.write(run_dir, manifest)
+        flows.ready()  # the check and a plain server need no warm collector: they run meanwhile
+        profile_used = _check_machine(options, run_dir, manifest)
+        params = {**options.parameters, "profile": profile_used}
+        scenario = load_scenario()
+        for i, number in enumerate(options.iterations, 1):
+            if options.resume and _completed(manifest, run_dir, number):
+                _say(options, f"[{i}/{total}] iteration {number}: done earlier, skipped")
+                continue
+            flows.ready(warm=scenario.iteration(number, profile_used).setup != "plain")
+            _say(options, f"[{i}/{total}] iteration {number}: running")
+            entry = run_iteration_notebook(dataclasses.replace(options, parameters=params),
+                                           run_dir, manifest, number)
+            reason = flows.failure()
+            if reason is not None and entry.get("status") == "ok":  # the notebook did not see it: it still failed
+                entry.update(status="failed", failure="background-flows",
+                             error=f"the background flows stopped during the iteration: {reason}")
+                manifest.set_entry(number, entry)
+            _say(options, f"[{i}/{total}] iteration {number}: {_describe(entry)}")
+            write_summary(run_dir, manifest)
+            index_page.write(run_dir, manifest)
         if options.summary_notebook is not None:
             _say(options, "summary: running")
             entry = run_summary_notebook(options, run_dir, manifest)
@@ -336,6 +437,8 @@ def replay(options: ReplayOptions) -> Path:
         manifest.save()
         index_page.write(run_dir, manifest)
         raise
+    finally:
+        flows.stop()
     entries = [manifest.entry(n) or {} for n in options.iterations]
     failed = [n for n, e in zip(options.iterations, entries) if e.get("status") != "ok"]
     summary_ok = options.summary_notebook is None or (manifest.data.get("summary") or {}).get("status") == "ok"

@@ -86,6 +86,7 @@ def render(run_dir: Path, manifest: dict[str, Any]) -> str:
                         f"<span class='{summary.get('status')}'>{html.escape(summary.get('status', ''))}</span>"
                         f"{' - ' + html.escape(summary['error']) if summary.get('error') else ''}</p>")
     findings_html = _findings(run_dir / FINDINGS_FILE)
+    calibration_html = _calibration(manifest)
     title = f"labkit replay {manifest.get('run_id', run_dir.name)}"
     meta = (f"profile <b>{html.escape(str(manifest.get('profile')))}</b> on the "
             f"{html.escape(str(manifest.get('testbed')))} testbed &middot; status "
@@ -104,13 +105,41 @@ def render(run_dir: Path, manifest: dict[str, Any]) -> str:
 <p>The nine iterations of <i>Exposing TFTP Server as Kubernetes Service, Part 6</i>, replayed on a
 real Linux kernel: each report tells what the iteration changes, shows the conntrack tables and the
 transfers per second, and compares the lab with the article.</p>
-<h2>Iterations</h2>
+{calibration_html}<h2>Iterations</h2>
 <table><thead><tr><th>#</th><th>iteration</th><th>status</th><th>lab transfers/s</th>
 <th>article transfers/s</th><th>reports</th><th>data</th></tr></thead>
 <tbody>{''.join(rows)}</tbody></table>
 {summary_html}{findings_html}
 </body></html>
 """
+
+
+def _calibration(manifest: dict[str, Any]) -> str:
+    """Which profile the run used and why, and what happened to its background flows."""
+    parts = []
+    cal = manifest.get("calibration") or {}
+    if cal.get("skipped"):
+        parts.append(html.escape(cal["skipped"]))
+    elif cal:
+        m = cal.get("measured") or {}
+        seen = (f"machine check: one pod with {cal.get('cpu_limit')} CPU served {_fmt(m.get('transfers_per_s'))} "
+                f"transfers/s, {m.get('lifetime')} entry-s per transfer")
+        if cal.get("differs"):
+            parts.append(f"{html.escape(seen)}; this machine differs from the committed lab profile's "
+                         f"({html.escape('; '.join(cal.get('reasons') or []))}): the run used the profile derived "
+                         "for it, <a href='profile-lab.yaml'>profile-lab.yaml</a>")
+        else:
+            parts.append(f"{html.escape(seen)}: within tolerance, the committed lab profile was used")
+    for flows in manifest.get("background_flows") or []:
+        if flows.get("failed"):
+            parts.append(f"background flows started {html.escape(str(flows.get('started')))} "
+                         f"<span class='failed'>failed</span> {html.escape(str(flows.get('failed')))}: "
+                         f"{html.escape(str(flows.get('error')))}")
+    return "".join(f"<p class='meta'>{p}</p>" for p in parts)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.0f}" if isinstance(value, (int, float)) else "?"
 
 
 def _findings(path: Path) -> str:

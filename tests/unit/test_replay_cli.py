@@ -18,4 +18,4 @@ def test_run_replay_and_calibrate_are_commands():
 
 
 def test_a_cell_may_run_the_longest_load_and_cool_down_plus_five_minutes():
-    assert default_cell_timeout("lab") == 70 + 6 + 300
+    assert default_cell_timeout("lab") == 50 + 5 + 300

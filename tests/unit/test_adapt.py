@@ -1,0 +1,133 @@
+"""The lab profile for the machine it runs on: the check's comparison and derivation (pure)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from labkit import adapt
+from labkit.adapt import Basis, compare, lifetimes_for, pod_cpu
+from labkit.calibrate import EXPECT_MAX, MAX, UDP_TIMEOUT, Measurement, write_profile
+from labkit.exceptions import ScenarioError
+from labkit.scenario import load_profile, load_scenario
+
+SCENARIO = load_scenario()
+LAB = SCENARIO._profile("lab")
+BASIS = Basis.of(LAB)
+ARTICLE = {n: SCENARIO.iteration(n, "article").article_tps for n in SCENARIO.numbers}
+
+
+def check_load(rate: float, lifetime: float) -> Measurement:
+    return Measurement("check-T3", 3, 1, rate, int(rate * lifetime * 1.2), lifetime, 0)
+
+
+def derived(rate: float, lifetime: float = 7.3, cores: float = 2.0) -> dict:
+    cpu = pod_cpu(cores, BASIS)
+    m = check_load(rate, lifetime)
+    reasons = compare(BASIS, cores, cpu, m)
+    return adapt.adapt(BASIS, LAB, m, cores, cpu, ARTICLE, reasons)
+
+
+def test_the_committed_lab_profile_names_what_it_was_derived_from():
+    assert BASIS.cores == 2 and BASIS.cpu_limit == LAB.cpu_limit
+    assert set(BASIS.lifetimes) >= {30, 10, 3} and BASIS.check_capacity > 0
+
+
+def test_the_same_machine_keeps_the_committed_profile():
+    assert compare(BASIS, 2.0, 0.35, check_load(BASIS.check_capacity * 1.05, 7.6)) == []
+
+
+def test_a_machine_of_the_issue_serving_175_where_ours_served_300_differs_by_capacity():
+    reasons = compare(BASIS, 2.0, 0.35, check_load(175.0, 7.3))
+    assert len(reasons) == 1 and "175 transfers/s" in reasons[0] and "0.58x" in reasons[0]
+
+
+def test_a_longer_reaping_lag_differs_by_lifetime():
+    reasons = compare(BASIS, 2.0, 0.35, check_load(BASIS.check_capacity, 11.0))
+    assert len(reasons) == 1 and "11.0 entry-s" in reasons[0]
+
+
+def test_fewer_cpus_give_each_pod_its_share_and_that_alone_differs():
+    assert pod_cpu(2.0, BASIS) == 0.35 and pod_cpu(4.0, BASIS) == 0.35
+    assert pod_cpu(1.0, BASIS) == 0.175 and pod_cpu(0.5, BASIS) == pytest.approx(0.0875, abs=0.001)
+    reasons = compare(BASIS, 1.0, 0.175, check_load(BASIS.check_capacity / 2, 7.3))
+    assert any("gives the lab 1 CPU(s)" in r and "0.175" in r for r in reasons)
+
+
+def test_tables_follow_the_measured_capacity():
+    slow, fast = derived(175.0)["sysctl_values"][MAX], derived(600.0)["sysctl_values"][MAX]
+    committed = LAB.sysctl_values[MAX]
+    for article_value in committed:
+        assert slow[article_value] < committed[article_value] < fast[article_value]
+        assert slow[article_value] == pytest.approx(committed[article_value] * 175 / BASIS.check_capacity, rel=0.03)
+
+
+def test_a_lag_change_shifts_every_lifetime_alike():
+    assert lifetimes_for(BASIS, 9.3) == {30: 59.7, 10: 22.6, 3: 9.3}
+    assert lifetimes_for(BASIS, 1.0)[3] == 3.0  # never shorter than the timeout itself
+
+
+def test_the_derived_profile_keeps_the_article_committed_and_new_value_of_each_setting(tmp_path):
+    doc = derived(175.0, cores=1.0)
+    rows = {(r["sysctl"], r["article"]): r for r in doc["calibration"]["derivation"]}
+    cpu = rows[("CPU per pod (cores)", "no limit")]
+    assert (cpu["committed"], cpu["lab"]) == (0.35, 0.175)
+    assert rows[(MAX, 131072)]["committed"] == LAB.sysctl_values[MAX][131072]
+    assert rows[(EXPECT_MAX, 1024)]["lab"] == doc["sysctl_values"][EXPECT_MAX][1024]
+    assert doc["cpu_limit"] == 0.175 and doc["background_flows"] == LAB.background_flows
+    assert doc["run"] == {**dict(LAB.run), "concurrency": 32}
+    assert "1 CPU(s)" in doc["description"] and doc["derived_from"].startswith("lab (")
+    path = write_profile(doc, tmp_path / "profile-lab.yaml")
+    loaded = load_profile(path, SCENARIO)
+    assert loaded.name == "lab" and Basis.of(loaded).cores == 1.0
+    it = SCENARIO.iteration(5, loaded)
+    assert it.node_sysctls[MAX] == doc["sysctl_values"][MAX][524288] and it.cpu_limit == 0.175
+    assert it.node_sysctls[UDP_TIMEOUT] == 30
+
+
+def test_a_profile_without_a_basis_cannot_be_checked_and_says_how_to_go_on():
+    bare = dataclasses.replace(LAB, extra={})
+    with pytest.raises(ScenarioError, match="no calibration.basis.*--no-recalibrate"):
+        Basis.of(bare)
+    broken = dataclasses.replace(LAB, extra={"calibration": {"basis": {"cores": "two"}}})
+    with pytest.raises(ScenarioError, match="incomplete or not numbers"):
+        Basis.of(broken)
+
+
+def test_transfers_in_flight_follow_the_pods_cpu():
+    assert adapt.concurrency_for(64, 0.35, BASIS) == 64
+    assert adapt.concurrency_for(64, 0.175, BASIS) == 32
+    assert adapt.concurrency_for(64, 0.087, BASIS) == 16
+    assert adapt.concurrency_for(64, 0.01, BASIS) == 8  # never a trickle
+    half = derived(30.0, cores=0.5)
+    assert half["run"]["concurrency"] == 16 and half["cpu_limit"] == pytest.approx(0.0875, abs=0.001)
+    rows = {r["sysctl"]: r for r in half["calibration"]["derivation"]}
+    assert (rows["transfers in flight"]["committed"], rows["transfers in flight"]["lab"]) == (64, 16)
+    assert "transfers in flight" not in {r["sysctl"] for r in derived(175.0)["calibration"]["derivation"]}
+
+
+def test_an_iteration_run_with_a_derived_profile_is_predicted_from_that_profile(tmp_path, monkeypatch):
+    """The derived profile is named "lab" too: the model must take its capacity and lifetimes, not the
+    committed profile's (a slower machine's iteration 8 then offers its own capacity, not 285/s)."""
+    from labkit import capacity, run
+    from labkit.session import IterationSession
+
+    doc = derived(175.0, lifetime=9.3)
+    path = write_profile(doc, tmp_path / "profile-lab.yaml")
+    seen = {}
+    monkeypatch.setattr(run, "run_iteration", lambda *a, **kw: seen.update(kw))
+    session = IterationSession(8, str(path), out_dir=tmp_path / "it8")
+    monkeypatch.setattr(IterationSession, "result_table", lambda self: None)
+    session.run()
+    cal = seen["calibration"]
+    assert cal["capacity_transfers_per_s"] == doc["calibration"]["capacity_transfers_per_s"]
+    row = {"transfers_per_s": 0.0, "conntrack_max": session.iteration.node_sysctls[MAX], "replicas": 1,
+           "node_udp_timeout": 30, "pod_udp_timeout": 30, "profile": "lab"}
+    mine, committed = capacity.predict_row(row, cal), capacity.predict_row(row)
+    capacity_here = doc["calibration"]["capacity_transfers_per_s"]
+    assert mine["model_offered_per_s"] == pytest.approx(capacity_here) and capacity_here < 0.7 * BASIS.capacity
+    assert committed["model_offered_per_s"] == pytest.approx(BASIS.capacity)
+    life = capacity.lifetime_from_profile(cal)
+    assert dict(life.measured)[30.0] == pytest.approx(doc["calibration"]["basis"]["lifetime_entry_s"][30])
+    assert dict(life.measured)[30.0] > BASIS.lifetimes[30]  # the longer reaping lag of this machine
