@@ -444,6 +444,9 @@ def predict_row(row: Mapping[str, Any], calibration: Mapping[str, Any] | None = 
     The offered rate is the larger of the measured rate and the pods' calibrated
     capacity (``calibration.capacity_transfers_per_s`` x replicas): where a table
     throttled the load, the measured rate is that table's ceiling, not the demand.
+    Without a calibrated capacity it is the larger of the second half's and the
+    whole load's rate (a short load whose table filled serves nothing in its second
+    half).
     Entry lifetimes are the calibration's where it measured them.
 
     Args:
@@ -462,6 +465,10 @@ def predict_row(row: Mapping[str, Any], calibration: Mapping[str, Any] | None = 
     out: dict[str, Any] = {"measured_node_fills": node_fill, "measured_pod_fills": pod_fill}
     measured = _number(row, "transfers_per_s", 0.0) or 0.0
     capacity = _number(cal, "capacity_transfers_per_s")
+    if capacity is None:
+        # no calibrated capacity (the quick profile): the whole load's rate, which includes the
+        # seconds before a table filled, is the better floor of the demand than the second half's
+        measured = max(measured, _number(row, "transfers_per_s_whole_load", 0.0) or 0.0)
     offered = max(measured, (capacity or 0.0) * replicas)
     keys = ("model_offered_per_s", "predicted_transfers_per_s", "predicted_node_fills", "predicted_pod_fills",
             "predicted_expect_fills", "predicted_node_count", "predicted_pod_count", "predicted_expect_count",

@@ -186,6 +186,14 @@ def render_notrack_rule(svc: ServicePort) -> str:
 
 NFT_TABLE = "kube-proxy"
 NFT_HELPER_TABLE = "labkit-helper"  # the lab's own TFTP helper rule, not kube-proxy's
+# The helper chain's priority: after conntrack (-200), which made the entry that
+# ``ct helper set`` attaches to (an unconfirmed one: the rule does nothing without it),
+# and before the nat chain at dstnat (-100), which rewrites the nodePort to the pod's
+# port 69: at "filter" (0) the rule's ``udp dport <nodePort>`` matched no packet, no entry
+# got the helper, the server's reply from its new port matched no expectation and no
+# transfer completed.  iptables' ``-t raw ... -j CT`` runs at -300 and attaches a template
+# the conntrack hook takes up, so it sees the nodePort too.
+NFT_HELPER_PRIORITY = "mangle"  # -150
 
 
 def _nft_base(svc: ServicePort) -> str:
@@ -203,7 +211,8 @@ def render_nft_rules(svc: ServicePort, endpoints: Sequence[Endpoint], *, cluster
     and ``service-nodeports`` (protocol . port) to the service's chains;
     ``numgen random mod N`` across ``endpoint-*`` chains that DNAT; the 0x4000 masquerade
     mark.  The lab's TFTP helper (kernels since 6.0 never attach one on their own) goes in
-    a table of its own, ``ip labkit-helper``.  The text first deletes both tables, so
+    a table of its own, ``ip labkit-helper``, hooked between conntrack and the DNAT
+    (:data:`NFT_HELPER_PRIORITY`), where the request still has the nodePort.  The text first deletes both tables, so
     loading it again replaces the rules (the endpoints changed).
 
     Returns:
@@ -221,7 +230,7 @@ def render_nft_rules(svc: ServicePort, endpoints: Sequence[Endpoint], *, cluster
         out += [f"table ip {NFT_HELPER_TABLE} {{",
                 f'\tct helper {HELPER} {{ type "{HELPER}" protocol {proto}; l3proto ip; }}',
                 "\tchain prerouting {",
-                "\t\ttype filter hook prerouting priority filter; policy accept;",
+                f"\t\ttype filter hook prerouting priority {NFT_HELPER_PRIORITY}; policy accept;",
                 f'\t\t{proto} dport {svc.node_port} ct helper set "{HELPER}" comment "{svc.service_port_name} '
                 f'nodePort: conntrack helper {HELPER}"',
                 "\t}", "}"]

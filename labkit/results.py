@@ -29,7 +29,7 @@ SUMMARY_COLUMNS = (
 )
 EXTRA_COLUMNS = (
     "title", "setup", "profile", "testbed", "duration_s", "cooldown_s", "concurrency",
-    "file_size", "cpu_limit", "pods_track_conntrack", "node_notrack", "proxy_mode", "background_flows",
+    "file_size", "cpu_limit", "pods_track_conntrack", "node_notrack", "node_nodeport_entries", "proxy_mode", "background_flows",
     "node_udp_timeout_stream", "pod_udp_timeout_stream",
     "node_table_full_logs", "pod_table_full_logs", "node_expect_full_logs",
     "pod_insert_failed", "node_insert_failed",

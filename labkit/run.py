@@ -262,6 +262,23 @@ def netns_roles(testbed) -> dict[int, str]:
         return out
 
 
+def nodeport_entries_on_node(testbed) -> int:
+    """Entries in the node's table for the NodePort (original destination port), listed now.
+
+    Iteration 11 (NOTRACK on the node) lists them when its load stops: a tracked request
+    would still be there (its 30 s timeout), and the node's whole count may hold the
+    node's own traffic (an IGMP report of the pods' bridge: one entry of protocol 2).
+    Only there: a listing reaps the expired entries it walks past, which would change
+    what the other iterations measure after their load.
+
+    Raises:
+        CommandFailed: ``conntrack`` failed.
+    """
+    _, port = testbed.service
+    out = testbed.host("node").run(["conntrack", "-L", "-p", "udp", "--orig-port-dst", str(port)]).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("udp"))
+
+
 def load_spec(testbed, iteration):
     """The load of an iteration: closed loop at the profile's concurrency for its duration."""
     from labkit.loadgen import LoadSpec
@@ -322,6 +339,8 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
                 result = run_load_on(testbed.host("client"), spec, transfers=True)
                 load_start = float(result.summary["started_at"])
                 load_stop = load_start + float(result.summary["duration_s"])
+                nodeport_entries = (nodeport_entries_on_node(testbed) if getattr(iteration, "node_notrack", False)
+                                    else None)
                 step(f"iteration {iteration.number}: cool-down tail, {iteration.cooldown_s:g} s sampled")
                 # The tail is observation only: the load has ended; the monitor keeps sampling.
                 time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
@@ -332,6 +351,7 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
                     load_stop=load_stop, load=result.timeseries, testbed=getattr(testbed, "name", "netns"),
                     calibration=calibration)
     row["background_flows"] = int(flows["flows"]) if flows else 0
+    row["node_nodeport_entries"] = nodeport_entries
     fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
     for name, frame in (("samples", samples), ("events", events)):
         frame = frame.copy()

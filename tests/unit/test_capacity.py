@@ -213,3 +213,17 @@ def test_slab_columns_take_the_lab_share_of_the_peak():
     assert out == {"slab_bytes_start": 1000, "slab_bytes_peak": 9000, "slab_lab_bytes_peak": 8000}
     empty = capacity.slab_columns(pd.DataFrame(columns=["t", "metric", "value"]), 0, 1)
     assert empty["slab_bytes_peak"] is None
+
+
+def test_without_a_calibrated_capacity_a_table_that_filled_early_is_predicted_from_the_whole_load():
+    """The quick profile's iteration 2: 8 s, the 1024-entry table full within seconds, 0/s in the second
+    half; the whole load's 64/s at 30 s timeouts needs about 4000 entries: it fills."""
+    row = {"transfers_per_s": 0.0, "transfers_per_s_whole_load": 63.6, "conntrack_max": 1024, "expect_max": 128,
+           "replicas": 1, "node_udp_timeout": 30, "pod_udp_timeout": 30, "peak_node_count": 1024,
+           "node_drops": 100, "profile": "quick"}
+    out = capacity.predict_row(row)
+    assert out["model_offered_per_s"] == 63.6
+    assert out["predicted_node_fills"] is True and out["measured_node_fills"] is True
+    # a calibrated profile keeps its capacity as the floor (the lab's numbers are unchanged)
+    lab = capacity.predict_row({**row, "profile": "lab", "transfers_per_s_whole_load": 400.0})
+    assert lab["model_offered_per_s"] == 285

@@ -131,3 +131,26 @@ def test_each_finding_past_the_article_fails_when_its_evidence_is_missing(change
     got = results(frame(PAST, change))
     assert got[broken] == FAIL
     assert all(v == PASS for k, v in got.items() if k != broken)
+
+
+def test_f10_compares_whole_loads_where_iteration_2_served_nothing_in_its_second_half():
+    """A quick-profile load (8 s) ends before a full table's 30 s entries expire: both iterations serve
+    0/s in the second half, and their whole loads tell whether nftables mode changed anything."""
+    quick = {(2, "transfers_per_s"): 0, (2, "transfers_per_s_whole_load"): 63.6,
+             (12, "transfers_per_s"): 0, (12, "transfers_per_s_whole_load"): 64.1}
+    f10 = {f.id: f for f in check(frame(PAST, quick))}["F10"]
+    assert f10.result == PASS and "64/s = 1.01x it.2 64/s over the whole load" in f10.evidence
+    relieved = {**quick, (12, "transfers_per_s_whole_load"): 200.0}
+    assert results(frame(PAST, relieved))["F10"] == FAIL
+
+
+def test_f9_counts_the_nodeports_entries_not_the_nodes_own_traffic():
+    """The pods' bridge may send an IGMP report (one entry, protocol 2) during iteration 11: the
+    NodePort's requests are still untracked, and F9 says so; one tracked request fails it."""
+    igmp = {(11, "peak_node_count"): 1, (11, "node_nodeport_entries"): 0}
+    f9 = {f.id: f for f in check(frame(PAST, igmp))}["F9"]
+    assert f9.result == PASS and "for the NodePort when the load stopped 0" in f9.evidence
+    assert "peak count, all traffic, 1" in f9.evidence
+    assert results(frame(PAST, {**igmp, (11, "node_nodeport_entries"): 4}))["F9"] == FAIL
+    # an older run without the listing is held to the whole count
+    assert results(frame(PAST, {(11, "peak_node_count"): 1}))["F9"] == FAIL

@@ -97,6 +97,22 @@ def test_nftables_mode_spreads_the_nodeport_over_every_endpoint(svc):
     assert text.count("{") == text.count("}")
 
 
+def test_nftables_helper_is_attached_between_conntrack_and_the_dnat(svc):
+    """``ct helper set`` needs the entry conntrack (-200) made, and must see the nodePort before the
+    nat chain (dstnat, -100) rewrites it to 69: at "filter" (0) it matched nothing and no transfer
+    got through (iteration 12's defect)."""
+    from labkit.kubeproxy import render_nft_rules
+
+    named = {"raw": -300, "mangle": -150, "dstnat": -100, "filter": 0, "security": 50, "srcnat": 100}
+    text = render_nft_rules(svc, EPS)
+    chains = text.split("chain ")[1:]
+    helper = next(c for c in chains if "ct helper set" in c)
+    dnat = next(c for c in chains if "type nat hook prerouting" in c)
+    prio = lambda chain: named[chain.split("priority ")[1].split(";")[0]]  # noqa: E731
+    assert "hook prerouting" in helper and f"udp dport {svc.node_port} ct helper set" in helper
+    assert -200 < prio(helper) < prio(dnat) == -100
+
+
 def test_nftables_mode_without_helper_or_endpoints(svc):
     from labkit.kubeproxy import render_nft_cleanup, render_nft_rules
 

@@ -84,7 +84,8 @@ def test_summary_row_carries_the_models_prediction_beside_the_measurement():
     # 50 transfers/s, node timeout 10 s, a 10 s load: 2 x 10 s x 50/s = 1000 entries = the quick max
     assert row["predicted_node_fills"] is True and row["measured_node_fills"] is True
     assert row["predicted_node_count"] == 1000
-    assert row["model_offered_per_s"] == 50.0            # quick has no calibrated capacity
+    # quick has no calibrated capacity: the whole load's 70/s (the second half's 50/s is the full table's)
+    assert row["model_offered_per_s"] == 70.0
     assert (row["slab_bytes_start"], row["slab_bytes_peak"], row["slab_lab_bytes_peak"]) == (50_000, 150_000, 100_000)
     assert row["predicted_memory_bytes"] > row["predicted_entry_bytes"] > 0
 
