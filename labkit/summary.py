@@ -120,6 +120,14 @@ class RunSummary:
                 "pod_steady_error", "predicted_entry_bytes", "slab_lab_bytes_peak", "memory_error"]
         return compare(self.summary)[cols]
 
+    def model_verdict(self):
+        """Whether the model held in this run: fills calls, steady counts, memory (Markdown)."""
+        from labkit.capacity import compare, verdict
+
+        lines = [f"- **{'holds' if holds else 'does not hold'}**: {claim} ({evidence})"
+                 for claim, holds, evidence in verdict(compare(self.summary))]
+        return _md("\n".join(lines))
+
     def model_chart(self):
         """Predicted against measured: transfers/s and each namespace's steady count."""
         return charts.model_chart(self.model_check(), title="The sizing model beside the measurement")

@@ -227,3 +227,16 @@ def test_without_a_calibrated_capacity_a_table_that_filled_early_is_predicted_fr
     # a calibrated profile keeps its capacity as the floor (the lab's numbers are unchanged)
     lab = capacity.predict_row({**row, "profile": "lab", "transfers_per_s_whole_load": 400.0})
     assert lab["model_offered_per_s"] == 285
+
+
+def test_verdict_counts_a_table_predicted_busy_but_measured_empty_as_far_off():
+    rows = pd.DataFrame([
+        {"iteration": 8, "transfers_per_s": 280, "predicted_node_fills": False, "measured_node_fills": False,
+         "predicted_pod_fills": False, "measured_pod_fills": False, "predicted_node_count": 2600.0,
+         "mean_node_count": 0.0, "predicted_pod_count": 0.0, "mean_pod_count": 0.0,
+         "predicted_entry_bytes": 665600.0, "slab_lab_bytes_peak": 700000.0}])
+    table = capacity.compare(rows)
+    assert table.loc[8, "node_steady_error"] == float("inf") and table.loc[8, "pod_steady_error"] == 0.0
+    claims = {claim.split()[0]: (holds, evidence) for claim, holds, evidence in capacity.verdict(table)}
+    assert claims["fills"][0] and not claims["steady"][0] and "8 node +inf%" in claims["steady"][1]
+    assert claims["memory"][0]
