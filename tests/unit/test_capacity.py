@@ -215,6 +215,17 @@ def test_slab_columns_take_the_lab_share_of_the_peak():
     assert empty["slab_bytes_peak"] is None
 
 
+def test_slab_start_is_the_low_after_a_previous_testbeds_entries_are_freed():
+    """The quick replay's iteration 7: 3,464 objects 0.4 s before the load (iteration 6's, being freed),
+    720 a second later, then the lab's own growing to 7,744."""
+    obj = 256
+    t = [-0.4, 0.6, 1.6, 2.7, 3.8, 8.0, 9.0]
+    values = [3464 * obj, 720 * obj, 1712 * obj, 2832 * obj, 3920 * obj, 7712 * obj, 7744 * obj]
+    samples = pd.DataFrame({"t": t, "metric": [capacity.SLAB_BYTES] * len(t), "value": values})
+    out = capacity.slab_columns(samples, load_start=0.0, load_stop=9.5)
+    assert out["slab_bytes_start"] == 720 * obj and out["slab_lab_bytes_peak"] == (7744 - 720) * obj
+
+
 def test_without_a_calibrated_capacity_a_table_that_filled_early_is_predicted_from_the_whole_load():
     """The quick profile's iteration 2: 8 s, the 1024-entry table full within seconds, 0/s in the second
     half; the whole load's 64/s at 30 s timeouts needs about 4000 entries: it fills."""
@@ -240,3 +251,12 @@ def test_verdict_counts_a_table_predicted_busy_but_measured_empty_as_far_off():
     claims = {claim.split()[0]: (holds, evidence) for claim, holds, evidence in capacity.verdict(table)}
     assert claims["fills"][0] and not claims["steady"][0] and "8 node +inf%" in claims["steady"][1]
     assert claims["memory"][0]
+
+
+def test_second_half_share_of_a_load_shorter_than_twice_an_entrys_life():
+    from labkit.capacity import second_half_share
+
+    assert second_half_share(3.6, 50.0) == 1.0        # the lab at 3 s: steady long before the second half
+    assert second_half_share(8.0, 8.0) == pytest.approx(0.75)   # still growing to the end: mean of 4..8 s
+    assert second_half_share(30.0, 8.0) == pytest.approx(0.75)  # the count at the end is rate x 8 s anyway
+    assert second_half_share(6.0, 8.0) == pytest.approx((10.0 + 6.0 * 2) / 4 / 6)  # 4..6 s growing, 6..8 steady
