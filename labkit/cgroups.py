@@ -155,10 +155,13 @@ def remove_cgroup(path: Path | str, timeout: float = 5.0) -> None:
     path = Path(path)
     if not path.exists():
         return
-    try:  # a killed process needs CPU to exit: a throttled cgroup full of forks would outlast the timeout
-        set_cpu_limit(path, None)
-    except TestbedError as exc:
-        log.warning("%s", exc)
+    # a killed process needs CPU to exit: a throttled cgroup full of forks would outlast the timeout
+    # (a cgroup of another hierarchy, e.g. a notebook kernel's in ``pids`` on v1, has no CPU limit)
+    if (path / "cpu.max").exists() or (path / "cpu.cfs_quota_us").exists():
+        try:
+            set_cpu_limit(path, None)
+        except TestbedError as exc:
+            log.warning("%s", exc)
     deadline = time.monotonic() + timeout
     while True:
         pids = procs(path)

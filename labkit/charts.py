@@ -216,12 +216,33 @@ def transfers_chart(load: pd.DataFrame, *, t0: float, load_s: float | None = Non
     return fig
 
 
-def throughput_chart(summary: pd.DataFrame, title: str = "") -> plt.Figure:
-    """Lab transfers/s per iteration beside the article's, both relative to iteration 1."""
+def relative_base(summary: pd.DataFrame) -> pd.Series:
+    """The row the others are compared with: iteration 1 when the run has it, else the
+    first iteration with a non-zero rate (else simply the first)."""
     frame = summary.sort_values("iteration")
-    base = frame[frame["iteration"] == frame["iteration"].min()].iloc[0]
-    lab = frame["transfers_per_s"] / base["transfers_per_s"] if base["transfers_per_s"] else np.nan
-    art = frame["article_transfers_per_s"] / base["article_transfers_per_s"]
+    for candidates in (frame[frame["iteration"] == 1], frame[frame["transfers_per_s"].fillna(0) > 0], frame):
+        if not candidates.empty:
+            return candidates.iloc[0]
+    raise ValueError("an empty summary has no iteration to compare with")
+
+
+def ratio(values: pd.Series, base: float) -> pd.Series:
+    """``values / base``, NaN (not inf) where the base is zero or missing."""
+    if not base or not np.isfinite(base):
+        return pd.Series(np.nan, index=values.index)
+    return values / base
+
+
+def throughput_chart(summary: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Lab transfers/s per iteration beside the article's, both relative to iteration 1.
+
+    Without iteration 1 in the run, both are relative to its first iteration that
+    served anything (the axis says which); a lab rate of zero is drawn as no bar.
+    """
+    frame = summary.sort_values("iteration")
+    base = relative_base(frame)
+    lab = ratio(frame["transfers_per_s"], base["transfers_per_s"])
+    art = ratio(frame["article_transfers_per_s"], base["article_transfers_per_s"])
     x = np.arange(len(frame))
     fig, ax = plt.subplots(figsize=(10, 4.2), constrained_layout=True, dpi=DPI)
     bars_lab = ax.bar(x - 0.2, lab, 0.4, color="tab:blue", label="lab (this machine)")
@@ -234,7 +255,8 @@ def throughput_chart(summary: pd.DataFrame, title: str = "") -> plt.Figure:
     ax.set_xticks(x, [f"it. {n}" for n in frame["iteration"]])
     ax.set_ylabel(f"transfers/s relative to iteration {int(base['iteration'])}")
     ax.set_xlabel("iteration (bar labels: absolute transfers/s)")
-    ax.set_ylim(0, max(np.nanmax(lab), np.nanmax(art)) * 1.3)
+    finite = [v for v in (*lab, *art) if np.isfinite(v)]
+    ax.set_ylim(0, (max(finite) if finite else 1.0) * 1.3)
     ax.legend(loc="upper left", fontsize=9)
     if title:
         ax.set_title(title)

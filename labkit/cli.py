@@ -15,6 +15,7 @@ import sys
 
 from labkit import __version__
 from labkit.exceptions import LabkitError
+from labkit.signals import orderly_signals
 
 # Modules that add sub-commands, in the order their commands are listed.
 COMMAND_MODULES = (
@@ -57,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except LabkitError as exc:
-        print(f"labkit {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"labkit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with orderly_signals() as caught:  # SIGTERM/SIGHUP: the same orderly teardown as Ctrl-C
+        try:
+            return int(args.func(args) or 0)
+        except LabkitError as exc:
+            print(f"labkit {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"labkit {args.command}: interrupted ({caught.name})",
+                  file=sys.stderr)
+            return caught.exit_code

@@ -54,13 +54,41 @@ def _which(cmd: str) -> str | None:
 
 
 def check_binaries() -> list[Check]:
-    """Check the programs the testbed runs."""
+    """Check the programs the testbed runs (``in.tftpd`` must be tftpd-hpa's)."""
     out = []
     for cmd, pkg, required in BINARIES:
+        if cmd == "in.tftpd":
+            out.append(check_tftpd())
+            continue
         path = _which(cmd)
         out.append(Check(f"program {cmd}", bool(path), path or "not found",
                          f"{APT} {pkg}", required))
     return out
+
+
+TFTPD_HPA = "tftp-hpa"  # what tftpd-hpa's `in.tftpd -V` prints first
+
+
+def tftpd_version(path: str, host: Host | None = None) -> str:
+    """What ``PATH -V`` prints (tftpd-hpa: ``tftp-hpa 5.2, with remap, ...``), first line."""
+    res = (host or LocalHost()).run([path, "-V"], check=False, timeout=10)
+    return ((res.stdout or res.stderr).strip().splitlines() or [f"exit {res.exit_code}, no output"])[0]
+
+
+def check_tftpd() -> Check:
+    """``in.tftpd`` is there and is tftpd-hpa's: the pods run it with its options
+    (``--foreground``, ``--secure``, ``--address``), which other servers' ``in.tftpd``
+    (atftpd's, for one) refuse."""
+    path = _which("in.tftpd")
+    if not path:
+        return Check("program in.tftpd", False, "not found", f"{APT} tftpd-hpa")
+    version = tftpd_version(path)
+    if not version.startswith(TFTPD_HPA):
+        return Check("program in.tftpd", False, f"not tftpd-hpa's: {version} ({path})",
+                     f"labkit runs tftpd-hpa's in.tftpd: {APT} --reinstall tftpd-hpa, and remove "
+                     f"the other one ({path}; atftpd's: apt-get remove atftpd) or put "
+                     "tftpd-hpa's first on the PATH")
+    return Check("program in.tftpd", True, f"{path} ({version})")
 
 
 def check_root() -> Check:

@@ -91,6 +91,36 @@ class GlobalSysctlsHeld(TestbedError):
     """Another lab run on this machine holds the global conntrack sysctls (one owner at a time)."""
 
 
+class SavedSysctlsUnreadable(TestbedError):
+    """The saved global sysctls (``global-sysctls.json`` and its copy) cannot be read.
+
+    Attributes:
+        path: the state file.
+    """
+
+    def __init__(self, path, reason: str):
+        self.path = path
+        super().__init__(f"{path}: the saved global sysctls are unreadable ({reason}); "
+                         "`labkit clean` restores the kernel's defaults instead")
+
+
+class StateCorrupt(TestbedError):
+    """A run's state file or ledger is damaged (not the JSON labkit wrote).
+
+    Attributes:
+        path: the damaged file.
+    """
+
+    def __init__(self, path, reason: str, advice: str = "run `labkit clean`, which removes what "
+                 "the run's readable records name and reports anything left"):
+        self.path = path
+        super().__init__(f"{path} is damaged ({reason}); {advice}")
+
+
+class LoadUnderWay(TestbedError):
+    """A load is running on the testbed: taking it down or reconfiguring it now is refused."""
+
+
 class PodRejected(TestbedError):
     """A pod was refused admission, as the kubelet would refuse it.
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from labkit.exceptions import TestbedError
+from labkit.exceptions import StateCorrupt, TestbedError
 from labkit.host import NETNS_DIR, LocalHost
 
 log = logging.getLogger(__name__)
@@ -36,18 +36,30 @@ class Ledger:
     Args:
         directory: the run's state directory (made on first record).
         before_record: called before each record (e.g. to act on a pending signal).
+        salvage: read a damaged ledger anyway, skipping its unreadable lines (``labkit
+            clean``); otherwise a damaged ledger raises :class:`StateCorrupt`.
     """
 
-    def __init__(self, directory: str | os.PathLike, before_record: Callable[[], None] | None = None):
+    def __init__(self, directory: str | os.PathLike, before_record: Callable[[], None] | None = None,
+                 *, salvage: bool = False):
         self.dir = Path(directory)
         self.path = self.dir / LEDGER_NAME
         self._before_record = before_record
+        self.salvage = salvage
+        self.damaged: list[int] = []  # line numbers skipped while salvaging
 
     def _append(self, entry: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                # a torn last line (a crash mid-append) named nothing that was made: drop it,
+                # never glue a record onto it
+                tail = os.pread(fd, min(size, 1 << 20), max(0, size - (1 << 20)))
+                cut = tail.rfind(b"\n")
+                os.ftruncate(fd, size - len(tail) + cut + 1 if cut >= 0 else 0)
             os.write(fd, line)
             os.fsync(fd)
         finally:
@@ -55,15 +67,32 @@ class Ledger:
 
     def _lines(self) -> Iterator[dict[str, Any]]:
         try:
-            text = self.path.read_text()
+            data = self.path.read_bytes()
         except FileNotFoundError:
             return
-        for line in text.splitlines():
+        lines = data.split(b"\n")
+        self.damaged = []
+        for number, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
             try:
-                yield json.loads(line)
-            except ValueError:
-                # Only the last line can be torn (a crash mid-append); it names nothing made yet.
-                log.warning("%s: ignoring a torn line", self.path)
+                entry = json.loads(raw)
+                if not isinstance(entry, dict) or entry.get("op") not in ("create", "note", "removed") \
+                        or (entry["op"] == "create" and entry.get("kind") not in REMOVERS):
+                    raise ValueError("not a ledger record")
+            except (ValueError, UnicodeDecodeError) as exc:
+                if number == len(lines):
+                    # the last line without its newline: a crash mid-append; it names nothing made yet
+                    log.debug("%s: ignoring a torn last line", self.path)
+                    continue
+                if not self.salvage:
+                    raise StateCorrupt(self.path, f"line {number} is not a ledger record: {exc}") from None
+                self.damaged.append(number)
+                continue
+            yield entry
+        if self.damaged:
+            log.warning("%s: skipped %d damaged line(s) (first: line %d)", self.path,
+                        len(self.damaged), self.damaged[0])
 
     def record(self, kind: str, **identity: Any) -> int:
         """Write a resource down before creating it; return its id.
@@ -245,7 +274,7 @@ def _remove_path(entry: dict, ledger: Ledger) -> None:
 def _remove_global_sysctls(entry: dict, ledger: Ledger) -> None:
     from labkit.sysctls import CLAIM_PATH, GlobalSysctls
     GlobalSysctls(entry.get("owner", "clean"), directory=Path(entry["dir"]),
-                  claim_path=entry.get("claim", CLAIM_PATH)).restore()
+                  claim_path=entry.get("claim", CLAIM_PATH)).restore(defaults_if_unreadable=ledger.salvage)
 
 
 REMOVERS: dict[str, Callable[[dict, Ledger], None]] = {

@@ -318,7 +318,7 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
     Raises:
         TestbedError, MonitorError, LoadgenError, CommandFailed: a part failed.
     """
-    from labkit.loadgen import run_load_on
+    from labkit.loadguard import run_load as run_guarded_load
     from labkit.monitor import Monitor
 
     step = on_step or (lambda line: log.info("%s", line))
@@ -336,7 +336,7 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
             with background.watch(flows):
                 step(f"iteration {iteration.number}: load for {iteration.duration_s:g} s at concurrency "
                      f"{iteration.concurrency}")
-                result = run_load_on(testbed.host("client"), spec, transfers=True)
+                result = run_guarded_load(testbed, spec)  # `down` refuses meanwhile; `clean` can end it
                 load_start = float(result.summary["started_at"])
                 load_stop = load_start + float(result.summary["duration_s"])
                 nodeport_entries = (nodeport_entries_on_node(testbed) if getattr(iteration, "node_notrack", False)

@@ -353,7 +353,14 @@ class Scenario:
         return profile
 
     def _check_covers(self, prof: Profile) -> None:
-        """Refuse a profile that maps some article values of a sysctl but not all of them."""
+        """Refuse a profile that maps some article values of a sysctl but not all of them,
+        or maps a sysctl no iteration sets (a typo would silently change nothing)."""
+        used = {name for it in self._iterations.values() for section in ("node_sysctls", "pod_sysctls")
+                for name in it[section]}
+        for name in prof.sysctl_values:
+            if name not in used:
+                raise ScenarioError(f"no iteration sets {name}; the sysctls they set: {', '.join(sorted(used))}",
+                                    path=prof.source, field=f"profiles.{prof.name}.sysctl_values.{name}")
         for num, it in self._iterations.items():
             for section in ("node_sysctls", "pod_sysctls"):
                 for name, value in it[section].items():

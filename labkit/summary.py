@@ -85,20 +85,22 @@ class RunSummary:
 
     def throughput_chart(self):
         """Lab transfers/s per iteration beside the article's, both relative to iteration 1."""
-        return charts.throughput_chart(self.summary, title="Transfers per second, relative to iteration 1")
+        base = int(charts.relative_base(self.summary)["iteration"])
+        return charts.throughput_chart(self.summary, title=f"Transfers per second, relative to iteration {base}")
 
     def table(self) -> pd.DataFrame:
         """Per iteration: lab and article transfers/s (absolute and relative) and the pressure seen."""
         s = self.summary.sort_values("iteration")
-        base = s.iloc[0]
+        base = charts.relative_base(s)
+        vs = f"vs it. {int(base['iteration'])}"
         out = pd.DataFrame({
             "iteration": s["iteration"],
             "part": ["article" if n <= 9 else "past the article" for n in s["iteration"]],
             "title": s.get("title", ""),
             "lab transfers/s": s["transfers_per_s"].round(0).astype(int),
-            "lab vs it. 1": (s["transfers_per_s"] / base["transfers_per_s"]).round(2),
+            f"lab {vs}": charts.ratio(s["transfers_per_s"], base["transfers_per_s"]).round(2),
             "article transfers/s": s["article_transfers_per_s"],
-            "article vs it. 1": (s["article_transfers_per_s"] / base["article_transfers_per_s"]).round(2),
+            f"article {vs}": charts.ratio(s["article_transfers_per_s"], base["article_transfers_per_s"]).round(2),
             "failed": s["transfers_failed"],
             "node peak / max": [f"{a:.0f} / {b:.0f}" for a, b in zip(s["peak_node_count"], s["conntrack_max"])],
             "pod peak": s["peak_pod_count"],

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from labkit.exceptions import GlobalSysctlsHeld, SysctlError, TestbedError
+from labkit.exceptions import GlobalSysctlsHeld, SavedSysctlsUnreadable, SysctlError, TestbedError
 from labkit.host import Host, LocalHost, sysctl_name
 from labkit.util import atomic_write
 
@@ -35,6 +35,7 @@ GLOBAL_SYSCTLS = frozenset({
 })
 CLAIM_PATH = "/run/lock/labkit-global-sysctls.claim"
 STATE_NAME = "global-sysctls.json"
+BACKUP_SUFFIX = ".bak"
 
 
 def state_dir() -> Path:
@@ -81,11 +82,43 @@ class GlobalSysctls:
         except FileNotFoundError:
             return None
 
+    @property
+    def backup_path(self) -> Path:
+        """The second copy of the state file."""
+        return self.path.with_name(self.path.name + BACKUP_SUFFIX)
+
     def _state(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
+        """The saved state: the file, else its copy; {} when neither exists.
+
+        Raises:
+            SavedSysctlsUnreadable: a file exists but neither copy can be read.
+        """
+        problems = []
+        for path in (self.path, self.backup_path):
+            try:
+                state = json.loads(path.read_text())
+                if not isinstance(state, dict) or not isinstance(state.get("saved", {}), dict):
+                    raise ValueError("not a labkit saved-sysctls document")
+            except FileNotFoundError:
+                continue
+            except (ValueError, UnicodeDecodeError) as exc:
+                problems.append(f"{path}: {exc}")
+                continue
+            if problems:
+                log.warning("%s; using the copy %s", problems[0], path)
+            return state
+        if problems:
+            raise SavedSysctlsUnreadable(self.path, "; ".join(problems))
+        return {}
+
+    def _write_state(self, state: dict) -> None:
+        data = json.dumps(state, indent=1).encode()
+        atomic_write(self.backup_path, data)  # the copy first: the main file's old version stays whole
+        atomic_write(self.path, data)
+
+    def _remove_state(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.backup_path.unlink(missing_ok=True)
 
     def saved(self) -> dict[str, str]:
         """The original values saved by this state directory (empty when none)."""
@@ -116,9 +149,7 @@ class GlobalSysctls:
                     self._set_locked(names)
                     return
             if time.monotonic() >= deadline:
-                raise GlobalSysctlsHeld(
-                    f"the global conntrack sysctls are held by another lab run (state {claimant}); "
-                    "bring it down with `labkit down`, or run `labkit clean` if it crashed")
+                raise GlobalSysctlsHeld(describe_claimant(claimant))
             time.sleep(0.2)
 
     def _set_locked(self, names: dict[str, int]) -> None:
@@ -128,7 +159,7 @@ class GlobalSysctls:
             if name not in saved:
                 saved[name] = self.host.read_sysctl(name)
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.path, json.dumps(state, indent=1).encode())
+        self._write_state(state)
         atomic_write(self.claim_path, str(self.path).encode())
         for name, value in names.items():
             if name.endswith("nf_conntrack_max"):
@@ -140,19 +171,33 @@ class GlobalSysctls:
             log.info("global %s=%s (was %s)", name, value, saved[name])
             self.host.write_sysctl(name, value)
 
-    def restore(self) -> dict[str, str]:
+    def restore(self, *, defaults_if_unreadable: bool = False) -> dict[str, str]:
         """Write the saved originals back and forget them; idempotent.
+
+        Args:
+            defaults_if_unreadable: when neither copy of the state file can be read,
+                write the kernel's defaults (:func:`kernel_defaults`) instead of raising
+                (what ``labkit clean`` does).
 
         Returns:
             The values restored (empty when nothing was saved).
+
+        Raises:
+            SavedSysctlsUnreadable: both copies are damaged and ``defaults_if_unreadable`` is false.
         """
         with self._locked():
-            state = self._state()
-            saved = state.get("saved", {})
+            try:
+                saved = self._state().get("saved", {})
+            except SavedSysctlsUnreadable:
+                if not defaults_if_unreadable:
+                    raise
+                saved = kernel_defaults(self.host)
+                log.warning("%s and its copy are unreadable: restoring the kernel's defaults %s",
+                            self.path, saved)
             for name, value in reversed(list(saved.items())):
                 self.host.write_sysctl(name, value)
                 log.info("restored global %s=%s", name, value)
-            self.path.unlink(missing_ok=True)
+            self._remove_state()
             if self._claimant() == str(self.path):
                 self.claim_path.unlink(missing_ok=True)
             return saved
@@ -168,4 +213,36 @@ def restore_crashed(directory: Path | None = None, *, host: Host | None = None,
     Returns:
         The values restored (empty when that directory saved none).
     """
-    return GlobalSysctls("clean", host=host, directory=directory, claim_path=claim_path).restore()
+    return GlobalSysctls("clean", host=host, directory=directory,
+                         claim_path=claim_path).restore(defaults_if_unreadable=True)
+
+
+def kernel_defaults(host: Host | None = None) -> dict[str, str]:
+    """The values the kernel gives ``nf_conntrack_max`` and ``nf_conntrack_expect_max`` at boot.
+
+    Derived as ``nf_conntrack_init_start()`` does from the hash size
+    (``nf_conntrack_buckets``, which labkit never changes): the max equals the
+    buckets, expect_max is 4 x max(1, buckets / 256).
+    """
+    host = host or LocalHost()
+    buckets = int(host.read_sysctl("net.netfilter.nf_conntrack_buckets"))
+    return {"net.netfilter.nf_conntrack_max": str(buckets),
+            "net.netfilter.nf_conntrack_expect_max": str(4 * max(1, buckets // 256))}
+
+
+def describe_claimant(claimant: str | None) -> str:
+    """Why the globals are held, and the command that can release them.
+
+    A replay's notebooks keep their state under ``replay-<run-id>/``: only that
+    replay (or, once it has crashed, ``labkit clean``) releases them, not ``labkit down``.
+    """
+    state = Path(claimant) if claimant else None
+    replay = next((p.name[len("replay-"):] for p in (state.parents if state else [])
+                   if p.name.startswith("replay-")), None)
+    if replay:
+        return (f"the global conntrack sysctls are held by replay {replay} (state {claimant}); "
+                "wait for it to finish (or stop it with Ctrl-C), give `--wait SECONDS` to wait here, "
+                "or run `labkit clean` if it crashed")
+    return (f"the global conntrack sysctls are held by another lab run (state {claimant}); "
+            "bring it down with `labkit down` (or wait with `--wait SECONDS`), "
+            "or run `labkit clean` if it crashed")

@@ -34,6 +34,17 @@ if [ "$mode" = test ]; then
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
     done
 fi
+# in.tftpd must be tftpd-hpa's (the pods run it with --foreground, --secure, --address);
+# atftpd ships an in.tftpd too, which refuses those options
+tftpd_is_hpa() {
+    local path
+    path=$(PATH="$PATH:/usr/sbin:/sbin" command -v in.tftpd 2>/dev/null) || return 1
+    "$path" -V 2>&1 | head -n1 | grep -q '^tftp-hpa'
+}
+if PATH="$PATH:/usr/sbin:/sbin" command -v in.tftpd >/dev/null 2>&1 && ! tftpd_is_hpa \
+        && ! dpkg-query -W -f='${Status}' tftpd-hpa 2>/dev/null | grep -q "ok installed"; then
+    case " $missing " in *" tftpd-hpa "*) ;; *) missing="$missing tftpd-hpa" ;; esac
+fi
 if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
     missing="$missing python3-venv"
 fi
@@ -58,6 +69,14 @@ if [ -n "$missing" ]; then
     apt-get update -q
     # shellcheck disable=SC2086
     apt-get install -y -q --no-install-recommends $missing
+fi
+
+if ! tftpd_is_hpa; then
+    path=$(PATH="$PATH:/usr/sbin:/sbin" command -v in.tftpd || echo "no in.tftpd")
+    echo "setup: $path is not tftpd-hpa's in.tftpd ($("$path" -V 2>&1 | head -n1)); labkit needs it:" >&2
+    echo "setup: apt-get install --reinstall tftpd-hpa, and remove the other one (atftpd's:" \
+         "apt-get remove atftpd) or put /usr/sbin first on the PATH" >&2
+    exit 1
 fi
 
 stamp="$venv/.labkit-installed"

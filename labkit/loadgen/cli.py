@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from labkit.exceptions import LoadgenError
 from labkit.loadgen.runner import NOTHING_OK_EXIT, run_load
 from labkit.loadgen.spec import DEFAULT_CONCURRENCY, DEFAULT_DURATION, LoadSpec
+from labkit.util import writable_dir, writable_file
 
 
 def register(subparsers) -> None:
@@ -81,6 +83,13 @@ def _port_range(text: str) -> tuple[int, int]:
 
 def _loadgen(args: argparse.Namespace) -> int:
     spec = spec_from_args(args)
+    try:  # before the load, not after it: a bad path must not cost the results
+        if args.out:
+            writable_dir(args.out, "--out")
+        if args.transfers:
+            writable_file(args.transfers, "--transfers")
+    except ValueError as exc:
+        raise LoadgenError(str(exc)) from None
     live = sys.stderr.isatty()
     progress = _ProgressLine(sys.stderr) if live else None
     keep = args.transfers or bool(args.out)

@@ -82,7 +82,10 @@ def run_load(spec: LoadSpec, *, transfers: bool | str = False,
     if spec.expected_size is None:
         probe = probe_file(spec)
         spec = spec.replace(expected_size=probe["size"])
-    tmpdir = tempfile.mkdtemp(prefix="labkit-loadgen-") if transfers else None
+    # the workers' tables go beside the CSV asked for (a run's state folder, which `labkit clean`
+    # empties after a crash), else to the temporary folder
+    beside = os.path.dirname(os.path.abspath(transfers)) if isinstance(transfers, (str, os.PathLike)) else None
+    tmpdir = tempfile.mkdtemp(prefix=".labkit-loadgen-", dir=beside) if transfers else None
     try:
         paths = [os.path.join(tmpdir, f"transfers-{i}.csv") if tmpdir else None
                  for i in range(spec.workers)]
@@ -206,7 +209,8 @@ def _board_totals(board: dict[int, dict]) -> dict:
 
 
 def run_load_on(host: Host, spec: LoadSpec, *, transfers: bool = False, python: str | None = None,
-                timeout: float | None = None) -> LoadResult:
+                timeout: float | None = None, cgroup: str | os.PathLike | None = None,
+                transfers_path: str | None = None) -> LoadResult:
     """Run a load on ``host`` (a client namespace, a remote machine) and return its result.
 
     Runs ``PYTHON -m labkit loadgen ... --json`` there; labkit must be
@@ -222,6 +226,9 @@ def run_load_on(host: Host, spec: LoadSpec, *, transfers: bool = False, python: 
         timeout: seconds before the command is ended; default the load's
             duration plus the transfer deadline plus a minute (None for a
             ``count`` load: it ends when its transfers do).
+        cgroup: a cgroup of this machine to run the loadgen in (a local host or
+            namespace only), so that whoever removes the cgroup ends it.
+        transfers_path: where the per-transfer CSV goes (default a file in ``/tmp``).
 
     Returns:
         The :class:`LoadResult`.
@@ -231,21 +238,38 @@ def run_load_on(host: Host, spec: LoadSpec, *, transfers: bool = False, python: 
         CommandTimedOut: it ran past ``timeout``.
         LoadgenError: its output was not a loadgen result.
     """
+    local = isinstance(host, (LocalHost, NetnsHost))
     if python is None:
-        python = sys.executable if isinstance(host, (LocalHost, NetnsHost)) else "python3"
+        python = sys.executable if local else "python3"
     argv = [python, "-m", "labkit", "loadgen", *spec.to_argv(), "--json"]
     path = None
     if transfers:
-        path = f"/tmp/labkit-loadgen-{uuid.uuid4().hex}.csv"
+        path = transfers_path or f"/tmp/labkit-loadgen-{uuid.uuid4().hex}.csv"
         argv += ["--transfers", path]
     if timeout is None and spec.duration is not None:
         timeout = spec.duration + spec.deadline + 60.0
+    runner = host
+    if cgroup is not None:
+        if not local:
+            raise LoadgenError(f"{host.name}: a cgroup of this machine is for a local load only")
+        if isinstance(host, NetnsHost):
+            argv = ["ip", "netns", "exec", host.netns, *argv]
+        # the shell joins the cgroup, then becomes the loadgen (ip netns exec hides /sys/fs/cgroup)
+        argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', os.path.join(os.fspath(cgroup), "cgroup.procs"),
+                *argv]
+        runner = LocalHost(host.name)
     try:
-        result = host.run(argv, timeout=timeout, check=False)
+        result = runner.run(argv, timeout=timeout, check=False)
         if result.exit_code not in (0, NOTHING_OK_EXIT):
             raise CommandFailed(result)
         table = read_transfers(host.read_file(path).decode()) if path else None
     finally:
-        if path:
+        if path and local:
+            # removed here, not through the host: its namespace may be gone by now
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        elif path:
             host.run(["rm", "-f", path], check=False, timeout=30)
     return LoadResult.from_json(result.stdout, transfers=table)

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="the run folder (default results/<run-id>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (or the newest run of this profile): skip what completed")
-    p.add_argument("--cell-timeout", type=float, default=None,
+    p.add_argument("--cell-timeout", type=_positive_seconds, default=None,
                    help="seconds one notebook cell may run before the iteration fails as a timeout "
                         "(default: the load duration plus 5 minutes)")
     p.add_argument("--show-code", action="store_true", help="keep the code cells in the HTML reports")
@@ -56,6 +56,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="profile file to write (default results/calibration.yaml); use it with --profile")
     p.add_argument("--quick", action="store_true", help="shorter loads (rougher numbers)")
     p.set_defaults(func=cmd_calibrate)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
 
 
 def _profile_and_testbed(p: argparse.ArgumentParser) -> None:

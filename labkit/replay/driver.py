@@ -22,11 +22,13 @@ from typing import Any, Callable
 
 from labkit import background
 from labkit.exceptions import ReplayError
+from labkit.replay import guard
 from labkit.replay import index as index_page
 from labkit.replay.kernel import KERNEL_NAME, ensure_kernel
 from labkit.replay.manifest import Manifest, now, read_sysctls
 from labkit.replay.notebook import Outcome, execute, render_html
 from labkit.scenario import load_scenario
+from labkit.util import writable_dir
 from labkit.results import (ROW_FILE, SUMMARY_FILE, iteration_dir, read_json, summary_frame,
                             write_csv)
 
@@ -101,10 +103,11 @@ LAST_ITERATION = 12  # 1-9 the article's, 10-12 past it
 
 
 def parse_iterations(text: str) -> list[int]:
-    """Parse ``1-9``, ``2,5,7``, ``1-3,8`` or ``all`` (1-12) into iteration numbers, in order, no repeats.
+    """Parse ``1-9``, ``2,5,7``, ``1-3,8`` or ``all`` (1-12) into iteration numbers, in order.
 
     Raises:
-        ReplayError: a part is not a number or a range of numbers 1..12.
+        ReplayError: a part is not a number or a range of numbers 1..12, a range
+            runs backwards, or an iteration is named twice.
     """
     out: list[int] = []
     if text.strip().lower() == "all":
@@ -117,9 +120,14 @@ def parse_iterations(text: str) -> list[int]:
             numbers = range(int(lo), int(hi or lo) + 1)
         except ValueError:
             raise ReplayError(f"--iterations {text!r}: {part!r} is not N or N-M") from None
-        if not numbers or numbers.start < 1 or numbers.stop > LAST_ITERATION + 1:
+        if not numbers:
+            raise ReplayError(f"--iterations {text!r}: {part!r} runs backwards; write {hi}-{lo}")
+        if numbers.start < 1 or numbers.stop > LAST_ITERATION + 1:
             raise ReplayError(f"--iterations {text!r}: {part!r} is outside 1-{LAST_ITERATION}")
-        out += [n for n in numbers if n not in out]
+        twice = [n for n in numbers if n in out]
+        if twice:
+            raise ReplayError(f"--iterations {text!r}: iteration {twice[0]} is named twice")
+        out += list(numbers)
     if not out:
         raise ReplayError(f"--iterations {text!r}: no iteration named")
     return out
@@ -147,10 +155,15 @@ def _prepare_run_dir(options: ReplayOptions) -> tuple[Path, Manifest]:
         return Path(run_dir), manifest
     run_id = new_run_id(options.profile)
     run_dir = Path(options.out) if options.out else RESULTS / run_id
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ReplayError(f"--out {run_dir}: is a file, not a folder")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ReplayError(f"{run_dir} already holds a run; use --resume to continue it, "
                           "or another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        writable_dir(run_dir, "--out")
+    except ValueError as exc:
+        raise ReplayError(str(exc)) from None
     manifest = Manifest.create(run_dir, run_id=run_dir.name, profile=options.profile,
                                testbed=options.testbed, iterations=options.iterations,
                                kernel=options.kernel)
@@ -196,9 +209,12 @@ def run_iteration_notebook(options: ReplayOptions, run_dir: Path, manifest: Mani
     output = folder / "iteration.ipynb"
     outcome: Outcome | None = None
     try:
-        outcome = execute(options.notebook, output, params, kernel=options.kernel,
-                          cell_timeout=options.cell_timeout, cwd=folder,
-                          progress=options.progress_bar, label=f"iteration {number}")
+        with guard.notebook_kernel(run_id, f"iteration-{number}",  # kernel ended before teardown
+                                   on_wait=lambda line: _say(options, f"iteration {number}: {line}")) as engine:
+            outcome = execute(options.notebook, output, params, kernel=options.kernel,
+                              cell_timeout=options.cell_timeout, cwd=folder,
+                              progress=options.progress_bar, label=f"iteration {number}",
+                              engine_kwargs=engine)
     finally:
         teardown_error = _teardown(options, run_id, number)
         entry["sysctls_after"] = read_sysctls()
@@ -280,9 +296,10 @@ def run_summary_notebook(options: ReplayOptions, run_dir: Path, manifest: Manife
     entry: dict[str, Any] = {"status": "running", "started": now(), "parameters": params}
     manifest.data["summary"] = entry
     manifest.save()
-    outcome = execute(options.summary_notebook, output, params, kernel=options.kernel,
-                      cell_timeout=options.cell_timeout, cwd=run_dir,
-                      progress=options.progress_bar, label="summary")
+    with guard.notebook_kernel(manifest.data["run_id"], "summary") as engine:
+        outcome = execute(options.summary_notebook, output, params, kernel=options.kernel,
+                          cell_timeout=options.cell_timeout, cwd=run_dir,
+                          progress=options.progress_bar, label="summary", engine_kwargs=engine)
     entry.update(status="ok" if outcome.ok else "failed", failure=None if outcome.ok else outcome.kind,
                  error=outcome.message or None, duration_s=round(outcome.duration_s, 1),
                  finished=now())
@@ -406,6 +423,7 @@ def replay(options: ReplayOptions) -> Path:
     run_dir, manifest = _prepare_run_dir(options)
     _say(options, f"run folder {run_dir}")
     total = len(options.iterations)
+    guard.claim(manifest.data["run_id"])  # `labkit clean` leaves a live replay alone
     flows = _Flows(_background_flows(options), options, manifest)
     try:
         flows.ready()  # the check and a plain server need no warm collector: they run meanwhile
@@ -433,12 +451,14 @@ def replay(options: ReplayOptions) -> Path:
             entry = run_summary_notebook(options, run_dir, manifest)
             _say(options, f"summary: {_describe(entry)}")
     except BaseException:
+        _mark_interrupted(manifest)
         manifest.data.update(status="interrupted", finished=now())
         manifest.save()
         index_page.write(run_dir, manifest)
         raise
     finally:
         flows.stop()
+        guard.release(manifest.data["run_id"])
     entries = [manifest.entry(n) or {} for n in options.iterations]
     failed = [n for n, e in zip(options.iterations, entries) if e.get("status") != "ok"]
     summary_ok = options.summary_notebook is None or (manifest.data.get("summary") or {}).get("status") == "ok"
@@ -454,6 +474,13 @@ def replay(options: ReplayOptions) -> Path:
     index_page.write(run_dir, manifest)
     _say(options, f"{manifest.data['status']}: {run_dir / 'index.html'}")
     return run_dir
+
+
+def _mark_interrupted(manifest: Manifest) -> None:
+    """Record every notebook still marked running as interrupted (a signal came mid-way)."""
+    for entry in [*manifest.data["iterations"].values(), manifest.data.get("summary") or {}]:
+        if entry.get("status") == "running":
+            entry.update(status="interrupted", finished=now())
 
 
 def _describe(entry: dict[str, Any]) -> str:

@@ -73,7 +73,8 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, Any], *,
             kernel: str, cell_timeout: float | None = None, cwd: str | Path | None = None,
-            progress: bool = False, label: str = "") -> Outcome:
+            progress: bool = False, label: str = "",
+            engine_kwargs: Mapping[str, Any] | None = None) -> Outcome:
     """Run ``notebook`` with papermill into ``output``; report how it ended.
 
     Args:
@@ -85,6 +86,7 @@ def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, A
         cwd: the kernel's working directory.
         progress: show papermill's progress bar (a terminal only).
         label: the progress bar's label.
+        engine_kwargs: more arguments for papermill's engine (e.g. ``kernel_manager_class``).
 
     Returns:
         The :class:`Outcome`; exceptions from the notebook do not escape.
@@ -101,6 +103,7 @@ def execute(notebook: str | Path, output: str | Path, parameters: Mapping[str, A
             cwd=str(cwd) if cwd else None,
             # the kernel's start-up warning about its local TCP sockets is noise on the progress display
             extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            **dict(engine_kwargs or {}),
         )
     except Exception as exc:  # any way a notebook can fail is a result, recorded by the caller
         kind, message = classify(exc)

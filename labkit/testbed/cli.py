@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -47,18 +48,41 @@ def _cmd_up(args) -> int:
 def _cmd_down(args) -> int:
     testbed = _testbed(args)
     was_up = testbed.status().get("state") != "down"
-    testbed.down()
+    if args.force:
+        if testbed.name != "netns":
+            raise TestbedError("--force is for the netns testbed (it stops a load under way)")
+        testbed.down(force=True)
+    else:
+        testbed.down()
     print(f"{testbed.name} testbed down" if was_up else f"{testbed.name} testbed was not up")
     return 0
 
 
 def _cmd_clean(args) -> int:
-    from labkit.testbed.netns import clean
-    removed = clean()
-    for line in removed:
+    from labkit.cleanup import clean
+    report = clean()
+    for line in report.removed:
         print(f"removed {line}")
-    print(f"clean: {len(removed)} item(s)" if removed else "clean: nothing of labkit's was left")
+    for line in report.kept:
+        print(f"kept: {line}")
+    for line in report.problems:
+        print(f"NOT removed: {line}", file=sys.stderr)
+    if report.problems:
+        print(f"clean: {len(report.removed)} item(s) removed, {len(report.problems)} problem(s) left",
+              file=sys.stderr)
+        return 1
+    print(f"clean: {len(report.removed)} item(s)" if report.removed else "clean: nothing of labkit's was left")
     return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give 0 or more seconds")
+    return value
 
 
 def _cmd_status(args) -> int:
@@ -115,13 +139,15 @@ def register(sub) -> None:
     p.add_argument("--scenario", help="another iterations file (default: labkit's own)")
     p.add_argument("--no-helper-rule", action="store_true",
                    help="leave out the explicit TFTP conntrack helper rule (fetches then fail)")
-    p.add_argument("--wait", type=float, default=0.0,
+    p.add_argument("--wait", type=_seconds, default=0.0,
                    help="seconds to wait while another lab run holds the global sysctls")
     p.add_argument("--json", action="store_true", help="print the status document")
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("down", help="remove the testbed and restore the global sysctls")
     testbed_arg(p)
+    p.add_argument("--force", action="store_true",
+                   help="stop a load under way first (its iteration is recorded as failed)")
     p.set_defaults(func=_cmd_down)
 
     p = sub.add_parser("clean", help="remove every labkit resource of crashed runs too, restore sysctls")

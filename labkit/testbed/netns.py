@@ -34,14 +34,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from labkit import cgroups
-from labkit.exceptions import GlobalSysctlsHeld, TestbedError
+from labkit.cleanup import OWNER_NAME, owner_record
+from labkit.exceptions import GlobalSysctlsHeld, StateCorrupt, TestbedError
 from labkit.host import NETNS_DIR, Host, LocalHost, NetnsHost, in_netns
 from labkit.kubeproxy import (
     Endpoint, render_helper_rule, render_nft_cleanup, render_nft_rules, render_notrack_rule, render_rules,
 )
-from labkit.ledger import Ledger, describe, netns_inode, proc_start_time
+from labkit.ledger import Ledger, netns_inode, proc_start_time
 from labkit.manifests import Manifests, PodTemplate, admit_sysctls, check_allowlist
-from labkit.sysctls import GlobalSysctls, restore_crashed
+from labkit.signals import noted
+from labkit.sysctls import GlobalSysctls
 from labkit.sysctls import state_dir as default_state_dir
 from labkit.testbed.base import ServedFile, Testbed
 from labkit.util import atomic_write
@@ -60,12 +62,29 @@ READY_TIMEOUT = 5.0
 _ALPHABET = string.ascii_lowercase + string.digits
 
 
+def read_state(path: Path) -> dict[str, Any]:
+    """A run's ``state.json``.
+
+    Raises:
+        StateCorrupt: it is not the JSON document labkit wrote (the message names it
+            and says to run ``labkit clean``).
+    """
+    try:
+        state = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StateCorrupt(path, f"not JSON: {exc}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("pods", []), list) or "state" not in state:
+        raise StateCorrupt(path, "not a netns testbed state document")
+    return state
+
+
 def run_dirs(directory: Path | None = None) -> list[Path]:
-    """The netns runs recorded in a state directory (oldest first)."""
+    """The netns testbed runs recorded in a state directory (oldest first; background flows' not)."""
     directory = Path(directory or default_state_dir())
     if not directory.is_dir():
         return []
-    runs = [p for p in directory.glob(f"{RUN_DIR_PREFIX}*") if p.is_dir()]
+    runs = [p for p in directory.glob(f"{RUN_DIR_PREFIX}*") if p.is_dir()
+            and not p.name.startswith(f"{RUN_DIR_PREFIX}bg-")]
     return sorted(runs, key=lambda p: p.stat().st_mtime)
 
 
@@ -107,7 +126,7 @@ def _udp_port_bound(port: int) -> bool:
 
 
 class _Interrupts:
-    """SIGINT/SIGTERM while building are noted, and raised at the next safe point.
+    """SIGINT/SIGTERM/SIGHUP while building are noted, and raised at the next safe point.
 
     A signal raised at an arbitrary point could land while a child (``ip netns add``)
     is still being started, and the cleanup would run before the child made what
@@ -130,8 +149,9 @@ class _Interrupts:
 
         def note(signum, frame):
             self.signum = signum
+            noted(signum)  # the command's exit code says which signal it was
 
-        old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             yield
             self.check()
@@ -141,8 +161,8 @@ class _Interrupts:
             self.signum = None
 
 
-def _signals_deferred():
-    """Hold SIGINT/SIGTERM off while cleaning up (a second signal must not leave half a lab);
+def signals_deferred():
+    """Hold SIGINT/SIGTERM/SIGHUP off while cleaning up (a second signal must not leave half a lab);
     one that came meanwhile is raised as KeyboardInterrupt once the cleanup is done."""
     return _Interrupts().deferred()
 
@@ -180,7 +200,7 @@ class NetnsTestbed(Testbed):
         for run in reversed(run_dirs(self.state_dir)):
             if (run / STATE_NAME).exists():
                 self.run_id = run.name[len(RUN_DIR_PREFIX):]
-                self._state = json.loads((run / STATE_NAME).read_text())
+                self._state = read_state(run / STATE_NAME)
                 break
 
     # --- names and state ---------------------------------------------------------
@@ -228,8 +248,12 @@ class NetnsTestbed(Testbed):
         if iteration.setup == "nodeport":
             pod_name = f"{template.deployment}-{_template_hash(template, '')[:10]}-xxxxx"
             admit_sysctls(pod_name, template.sysctls, iteration.allowed_unsafe_sysctls)
-        with _state_lock(self.state_dir):
+        from labkit.loadguard import refuse_during_load
+
+        with state_lock(self.state_dir):
             self._load()
+            if self._state is not None:
+                refuse_during_load(self, "reconfigure the testbed")
             if self._state is not None and self._state.get("state") != "up":
                 raise TestbedError(
                     f"netns run {self.run_id} did not finish being built or taken down (a crash?); "
@@ -260,6 +284,9 @@ class NetnsTestbed(Testbed):
                                    last_up={"seconds": round(took, 3),
                                             "waited_for_globals_s": round(self._waited, 3)})
                 self._save()
+                # the process that configured it last uses it: `labkit clean` leaves it alone while
+                # that process lives (a notebook's kernel), and removes it once it is gone
+                atomic_write(self.run_dir / OWNER_NAME, json.dumps(owner_record()).encode())
         except GlobalSysctlsHeld:
             if fresh:
                 self._down_locked()
@@ -562,26 +589,36 @@ class NetnsTestbed(Testbed):
 
     # --- down, status, hosts -------------------------------------------------------------
 
-    def down(self) -> None:
+    def down(self, *, force: bool = False) -> None:
         """Remove everything the run's ledger lists, in reverse order; restore the globals.
 
         Idempotent: nothing to do when the testbed is down.
 
+        Args:
+            force: stop a load another process runs on the testbed first (its
+                iteration then fails); without it such a load makes ``down`` refuse.
+
         Raises:
+            LoadUnderWay: another process runs a load on it (and not ``force``).
+            StateCorrupt: the run's ledger is damaged (nothing was removed; `labkit clean` salvages).
             TestbedError: something could not be removed (the rest was; `labkit clean` retries).
         """
+        from labkit.loadguard import refuse_during_load
+
         if not self.state_dir.exists():
             self._state, self.run_id = None, None
             return
-        with _state_lock(self.state_dir):
+        with state_lock(self.state_dir):
             if self.run_id and not (self.run_dir / STATE_NAME).exists():
                 self._load()  # taken down by another process meanwhile
+            if self.run_id:
+                refuse_during_load(self, "take the testbed down", force=force)
             self._down_locked()
 
     def _down_locked(self) -> None:
         if not self.run_id:
             return
-        with _signals_deferred():
+        with signals_deferred():
             try:
                 _discard_run(self.run_dir)
             finally:
@@ -687,38 +724,35 @@ class NetnsTestbed(Testbed):
 
 
 def clean(directory: str | os.PathLike | None = None) -> list[str]:
-    """Undo every netns run recorded in a state directory (also crashed ones); restore the globals.
+    """Undo every run recorded in a state directory (also crashed ones); restore the globals.
 
-    Only what the ledgers list is removed; look-alike resources made by others stay.
+    See :func:`labkit.cleanup.clean` (replays, background flows, damaged records).
+    Only what the runs' records name is removed; look-alike resources made by others stay.
 
     Returns:
         A line per resource removed.
+
+    Raises:
+        TestbedError: something could not be removed (named in the message).
     """
-    directory = Path(directory or default_state_dir())
-    removed: list[str] = []
-    if not directory.exists():
-        return removed
-    with _state_lock(directory), _signals_deferred():
-        for run in run_dirs(directory):
-            removed += [describe(e) for e in _discard_run(run)]
-        restored = restore_crashed(directory)
-        removed += [f"global sysctl {k} restored to {v}" for k, v in restored.items()]
-    return removed
+    from labkit.cleanup import clean as clean_all
+
+    report = clean_all(directory)
+    if report.problems:
+        raise TestbedError("clean: " + "; ".join(report.problems))
+    return report.removed
 
 
 def _discard_run(run: Path) -> list[dict[str, Any]]:
-    """Undo a run's ledger, then remove its state files and directory; return what was removed."""
+    """Undo a run's ledger, then remove its folder (state, logs, stale temporary files)."""
     ledger = Ledger(run)
     done = ledger.undo()
-    (run / STATE_NAME).unlink(missing_ok=True)
-    for leftover in run.glob("*.log"):
-        leftover.unlink()
-    ledger.discard()
+    shutil.rmtree(run, ignore_errors=True)
     return done
 
 
 @contextmanager
-def _state_lock(directory: Path) -> Iterator[None]:
+def state_lock(directory: Path) -> Iterator[None]:
     """Serialize up/down/clean of one state directory across processes (flock on the directory)."""
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

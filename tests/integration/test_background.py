@@ -28,7 +28,10 @@ def _count(netns: str) -> int:
 
 
 def _namespaces() -> set[str]:
-    return set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
+    """The background flows' namespaces on the machine (``lkbg`` names; other lab runs may come
+    and go meanwhile on a shared machine)."""
+    names = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+    return {n for n in names if n.startswith("lkbg")}
 
 
 def test_flows_stay_in_their_namespace_bounded_and_leave_nothing(tmp_path):

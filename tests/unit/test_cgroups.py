@@ -38,6 +38,19 @@ def test_a_throttled_cgroup_gets_its_limit_lifted_before_its_processes_are_kille
     assert seen == [(group, "-1")]
 
 
+def test_a_cgroup_without_a_cpu_controller_is_removed_without_a_word(tmp_path, monkeypatch, caplog):
+    # a notebook kernel's cgroup in the pids hierarchy (cgroup v1): it has no CPU limit to lift
+    group = tmp_path / "lkreplay-x-iteration-3-abcd"
+    group.mkdir()
+    (group / "cgroup.procs").write_text("")
+    removed = []
+    monkeypatch.setattr(cgroups.Path, "rmdir", lambda self: removed.append(self))
+    with caplog.at_level("WARNING"):
+        cgroups.remove_cgroup(group)
+    assert removed == [group] and not caplog.records
+    assert not (group / "cpu.cfs_quota_us").exists()
+
+
 def test_available_cpus_is_at_most_the_cpus_this_process_may_run_on():
     import os
 
