@@ -46,7 +46,17 @@ def _lifetimes(text: str) -> tuple[tuple[float, float], ...]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``labkit size``."""
+    """Add ``labkit size`` and ``labkit model-check``."""
+    m = sub.add_parser(
+        "model-check", help="the sizing model against what one or more replays measured",
+        description="For each run folder (results/<run-id>), the model's prediction beside the measurement "
+                    "per iteration (summary.csv), whether it held (fills calls right, steady counts and "
+                    "memory within the tolerance) and the findings past the article (F8-F10). Exit 0 when "
+                    "every claim holds in every run, 1 otherwise.")
+    m.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="a replay's run folder")
+    m.add_argument("--tolerance", type=_number(), default=capacity.MODEL_TOLERANCE,
+                   help="how far steady counts and memory may be from the measurement (0.25)")
+    m.set_defaults(func=cmd_model_check)
     p = sub.add_parser(
         "size", help="predict the conntrack tables at a rate; recommend sizes; kube-proxy's figure",
         description="Predict each namespace's conntrack count, the expectations and the memory at a "
@@ -206,3 +216,41 @@ def cmd_size(args) -> int:
     print("\n".join(_lines(kp, kp_tables)))
     return 0
 
+
+
+CHECK_COLUMNS = ["node_fills predicted/measured", "pod_fills predicted/measured", "node_steady predicted",
+                 "node_steady measured", "node_steady_error", "pod_steady predicted", "pod_steady measured",
+                 "pod_steady_error", "predicted_entry_bytes", "slab_lab_bytes_peak", "memory_error"]
+
+
+def cmd_model_check(args) -> int:
+    """Print the model's check of each run, and the past-the-article findings; 0 when all hold."""
+    import pandas as pd
+
+    from labkit.findings import check as findings
+    from labkit.results import SUMMARY_FILE
+
+    frames = []
+    for run in args.runs:
+        path = run / SUMMARY_FILE
+        if not path.is_file():
+            raise SizingError(f"{path}: no such file (a run folder holds summary.csv)", field="RUN_DIR")
+        frames.append((run, pd.read_csv(path)))
+    all_hold = True
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        for run, summary in frames:
+            table = capacity.compare(summary)
+            print(f"== {run}\n{table[CHECK_COLUMNS].to_string()}\n")
+            for claim, holds, evidence in capacity.verdict(table, args.tolerance):
+                all_hold &= holds
+                print(f"  {'holds ' if holds else 'FAILS '} {claim}: {evidence}")
+            past = [f for f in findings(summary) if f.id in ("F8", "F9", "F10")]
+            for f in past:
+                all_hold &= f.passed
+                print(f"  {f.id:<6} {f.result}: {f.evidence}")
+            if not past:
+                all_hold = False
+                print("  F8-F10 not run: the run has no iteration past 9 (replay --iterations 1-12)")
+            print()
+    print("every claim holds in every run" if all_hold else "NOT every claim holds: see FAILS / fail above")
+    return 0 if all_hold else 1

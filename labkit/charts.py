@@ -264,3 +264,38 @@ def throughput_chart(summary: pd.DataFrame, title: str = "") -> plt.Figure:
     if title:
         ax.set_title(title)
     return fig
+
+
+def model_chart(check: pd.DataFrame, title: str = "") -> plt.Figure:
+    """The sizing model beside the measurement, per iteration (``labkit.capacity.compare``'s frame).
+
+    Left: transfers/s the model lets through against the measured rate.  Right: each
+    namespace's predicted steady count against the measured mean (log scale); a filled
+    marker is a table that filled, an open one a table that did not, so a marker pair of
+    different fill is a wrong call.
+    """
+    frame = check.reset_index().sort_values("iteration")
+    x = np.arange(len(frame))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(WIDTH, 4.0), constrained_layout=True, dpi=DPI)
+    left.bar(x - 0.2, frame["predicted_transfers_per_s"].astype(float), 0.4, color="tab:gray", label="model")
+    left.bar(x + 0.2, frame["transfers_per_s"].astype(float), 0.4, color="tab:blue", label="measured")
+    left.set_xticks(x, [f"it. {n}" for n in frame["iteration"]])
+    left.set_ylabel("transfers/s")
+    left.legend(loc="upper left", fontsize=8)
+    for offset, ns, color in ((-0.12, "node", "tab:purple"), (0.12, "pod", "tab:green")):
+        calls = frame[f"{ns}_fills predicted/measured"].str.split("/", expand=True)
+        for kind, col, marker, dx in (("model", f"{ns}_steady predicted", "s", -0.05),
+                                      ("measured", f"{ns}_steady measured", "o", 0.05)):
+            values = pd.to_numeric(frame[col], errors="coerce").clip(lower=1)
+            full = (calls[0 if kind == "model" else 1] == "fills").to_numpy()
+            xs = x + offset + dx
+            right.scatter(xs[full], values[full], marker=marker, color=color, s=36,
+                          label=f"{ns}, {kind} (filled = table full)")
+            right.scatter(xs[~full], values[~full], marker=marker, facecolors="none", edgecolors=color, s=36)
+    right.set_yscale("log")
+    right.set_xticks(x, [f"it. {n}" for n in frame["iteration"]])
+    right.set_ylabel("conntrack entries (steady; per pod)")
+    right.legend(**{**OUTSIDE, "fontsize": 7})
+    if title:
+        fig.suptitle(title)
+    return fig

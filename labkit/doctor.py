@@ -45,6 +45,7 @@ BINARIES = (
     ("in.tftpd", "tftpd-hpa", True),
     ("tftp", "tftp-hpa", False),
     ("atftp", "atftp", False),
+    ("nft", "nftables", False),  # iteration 12: kube-proxy's nftables mode
 )
 
 

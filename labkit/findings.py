@@ -23,7 +23,7 @@ class Finding:
     """One finding's verdict.
 
     Attributes:
-        id: ``F1``..``F7`` or ``I4`` (the iteration-4 observations).
+        id: ``F1``..``F7``, ``I4`` (the iteration-4 observations), ``F8``..``F10`` (past the article).
         claim: what the article found, as checked here.
         result: ``pass``, ``fail`` or ``not run``.
         evidence: the numbers behind the verdict.
@@ -182,6 +182,67 @@ def i4(rows: dict[int, pd.Series]) -> tuple[bool, str]:
                 f"{_num(four, 'after_stop_s'):.0f} s later")
 
 
+def f8(rows: dict[int, pd.Series]) -> tuple[bool, str]:
+    """Iteration 10: the pods' count stays at zero, no drops anywhere, at least 0.9x iteration 8."""
+    eight, ten = _get(rows, 8), _get(rows, 10)
+    r = _ratio(ten, eight)
+    return (_num(ten, "peak_pod_count") == 0 and pressure(ten) == 0 and r >= 0.9,
+            f"it.10 {_tps(ten)} = {r:.2f}x it.8 {_tps(eight)}; pod peak {_num(ten, 'peak_pod_count'):.0f}; "
+            f"{_pressure_text(ten)}")
+
+
+def f9(rows: dict[int, pd.Series]) -> tuple[bool, str]:
+    """Iteration 11: transfers fail and the node holds no entry for the NodePort.
+
+    The entries are ``node_nodeport_entries`` (listed when the load stopped); a row
+    without that column (an older run) is held to the node's whole peak count, which
+    may also hold the node's own traffic (an IGMP report of the pods' bridge).
+    """
+    eleven = _get(rows, 11)
+    ok, failed = _num(eleven, "transfers_ok"), _num(eleven, "transfers_failed")
+    listed = eleven.get("node_nodeport_entries")
+    listed = None if listed is None or pd.isna(listed) else float(listed)
+    entries = _num(eleven, "peak_node_count") if listed is None else listed
+    where = ("node peak count" if listed is None else
+             f"node entries for the NodePort when the load stopped {listed:.0f} (node peak count, all traffic, "
+             f"{_num(eleven, 'peak_node_count'):.0f})")
+    return (failed > 0 and ok == 0 and entries == 0,
+            f"it.11 {ok:.0f} transfers ok, {failed:.0f} failed ({eleven.get('failed_by_reason', '')}); "
+            + (f"{where} {entries:.0f}" if listed is None else where))
+
+
+STARVED_SHARE = 0.1  # F10: a second half under this share of the whole load's rate says nothing
+
+
+def f10(rows: dict[int, pd.Series]) -> tuple[bool, str]:
+    """Iteration 12 (nftables mode) serves at most 1.25x iteration 2, with drops on the node.
+
+    Where iteration 2 served next to nothing in its load's second half (under a tenth of
+    its whole load's rate: a load shorter than the entries' 30 s timeout, whose full table
+    frees nothing before it ends, as in the quick profile; what it serves then is a few
+    early drops' worth, noise), both are compared over their whole loads instead.
+    """
+    two, twelve = _get(rows, 2), _get(rows, 12)
+    column, span = "transfers_per_s", ""
+    whole = _num(two, "transfers_per_s_whole_load")
+    if _num(two, column) < STARVED_SHARE * whole:
+        column, span = ("transfers_per_s_whole_load", f" over the whole load (it.2 served "
+                        f"{_num(two, 'transfers_per_s'):.1f}/s in its second half)")
+    a, b = _num(twelve, column), _num(two, column)
+    r = a / b if b > 0 else float("inf")
+    return (a <= 1.25 * b and node_pressure(twelve) > 0,
+            f"it.12 {a:.0f}/s = {r:.2f}x it.2 {b:.0f}/s{span}; it.12 {_pressure_text(twelve)}")
+
+
+#: Past the article: checked only in a run that went past iteration 9.
+PAST_CHECKS: tuple[tuple[str, str, Callable], ...] = (
+    ("F8", "iteration 10: the pods' count stays at zero, no drops anywhere, and at least 0.9x iteration 8, "
+           "with no unsafe sysctl", f8),
+    ("F9", "iteration 11: transfers fail and the node's count stays at zero (NAT needs conntrack)", f9),
+    ("F10", "iteration 12 (kube-proxy nftables mode) serves at most 1.25x iteration 2, with drops on the node",
+     f10),
+)
+
 CHECKS: tuple[tuple[str, str, Callable], ...] = (
     ("F1", "iteration 2 serves at most 0.6x iteration 1, with drops or early drops on the node", f1),
     ("F2", "iteration 3 (three pods) serves at most 1.25x iteration 2", f2),
@@ -204,11 +265,13 @@ def check(summary: pd.DataFrame) -> list[Finding]:
             Rows whose ``status`` is not ``ok`` are ignored.
 
     Returns:
-        One :class:`Finding` per check, in order F1..F7, I4.
+        One :class:`Finding` per check, in order F1..F7, I4, then F8..F10 when the
+        summary has a row past iteration 9.
     """
     rows = _rows(summary)
+    past = not summary.empty and (summary["iteration"] > 9).any()
     out = []
-    for fid, claim, fn in CHECKS:
+    for fid, claim, fn in CHECKS + (PAST_CHECKS if past else ()):
         try:
             ok, evidence = fn(rows)
         except _Missing as missing:

@@ -29,12 +29,17 @@ SUMMARY_COLUMNS = (
 )
 EXTRA_COLUMNS = (
     "title", "setup", "profile", "testbed", "duration_s", "cooldown_s", "concurrency",
-    "file_size", "cpu_limit", "pods_track_conntrack", "background_flows",
+    "file_size", "cpu_limit", "pods_track_conntrack", "node_notrack", "node_nodeport_entries", "proxy_mode", "background_flows",
     "node_udp_timeout_stream", "pod_udp_timeout_stream",
     "node_table_full_logs", "pod_table_full_logs", "node_expect_full_logs",
     "pod_insert_failed", "node_insert_failed",
     "mean_node_count", "mean_pod_count", "node_count_at_stop", "node_count_after_stop", "after_stop_s",
     "transfers_per_s_whole_load", "steady_from_s", "failed_by_reason", "latency_p50_ms", "latency_p99_ms", "status",
+    # the sizing model beside the measurement (labkit.capacity.predict_row, slab_columns)
+    "model_offered_per_s", "predicted_transfers_per_s", "predicted_node_fills", "measured_node_fills",
+    "predicted_pod_fills", "measured_pod_fills", "predicted_expect_fills", "predicted_node_count",
+    "predicted_pod_count", "predicted_expect_count", "predicted_entry_bytes", "predicted_memory_bytes",
+    "slab_bytes_start", "slab_bytes_peak", "slab_lab_bytes_peak",
 )
 ALL_COLUMNS = SUMMARY_COLUMNS + EXTRA_COLUMNS
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import pandas as pd
 
-from labkit import background
+from labkit import background, capacity
 from labkit.charts import seconds
 from labkit.results import ROW_FILE, write_csv, write_json
 from labkit.sysctls import state_dir as default_state_dir
@@ -134,7 +134,8 @@ def steady_rate(load: pd.DataFrame, duration_s: float) -> float | None:
 
 def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataFrame,
               events: pd.DataFrame, *, load_start: float, load_stop: float,
-              load: pd.DataFrame | None = None, testbed: str = "netns") -> dict[str, Any]:
+              load: pd.DataFrame | None = None, testbed: str = "netns",
+              calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Return an iteration's summary.csv row from its tidy data (pure).
 
     Args:
@@ -147,6 +148,9 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
         load: the loadgen's per-second series; ``transfers_per_s`` is then the
             steady rate of :func:`steady_rate` (else the whole load's average).
         testbed: the testbed's name.
+        calibration: the ``calibration`` block of the profile the iteration ran with,
+            for the sizing model's columns (None: the committed profile of that name;
+            a profile derived for this machine must be passed, as it shares the name).
 
     Returns:
         The row: DESIGN.md's columns plus labkit's (see :mod:`labkit.results`).
@@ -211,6 +215,8 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
         "file_size": iteration.file_size,
         "cpu_limit": iteration.cpu_limit,
         "pods_track_conntrack": iteration.pods_track_conntrack,
+        "node_notrack": getattr(iteration, "node_notrack", False),
+        "proxy_mode": getattr(iteration, "proxy_mode", "iptables"),
         "node_udp_timeout_stream": _median(s, NODE, "udp_timeout_stream"),
         "pod_udp_timeout_stream": _median(s, pods[0], "udp_timeout_stream") if pods else None,
         "node_table_full_logs": count_kind("table_full", {NODE}),
@@ -230,6 +236,8 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
         "latency_p99_ms": load_summary.get("latency_p99_ms"),
         "status": "ok",
     }
+    row.update(capacity.slab_columns(s, load_start, load_stop))
+    row.update(capacity.predict_row(row, calibration))  # the sizing model beside the measurement
     return row
 
 
@@ -254,6 +262,23 @@ def netns_roles(testbed) -> dict[int, str]:
         return out
 
 
+def nodeport_entries_on_node(testbed) -> int:
+    """Entries in the node's table for the NodePort (original destination port), listed now.
+
+    Iteration 11 (NOTRACK on the node) lists them when its load stops: a tracked request
+    would still be there (its 30 s timeout), and the node's whole count may hold the
+    node's own traffic (an IGMP report of the pods' bridge: one entry of protocol 2).
+    Only there: a listing reaps the expired entries it walks past, which would change
+    what the other iterations measure after their load.
+
+    Raises:
+        CommandFailed: ``conntrack`` failed.
+    """
+    _, port = testbed.service
+    out = testbed.host("node").run(["conntrack", "-L", "-p", "udp", "--orig-port-dst", str(port)]).stdout
+    return sum(1 for line in out.splitlines() if line.startswith("udp"))
+
+
 def load_spec(testbed, iteration):
     """The load of an iteration: closed loop at the profile's concurrency for its duration."""
     from labkit.loadgen import LoadSpec
@@ -267,7 +292,8 @@ def load_spec(testbed, iteration):
 
 def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float = MONITOR_HZ,
                   compress: bool = False, on_step: Callable[[str], None] | None = None,
-                  wait_warm: bool | None = None, live: Any = None) -> dict[str, Any]:
+                  wait_warm: bool | None = None, live: Any = None,
+                  calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run one iteration end to end and write its tidy data into ``out_dir``.
 
     Args:
@@ -287,6 +313,8 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
             ``start(monitor)`` is called once the monitor samples, ``progress(totals)``
             about once a second with the load's running totals, ``stop()`` when
             sampling ends.
+        calibration: the profile's ``calibration`` block for the model's columns
+            (see :func:`summarize`).
 
     Returns:
         The summary.csv row (also written to ``summary-row.json``).
@@ -319,6 +347,8 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
                                           progress=live.progress if live is not None else None)
                 load_start = float(result.summary["started_at"])
                 load_stop = load_start + float(result.summary["duration_s"])
+                nodeport_entries = (nodeport_entries_on_node(testbed) if getattr(iteration, "node_notrack", False)
+                                    else None)
                 step(f"iteration {iteration.number}: cool-down tail, {iteration.cooldown_s:g} s sampled")
                 # The tail is observation only: the load has ended; the monitor keeps sampling.
                 time.sleep(max(0.0, load_stop + float(iteration.cooldown_s) - time.time()))
@@ -330,8 +360,10 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
                     live.stop()
     samples, events = monitor.samples, monitor.events
     row = summarize(iteration, result.summary, samples, events, load_start=load_start,
-                    load_stop=load_stop, load=result.timeseries, testbed=getattr(testbed, "name", "netns"))
+                    load_stop=load_stop, load=result.timeseries, testbed=getattr(testbed, "name", "netns"),
+                    calibration=calibration)
     row["background_flows"] = int(flows["flows"]) if flows else 0
+    row["node_nodeport_entries"] = nodeport_entries
     fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
     for name, frame in (("samples", samples), ("events", events)):
         frame = frame.copy()

@@ -29,6 +29,8 @@ from labkit.host import sysctl_name
 
 DATA_FILE = Path(__file__).parent / "data" / "iterations.yaml"
 SETUPS = ("plain", "nodeport")
+PROXY_MODES = ("iptables", "nftables")
+ARTICLE_ITERATIONS = tuple(range(1, 10))  # the article's nine; 10 and up go past it
 REQUIRED_PROFILES = ("article", "lab", "quick")
 
 
@@ -37,7 +39,7 @@ class Iteration:
     """One iteration of the story, sized by a profile.
 
     Attributes:
-        number: 1..9.
+        number: 1..9 the article's, 10-12 past it.
         title: one line.
         setup: ``plain`` (the server as a process on the node, no NAT) or
             ``nodeport`` (pods behind a NodePort service).
@@ -54,6 +56,9 @@ class Iteration:
         background_flows: short-lived flows per second the local testbed keeps going in a
             namespace of their own, so that the kernel's conntrack garbage collector runs on
             a busy node's cycle (:mod:`labkit.background`); 0 for none.
+        node_notrack: a raw-table NOTRACK rule for the NodePort traffic on the node (iteration 11).
+        proxy_mode: the node's rules as kube-proxy renders them in ``iptables`` or
+            ``nftables`` mode (iteration 12).
     """
 
     number: int
@@ -73,6 +78,13 @@ class Iteration:
     file_size: int
     profile: str
     background_flows: int = 0
+    node_notrack: bool = False
+    proxy_mode: str = "iptables"
+
+    @property
+    def past_article(self) -> bool:
+        """True for the iterations after the article's nine (10-12)."""
+        return self.number not in ARTICLE_ITERATIONS
 
     @property
     def global_sysctls(self) -> dict[str, int]:
@@ -192,8 +204,12 @@ _ITERATION_FIELDS: dict[str, Callable[[_Checker, Any, str], Any]] = {
     "cpu_limit": lambda c, v, f: c.number(v, f, allow_none=True),
     "pods_track_conntrack": lambda c, v, f: c.boolean(v, f),
     "background_flows": lambda c, v, f: c.integer(v, f, 0),
+    # Past the article (iterations 10-12); optional, with the defaults of Iteration.
+    "node_notrack": lambda c, v, f: c.boolean(v, f),
+    "proxy_mode": lambda c, v, f: c.choice(v, f, PROXY_MODES),
 }
 _FROM_PROFILE = ("cpu_limit", "pods_track_conntrack", "background_flows")
+_OPTIONAL = ("node_notrack", "proxy_mode")
 _RUN_FIELDS: dict[str, Callable[[_Checker, Any, str], Any]] = {
     "duration_s": lambda c, v, f: c.number(v, f),
     "cooldown_s": lambda c, v, f: c.number(v, f, positive=False) if v != 0 else 0.0,
@@ -396,7 +412,7 @@ def parse_scenario(data: Any, path: str = "<data>") -> Scenario:
     if not isinstance(data["iterations"], list) or not data["iterations"]:
         raise c.fail("iterations", "must be a non-empty list")
     iterations: dict[int, dict[str, Any]] = {}
-    required = set(_ITERATION_FIELDS) - set(_FROM_PROFILE)
+    required = set(_ITERATION_FIELDS) - set(_FROM_PROFILE) - set(_OPTIONAL)
     for i, raw in enumerate(data["iterations"]):
         field = f"iterations[{i}]"
         raw = c.mapping(raw, field)

@@ -90,7 +90,8 @@ class IterationSession:
     def story(self):
         """What this iteration changes and what the kernel does (Markdown)."""
         it = self.iteration
-        return _md(f"{iteration_text(it.number, 'story')}\n\n> **The article:** {it.observed}")
+        where = "Past the article" if it.past_article else "The article"
+        return _md(f"{iteration_text(it.number, 'story')}\n\n> **{where}:** {it.observed}")
 
     def look_for(self):
         """What to look for in the charts (Markdown)."""
@@ -115,6 +116,10 @@ class IterationSession:
                 rows.append((f"{where}: {name.split('.')[-1]}", a[name], b.get(name)))
         rows.append(("kubelet allowedUnsafeSysctls", ", ".join(art.allowed_unsafe_sysctls) or "-",
                      ", ".join(it.allowed_unsafe_sysctls) or "-"))
+        if it.past_article:
+            rows += [("pods track connections", art.pods_track_conntrack, it.pods_track_conntrack),
+                     ("node: NOTRACK for the NodePort", art.node_notrack, it.node_notrack),
+                     ("kube-proxy mode", art.proxy_mode, it.proxy_mode)]
         rows += [("load duration (s)", art.duration_s, it.duration_s),
                  ("cool-down sampled (s)", art.cooldown_s, it.cooldown_s),
                  ("transfers in flight", art.concurrency, it.concurrency),
@@ -199,7 +204,11 @@ class IterationSession:
         it = self.iteration
         chart = LiveChart(f"Iteration {it.number}: the load as it ran", live=live,
                           expected_s=float(it.duration_s) + float(it.cooldown_s) + 2.0).begin()
-        run_iteration(self.testbed, it, self.out_dir, compress=self.compress, on_step=chart.step, live=chart)
+        # the model's columns from the profile this iteration ran with (a profile derived for
+        # this machine is named "lab" too, so a lookup by name would find the committed one)
+        calibration = dict((self.profile.extra or {}).get("calibration") or {})
+        run_iteration(self.testbed, it, self.out_dir, compress=self.compress, on_step=chart.step, live=chart,
+                      calibration=calibration)
         return self.result_table()
 
     # --- the article's commands ---------------------------------------------------------
@@ -302,6 +311,23 @@ class IterationSession:
              if r.get("node_count_at_stop") is not None else "-"),
             ("UDP timeout: node / pod (s)", f"{r['node_udp_timeout']} / {r['pod_udp_timeout']}"),
         ]
+        if r.get("predicted_node_fills") is not None:  # the sizing model beside it (labkit size)
+            fills = lambda v: "fills" if v else "does not fill"  # noqa: E731
+            rows += [
+                ("model: transfers/s the tables let through (offered)",
+                 f"{r['predicted_transfers_per_s']:.0f} ({r['model_offered_per_s']:.0f})"),
+                ("model: node table / pod table", f"{fills(r['predicted_node_fills'])} / "
+                                                  f"{fills(r['predicted_pod_fills'])}"),
+                ("measured: node table / pod table", f"{fills(r['measured_node_fills'])} / "
+                                                     f"{fills(r['measured_pod_fills'])}"),
+                ("model: steady count node / each pod (measured mean, 2nd half)",
+                 f"{r['predicted_node_count']:.0f} / {r['predicted_pod_count']:.0f} "
+                 f"({r['mean_node_count']:.0f} / {r['mean_pod_count']:.0f})"),
+                ("model: entries' slab memory (measured at the peak, less the start)",
+                 f"{r['predicted_entry_bytes'] / 1024:.0f} KiB"
+                 + (f" ({r['slab_lab_bytes_peak'] / 1024:.0f} KiB)" if r.get("slab_lab_bytes_peak") is not None
+                    else "")),
+            ]
         return pd.DataFrame(rows, columns=["measured", "value"]).set_index("measured")
 
     def conntrack_chart(self):

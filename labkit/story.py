@@ -19,7 +19,7 @@ STORY_FILE = Path(__file__).parent / "data" / "story.yaml"
 
 @lru_cache(maxsize=4)
 def load_story(path: str | None = None) -> dict[str, Any]:
-    """Return the story document, checked: every iteration 1..9 has ``story`` and ``look_for``.
+    """Return the story document, checked: every iteration 1..12 has ``story`` and ``look_for``.
 
     Raises:
         ScenarioError: the file is missing, not YAML, or lacks a field (named).
@@ -31,7 +31,7 @@ def load_story(path: str | None = None) -> dict[str, Any]:
         raise ScenarioError(f"cannot read the story: {exc}", path=str(file)) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("iterations"), dict):
         raise ScenarioError("expected a mapping with an `iterations` mapping", path=str(file))
-    for number in range(1, 10):
+    for number in range(1, 13):
         entry = doc["iterations"].get(number)
         for field in ("story", "look_for"):
             if not isinstance(entry, dict) or not str(entry.get(field, "")).strip():

@@ -95,6 +95,7 @@ class RunSummary:
         vs = f"vs it. {int(base['iteration'])}"
         out = pd.DataFrame({
             "iteration": s["iteration"],
+            "part": ["article" if n <= 9 else "past the article" for n in s["iteration"]],
             "title": s.get("title", ""),
             "lab transfers/s": s["transfers_per_s"].round(0).astype(int),
             f"lab {vs}": charts.ratio(s["transfers_per_s"], base["transfers_per_s"]).round(2),
@@ -110,6 +111,28 @@ class RunSummary:
                                          zip(s["table_full_logs"], s["expect_full_logs"])],
         })
         return out.set_index("iteration")
+
+    def model_check(self) -> pd.DataFrame:
+        """The sizing model (``labkit.capacity``) beside the measurement, per iteration."""
+        from labkit.capacity import compare
+
+        cols = ["transfers_per_s", "predicted_transfers_per_s", "node_fills predicted/measured",
+                "node_steady predicted", "node_steady measured", "node_steady_error",
+                "pod_fills predicted/measured", "pod_steady predicted", "pod_steady measured",
+                "pod_steady_error", "predicted_entry_bytes", "slab_lab_bytes_peak", "memory_error"]
+        return compare(self.summary)[cols]
+
+    def model_verdict(self):
+        """Whether the model held in this run: fills calls, steady counts, memory (Markdown)."""
+        from labkit.capacity import compare, verdict
+
+        lines = [f"- **{'holds' if holds else 'does not hold'}**: {claim} ({evidence})"
+                 for claim, holds, evidence in verdict(compare(self.summary))]
+        return _md("\n".join(lines))
+
+    def model_chart(self):
+        """Predicted against measured: transfers/s and each namespace's steady count."""
+        return charts.model_chart(self.model_check(), title="The sizing model beside the measurement")
 
     def findings(self):
         """F1-F7 and the iteration-4 observations, checked; also written to ``findings.csv``.
@@ -135,7 +158,7 @@ class RunSummary:
         frame["column"] = frame["where"] + ": " + frame["sysctl"].str.replace("net.netfilter.nf_conntrack_", "", regex=False)
         frame["shown"] = [f"{v} ({a})" if v != a else f"{v}" for v, a in zip(frame["value"], frame["article"])]
         pivot = frame.pivot(index="iteration", columns="column", values="shown").fillna("default")
-        return pivot.reindex(range(1, 10)).fillna("-")
+        return pivot.reindex(sorted(set(self.summary["iteration"]) | set(range(1, 10)))).fillna("-")
 
     def environment(self) -> pd.DataFrame:
         """Where and with what the run ran (from the manifest)."""

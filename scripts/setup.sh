@@ -12,7 +12,7 @@ venv="$here/.venv"
 
 # command -> Debian package
 lab_pkgs="ip:iproute2 iptables:iptables iptables-restore:iptables conntrack:conntrack
-in.tftpd:tftpd-hpa tftp:tftp-hpa atftp:atftp modprobe:kmod pgrep:procps"
+in.tftpd:tftpd-hpa tftp:tftp-hpa atftp:atftp modprobe:kmod pgrep:procps nft:nftables"
 test_pkgs="sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
 vagrant:vagrant shellcheck:shellcheck sudo:sudo chromium:chromium chromedriver:chromium-driver
 prometheus:prometheus"

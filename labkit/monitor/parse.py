@@ -258,3 +258,67 @@ def parse_dmesg_line(line: str) -> KernelEvent | None:
         return None
     usec = int(match.group("sec")) * 1_000_000 + int(match.group("frac"))
     return KernelEvent(event.kind, event.message, event.netns_inode, event.suppressed, usec=usec)
+
+
+# --- /proc/slabinfo -------------------------------------------------------------------
+
+PAGE_SIZE = 4096  # the page size slabinfo's pagesperslab counts in (x86-64, arm64 4K)
+
+
+@dataclass(frozen=True)
+class SlabCache:
+    """One line of ``/proc/slabinfo``.
+
+    Attributes:
+        name: the cache (``nf_conntrack``).
+        active_objs: objects in use.
+        num_objs: objects the cache's slabs hold (in use or free).
+        objsize: bytes per object, padding included.
+        objperslab, pagesperslab: how objects pack into slabs.
+    """
+
+    name: str
+    active_objs: int
+    num_objs: int
+    objsize: int
+    objperslab: int
+    pagesperslab: int
+
+    @property
+    def bytes_per_object(self) -> float:
+        """Memory one object costs, the slab's unused tail shared out."""
+        return self.pagesperslab * PAGE_SIZE / self.objperslab
+
+    @property
+    def active_bytes(self) -> float:
+        """Memory of the objects in use."""
+        return self.active_objs * self.bytes_per_object
+
+    @property
+    def total_bytes(self) -> int:
+        """Memory the cache's slabs hold."""
+        return int(self.num_objs * self.bytes_per_object)
+
+
+def parse_slabinfo(text: str, source: str = "/proc/slabinfo") -> dict[str, SlabCache]:
+    """Parse ``/proc/slabinfo`` (version 2.x) into ``{name: SlabCache}`` (pure).
+
+    Raises:
+        MonitorError: the text is not slabinfo 2.x, or a line is malformed (its number named).
+    """
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("slabinfo - version: 2."):
+        raise MonitorError(f"{source}: not /proc/slabinfo version 2.x (first line {lines[:1]!r})")
+    caches = {}
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip() or line.startswith("#"):
+            continue
+        head = line.split(":", 1)[0].split()
+        try:
+            name, active, total, size, per_slab, pages = head[0], *map(int, head[1:6])
+        except (ValueError, IndexError):
+            raise MonitorError(f"{source}: line {number} is not a slab cache line: {line!r}") from None
+        if per_slab <= 0 or pages <= 0:
+            raise MonitorError(f"{source}: line {number}: objperslab and pagesperslab must be > 0")
+        caches[name] = SlabCache(name, active, total, size, per_slab, pages)
+    return caches

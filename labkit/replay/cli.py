@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Bring the testbed up for iteration N, start the monitor, run the load "
                                    "from the client namespace, sample the cool-down, write samples.csv, "
                                    "events.csv, transfers.csv and the summary row; then bring it down.")
-    p.add_argument("--iteration", "-i", type=int, required=True, help="iteration number, 1-9")
+    p.add_argument("--iteration", "-i", type=int, required=True, help="iteration number, 1-12")
     _profile_and_testbed(p)
     p.add_argument("--out", type=Path, help="the iteration's folder (default results/run-<profile>/iteration-N)")
     p.add_argument("--duration", type=float, help="load duration in seconds (default: the profile's)")
@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "notebooks/summary.ipynb into results/<run-id>/, nbconvert renders "
                                    "self-contained HTML, index.html links them all.")
     _profile_and_testbed(p)
-    p.add_argument("--iterations", default="1-9", help="which iterations, e.g. 1-9, 2,5,7 (default 1-9)")
+    p.add_argument("--iterations", default="1-9", help="which iterations, e.g. 1-9, 2,5,7, or 1-12 / all to add the three "
+                        "past the article (default 1-9)")
     p.add_argument("--out", type=Path, help="the run folder (default results/<run-id>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (or the newest run of this profile): skip what completed")

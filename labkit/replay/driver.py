@@ -99,17 +99,19 @@ def latest_run(results: Path, profile: str) -> Path | None:
     return runs[-1] if runs else None
 
 
-MAX_ITERATION = 9
+LAST_ITERATION = 12  # 1-9 the article's, 10-12 past it
 
 
 def parse_iterations(text: str) -> list[int]:
-    """Parse ``1-9``, ``2,5,7`` or ``1-3,8`` into iteration numbers, in order.
+    """Parse ``1-9``, ``2,5,7``, ``1-3,8`` or ``all`` (1-12) into iteration numbers, in order.
 
     Raises:
-        ReplayError: a part is not a number or a range of numbers 1..9, a range
+        ReplayError: a part is not a number or a range of numbers 1..12, a range
             runs backwards, or an iteration is named twice.
     """
     out: list[int] = []
+    if text.strip().lower() == "all":
+        text = f"1-{LAST_ITERATION}"
     for part in text.replace(" ", "").split(","):
         if not part:
             continue
@@ -120,8 +122,8 @@ def parse_iterations(text: str) -> list[int]:
             raise ReplayError(f"--iterations {text!r}: {part!r} is not N or N-M") from None
         if not numbers:
             raise ReplayError(f"--iterations {text!r}: {part!r} runs backwards; write {hi}-{lo}")
-        if numbers.start < 1 or numbers.stop > MAX_ITERATION + 1:
-            raise ReplayError(f"--iterations {text!r}: {part!r} is outside 1-{MAX_ITERATION}")
+        if numbers.start < 1 or numbers.stop > LAST_ITERATION + 1:
+            raise ReplayError(f"--iterations {text!r}: {part!r} is outside 1-{LAST_ITERATION}")
         twice = [n for n in numbers if n in out]
         if twice:
             raise ReplayError(f"--iterations {text!r}: iteration {twice[0]} is named twice")

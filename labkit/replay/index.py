@@ -54,7 +54,11 @@ def render(run_dir: Path, manifest: dict[str, Any]) -> str:
     """Return the index page of a run as HTML text."""
     env = manifest.get("environment", {})
     rows = []
+    past_shown = False
     for number in manifest.get("iterations_requested", []):
+        if int(number) > 9 and not past_shown:  # iterations 10-12 go past the article: a group of their own
+            rows.append("<tr><th colspan='7'>Past the article (no article numbers)</th></tr>")
+            past_shown = True
         entry = manifest.get("iterations", {}).get(str(number))
         folder = iteration_dir(run_dir, number).name
         if not entry:

@@ -37,7 +37,9 @@ from labkit import cgroups
 from labkit.cleanup import OWNER_NAME, owner_record
 from labkit.exceptions import GlobalSysctlsHeld, StateCorrupt, TestbedError
 from labkit.host import NETNS_DIR, Host, LocalHost, NetnsHost, in_netns
-from labkit.kubeproxy import Endpoint, render_helper_rule, render_rules
+from labkit.kubeproxy import (
+    Endpoint, render_helper_rule, render_nft_cleanup, render_nft_rules, render_notrack_rule, render_rules,
+)
 from labkit.ledger import Ledger, netns_inode, proc_start_time
 from labkit.manifests import Manifests, PodTemplate, admit_sysctls, check_allowlist
 from labkit.signals import noted
@@ -455,7 +457,7 @@ class NetnsTestbed(Testbed):
             new.append(self._add_pod(template, tpl, iteration))
         self._state["pods"] = keep + new + old  # old ones still listed until removed
         self._save()
-        self._apply_rules(keep + new, old)
+        self._apply_rules(keep + new, old, iteration)
         for pod in old:
             self._remove_pod(pod)
 
@@ -497,9 +499,19 @@ class NetnsTestbed(Testbed):
         pod.update(self._spawn(ns, cgroup, self._server_argv(template), f"pod{serial}"))
         return pod
 
-    def _apply_rules(self, current: list[dict], stale: list[dict]) -> None:
+    def _apply_rules(self, current: list[dict], stale: list[dict], iteration=None) -> None:
+        mode = getattr(iteration, "proxy_mode", "iptables")
+        notrack = bool(getattr(iteration, "node_notrack", False))
+        if self._state["rules_applied"] and (self._state.get("proxy_mode", "iptables"),
+                                             self._state.get("notrack", False)) != (mode, notrack):
+            self._clear_rules()  # another kind of rules: start from empty tables
+        self._state.update(proxy_mode=mode, notrack=notrack)
+        if mode == "nftables":
+            self._apply_nft_rules(current)
+            return
         svc = self.manifests.service_port()
         port = self.manifests.pod_template().container_port
+        first = not self._state["rules_applied"]
         text = render_rules(svc, [Endpoint(p["ip"], port) for p in current], cluster_ip=CLUSTER_IP,
                             helper_rule=self._state["helper_rule"], jumps=not self._state["rules_applied"],
                             stale_endpoints=[Endpoint(p["ip"], port) for p in stale])
@@ -511,6 +523,22 @@ class NetnsTestbed(Testbed):
                 node.run(["iptables-restore", "-w", "--noflush"], input=render_helper_rule(svc))
             self._state["helper_rule"] = self._helper_option
         node.run(["iptables-restore", "-w", "--noflush"], input=text)
+        if first and notrack:  # iteration 11: the NodePort's requests untracked, ahead of the helper
+            node.run(["iptables-restore", "-w", "--noflush"], input=render_notrack_rule(svc))
+        self._state["rules_applied"] = True
+        self._state["endpoints"] = [f"{p['ip']}:{port}" for p in current]
+        self._save()
+
+    def _apply_nft_rules(self, current: list[dict]) -> None:
+        """Iteration 12: the node's rules as kube-proxy's nftables mode renders them, loaded with nft."""
+        if not shutil.which("nft", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin"):
+            raise TestbedError("iteration needs nft for kube-proxy's nftables mode: install the Debian "
+                               "package nftables (make lab does)")
+        svc = self.manifests.service_port()
+        port = self.manifests.pod_template().container_port
+        text = render_nft_rules(svc, [Endpoint(p["ip"], port) for p in current], cluster_ip=CLUSTER_IP,
+                                helper_rule=self._state["helper_rule"])
+        NetnsHost(self.ns("node")).run(["nft", "-f", "-"], input=text)
         self._state["rules_applied"] = True
         self._state["endpoints"] = [f"{p['ip']}:{port}" for p in current]
         self._save()
@@ -518,6 +546,8 @@ class NetnsTestbed(Testbed):
     def _clear_rules(self) -> None:
         if not self._state.get("rules_applied"):
             return
+        if self._state.get("proxy_mode") == "nftables":
+            NetnsHost(self.ns("node")).run(["nft", "-f", "-"], input=render_nft_cleanup())
         empty = "".join(f"*{t}\nCOMMIT\n" for t in ("raw", "filter", "nat"))
         NetnsHost(self.ns("node")).run(["iptables-restore", "-w"], input=empty)
         self._state.update(rules_applied=False, endpoints=[])

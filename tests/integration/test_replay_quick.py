@@ -80,6 +80,17 @@ def test_summary_csv_has_designs_columns_and_a_row_per_iteration(quick_run):
     assert {"node", "pod-1", "init"} <= set(samples["netns"])
 
 
+def test_summary_sets_the_sizing_model_beside_the_measurement(quick_run):
+    out, _, _, _, _ = quick_run
+    summary = pd.read_csv(out / "summary.csv")
+    assert (summary["slab_bytes_peak"] > 0).all()          # the monitor sampled the conntrack slab
+    assert (summary["slab_bytes_peak"] >= summary["slab_bytes_start"]).all()
+    nodeport = summary[summary["iteration"] > 1]
+    assert nodeport["predicted_node_fills"].notna().all() and nodeport["predicted_node_count"].gt(0).all()
+    assert nodeport["predicted_entry_bytes"].gt(0).all()
+    assert "The sizing model beside the measurement" in (out / "summary.html").read_text()
+
+
 def test_html_reports_are_self_contained_with_inline_charts(quick_run):
     out, _, _, _, _ = quick_run
     for html in [out / f"iteration-{n}" / "iteration.html" for n in range(1, 10)] + [out / "summary.html"]:

@@ -105,3 +105,29 @@ def test_transfers_in_flight_follow_the_pods_cpu():
     rows = {r["sysctl"]: r for r in half["calibration"]["derivation"]}
     assert (rows["transfers in flight"]["committed"], rows["transfers in flight"]["lab"]) == (64, 16)
     assert "transfers in flight" not in {r["sysctl"] for r in derived(175.0)["calibration"]["derivation"]}
+
+
+def test_an_iteration_run_with_a_derived_profile_is_predicted_from_that_profile(tmp_path, monkeypatch):
+    """The derived profile is named "lab" too: the model must take its capacity and lifetimes, not the
+    committed profile's (a slower machine's iteration 8 then offers its own capacity, not 285/s)."""
+    from labkit import capacity, run
+    from labkit.session import IterationSession
+
+    doc = derived(175.0, lifetime=9.3)
+    path = write_profile(doc, tmp_path / "profile-lab.yaml")
+    seen = {}
+    monkeypatch.setattr(run, "run_iteration", lambda *a, **kw: seen.update(kw))
+    session = IterationSession(8, str(path), out_dir=tmp_path / "it8")
+    monkeypatch.setattr(IterationSession, "result_table", lambda self: None)
+    session.run()
+    cal = seen["calibration"]
+    assert cal["capacity_transfers_per_s"] == doc["calibration"]["capacity_transfers_per_s"]
+    row = {"transfers_per_s": 0.0, "conntrack_max": session.iteration.node_sysctls[MAX], "replicas": 1,
+           "node_udp_timeout": 30, "pod_udp_timeout": 30, "profile": "lab"}
+    mine, committed = capacity.predict_row(row, cal), capacity.predict_row(row)
+    capacity_here = doc["calibration"]["capacity_transfers_per_s"]
+    assert mine["model_offered_per_s"] == pytest.approx(capacity_here) and capacity_here < 0.7 * BASIS.capacity
+    assert committed["model_offered_per_s"] == pytest.approx(BASIS.capacity)
+    life = capacity.lifetime_from_profile(cal)
+    assert dict(life.measured)[30.0] == pytest.approx(doc["calibration"]["basis"]["lifetime_entry_s"][30])
+    assert dict(life.measured)[30.0] > BASIS.lifetimes[30]  # the longer reaping lag of this machine

@@ -10,7 +10,7 @@ import pytest
 
 from labkit import capacity
 from labkit.capacity import Lifetime, Tables, kube_proxy_max, parse_slabinfo, predict, recommend
-from labkit.exceptions import SizingError
+from labkit.exceptions import MonitorError, SizingError
 
 DATA = Path(__file__).parent.parent / "data"
 REFERENCE = Path(__file__).parent.parent.parent / "results" / "reference" / "summary.csv"
@@ -28,6 +28,14 @@ def test_slabinfo_of_this_kernel_gives_256_byte_entries():
     assert "kmalloc-64" in caches and len(caches) > 100
 
 
+def test_monitor_samples_the_conntrack_slab_from_slabinfo():
+    from labkit.monitor.sampler import slab_metrics
+
+    metrics = slab_metrics((DATA / "slabinfo-6.18-idle.txt").read_text())
+    assert metrics == {"slab_conntrack_objects": 224, "slab_conntrack_bytes": 224 * 256}
+    assert slab_metrics("slabinfo - version: 2.1\n") == {}
+
+
 def test_slabinfo_shares_a_slab_tail_among_objects():
     text = ("slabinfo - version: 2.1\n# name <active_objs> ...\n"
             "big 10 17 232 17 1 : tunables 0 0 0 : slabdata 1 1 0\n")
@@ -43,7 +51,7 @@ def test_slabinfo_shares_a_slab_tail_among_objects():
     ("slabinfo - version: 2.1\n# header\nnf_conntrack 1 2 256 0 1\n", "line 3"),
 ])
 def test_bad_slabinfo_is_refused_with_the_line(text, says):
-    with pytest.raises(SizingError, match=says):
+    with pytest.raises(MonitorError, match=says):
         parse_slabinfo(text)
 
 
@@ -191,10 +199,67 @@ def test_predicted_columns_of_a_row_that_served_nothing_are_empty():
     assert out["predicted_node_fills"] is None and out["measured_node_fills"] is False
 
 
+def test_a_notrack_node_is_predicted_to_serve_nothing_and_track_nothing():
+    out = capacity.predict_row({"transfers_per_s": 0, "conntrack_max": 12928, "replicas": 1, "node_notrack": True,
+                                "peak_node_count": 0, "profile": "lab"})
+    assert out["predicted_transfers_per_s"] == 0 and out["predicted_node_fills"] is False
+    assert out["predicted_node_count"] == 0 and out["model_offered_per_s"] == 285
+
+
 def test_slab_columns_take_the_lab_share_of_the_peak():
-    samples = pd.DataFrame({"t": [0.0, 1.0, 2.0, 3.0, 4.0], "metric": [capacity.SLAB_BYTES] * 5,
-                            "value": [1000, 1500, 9000, 4000, 100000]})
-    out = capacity.slab_columns(samples, load_start=0.5, load_stop=3.5)
+    samples = pd.DataFrame({"t": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0], "metric": [capacity.SLAB_BYTES] * 6,
+                            "value": [1000, 1500, 9000, 9100, 8800, 100000]})
+    out = capacity.slab_columns(samples, load_start=0.5, load_stop=4.5)
     assert out == {"slab_bytes_start": 1000, "slab_bytes_peak": 9000, "slab_lab_bytes_peak": 8000}
+    # one second's spike (the background flows' namespaces between two flushes) is not the lab's peak
+    spike = samples.assign(value=[1000, 1500, 4000, 9000, 4100, 100000])
+    assert capacity.slab_columns(spike, load_start=0.5, load_stop=4.5)["slab_bytes_peak"] == 4100
     empty = capacity.slab_columns(pd.DataFrame(columns=["t", "metric", "value"]), 0, 1)
     assert empty["slab_bytes_peak"] is None
+
+
+def test_slab_start_is_the_low_after_a_previous_testbeds_entries_are_freed():
+    """The quick replay's iteration 7: 3,464 objects 0.4 s before the load (iteration 6's, being freed),
+    720 a second later, then the lab's own growing to 7,744."""
+    obj = 256
+    t = [-0.4, 0.6, 1.6, 2.7, 3.8, 8.0, 9.0]
+    values = [3464 * obj, 720 * obj, 1712 * obj, 2832 * obj, 3920 * obj, 7712 * obj, 7744 * obj]
+    samples = pd.DataFrame({"t": t, "metric": [capacity.SLAB_BYTES] * len(t), "value": values})
+    out = capacity.slab_columns(samples, load_start=0.0, load_stop=9.5)
+    assert out["slab_bytes_start"] == 720 * obj and out["slab_lab_bytes_peak"] == (7712 - 720) * obj
+
+
+def test_without_a_calibrated_capacity_a_table_that_filled_early_is_predicted_from_the_whole_load():
+    """The quick profile's iteration 2: 8 s, the 1024-entry table full within seconds, 0/s in the second
+    half; the whole load's 64/s at 30 s timeouts needs about 4000 entries: it fills."""
+    row = {"transfers_per_s": 0.0, "transfers_per_s_whole_load": 63.6, "conntrack_max": 1024, "expect_max": 128,
+           "replicas": 1, "node_udp_timeout": 30, "pod_udp_timeout": 30, "peak_node_count": 1024,
+           "node_drops": 100, "profile": "quick"}
+    out = capacity.predict_row(row)
+    assert out["model_offered_per_s"] == 63.6
+    assert out["predicted_node_fills"] is True and out["measured_node_fills"] is True
+    # a calibrated profile keeps its capacity as the floor (the lab's numbers are unchanged)
+    lab = capacity.predict_row({**row, "profile": "lab", "transfers_per_s_whole_load": 400.0})
+    assert lab["model_offered_per_s"] == 285
+
+
+def test_verdict_counts_a_table_predicted_busy_but_measured_empty_as_far_off():
+    rows = pd.DataFrame([
+        {"iteration": 8, "transfers_per_s": 280, "predicted_node_fills": False, "measured_node_fills": False,
+         "predicted_pod_fills": False, "measured_pod_fills": False, "predicted_node_count": 2600.0,
+         "mean_node_count": 0.0, "predicted_pod_count": 0.0, "mean_pod_count": 0.0,
+         "predicted_entry_bytes": 665600.0, "slab_lab_bytes_peak": 700000.0}])
+    table = capacity.compare(rows)
+    assert table.loc[8, "node_steady_error"] == float("inf") and table.loc[8, "pod_steady_error"] == 0.0
+    claims = {claim.split()[0]: (holds, evidence) for claim, holds, evidence in capacity.verdict(table)}
+    assert claims["fills"][0] and not claims["steady"][0] and "8 node +inf%" in claims["steady"][1]
+    assert claims["memory"][0]
+
+
+def test_second_half_share_of_a_load_shorter_than_twice_an_entrys_life():
+    from labkit.capacity import second_half_share
+
+    assert second_half_share(3.6, 50.0) == 1.0        # the lab at 3 s: steady long before the second half
+    assert second_half_share(8.0, 8.0) == pytest.approx(0.75)   # still growing to the end: mean of 4..8 s
+    assert second_half_share(30.0, 8.0) == pytest.approx(0.75)  # the count at the end is rate x 8 s anyway
+    assert second_half_share(6.0, 8.0) == pytest.approx((10.0 + 6.0 * 2) / 4 / 6)  # 4..6 s growing, 6..8 steady

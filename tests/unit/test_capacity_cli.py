@@ -83,3 +83,56 @@ def test_bad_values_past_the_parser_name_the_field(capsys, tmp_path):
     assert code == 1 and "profile: profile 'quick' has no measured lifetimes" in err
     code, _, err = run(capsys, "size", "--rate", "10", "--stream-entries", "3")
     assert code == 1 and "stream_entries: must be <= entries" in err
+
+
+REFERENCE = Path(__file__).parent.parent.parent / "results" / "reference"
+
+
+def _run_with_past(tmp_path, name, changes=None):
+    """The reference run's summary with slab samples and iterations 10-12, as a replay of 1-12 writes it."""
+    import pandas as pd
+
+    s = pd.read_csv(REFERENCE / "summary.csv")
+    s["slab_lab_bytes_peak"] = s["peak_node_count"].astype(float) * 256 + s["peak_pod_count"] * s["replicas"] * 256
+    eight, two = s[s.iteration == 8].iloc[0].to_dict(), s[s.iteration == 2].iloc[0].to_dict()
+    past = [{**eight, "iteration": 10, "pods_track_conntrack": False, "peak_pod_count": 0, "mean_pod_count": 0.0,
+             "slab_lab_bytes_peak": eight["peak_node_count"] * 256.0},
+            {**eight, "iteration": 11, "node_notrack": True, "transfers_ok": 0, "transfers_failed": 700,
+             "transfers_per_s": 0.0, "peak_node_count": 1, "mean_node_count": 1.0, "node_nodeport_entries": 0,
+             "peak_pod_count": 0, "mean_pod_count": 0.0,
+             "slab_lab_bytes_peak": 2000.0},
+            {**two, "iteration": 12, "proxy_mode": "nftables"}]
+    s = pd.concat([s, pd.DataFrame(past)], ignore_index=True)
+    for (number, column), value in (changes or {}).items():
+        s.loc[s.iteration == number, column] = value
+    run = tmp_path / name
+    run.mkdir()
+    s.drop(columns=[c for c in s.columns if c.startswith("predicted_")], errors="ignore").to_csv(
+        run / "summary.csv", index=False)
+    return run
+
+
+def test_model_check_of_three_runs_holds_and_says_so(capsys, tmp_path):
+    runs = [str(_run_with_past(tmp_path, f"run{i}")) for i in range(3)]
+    code, out, _ = run(capsys, "model-check", *runs)
+    assert code == 0, out
+    assert out.count("holds  fills / does-not-fill right for every namespace") == 3
+    assert out.count("F10    pass") == 3 and "every claim holds in every run" in out
+
+
+def test_model_check_names_the_run_and_the_claim_that_fails(capsys, tmp_path):
+    good = _run_with_past(tmp_path, "good")
+    # a slab that measured twice what the model says for iteration 8
+    bad = _run_with_past(tmp_path, "bad", {(8, "slab_lab_bytes_peak"): 2 * 2533.5 * 256 * 2})
+    code, out, _ = run(capsys, "model-check", str(good), str(bad))
+    assert code == 1
+    part = out.split(f"== {bad}")[1]
+    assert "FAILS  memory within 25% of the slab at the peak" in part and "beyond: 8 -" in part
+    # a run of the article's nine only has no F8-F10: it cannot show them
+    code, out, _ = run(capsys, "model-check", str(REFERENCE))
+    assert code == 1 and "F8-F10 not run" in out
+
+
+def test_model_check_refuses_a_folder_without_a_summary(capsys, tmp_path):
+    code, _, err = run(capsys, "model-check", str(tmp_path))
+    assert code == 1 and "RUN_DIR" in err and "summary.csv" in err

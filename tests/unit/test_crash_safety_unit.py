@@ -173,7 +173,7 @@ def test_defect8_replay_refuses_a_file_as_out_before_any_notebook(tmp_path):
 # --- 8. the lesser ones ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,said", [("2,2", "named twice"), ("3-2", "runs backwards"),
-                                       ("1-10", "outside 1-9")])
+                                       ("1-13", "outside 1-12")])
 def test_defect8_iterations_repeated_or_backwards_are_refused_with_the_reason(text, said):
     from labkit.replay.driver import parse_iterations
 

@@ -99,3 +99,67 @@ def test_i4_needs_the_entries_still_there_a_second_after_the_stop():
     # an idle table at the stop is not "still high"
     got = results(frame(changes={(4, "node_count_at_stop"): 300, (4, "node_count_after_stop"): 300}))
     assert got["I4"] == FAIL
+
+PAST = GOOD + [
+    dict(iteration=10, transfers_per_s=250, replicas=1, conntrack_max=24000, peak_pod_count=0,
+         peak_node_count=900),
+    dict(iteration=11, transfers_per_s=0, transfers_ok=0, transfers_failed=640, replicas=1,
+         conntrack_max=24000, peak_node_count=0),
+    dict(iteration=12, transfers_per_s=105, replicas=1, conntrack_max=6000, node_drops=870),
+]
+
+
+def test_findings_past_the_article_only_when_the_run_went_past_it():
+    assert "F8" not in results(frame())
+    assert results(frame(PAST)) == {k: PASS for k in ("F1", "F2", "F3", "F4", "F5", "F6", "F7", "I4",
+                                                      "F8", "F9", "F10")}
+    partial = results(frame([r for r in PAST if r["iteration"] != 12]))
+    assert partial["F10"] == NOT_RUN and partial["F8"] == PASS
+
+
+@pytest.mark.parametrize("change, broken", [
+    ({(10, "peak_pod_count"): 12}, "F8"),                      # the pod tracked after all
+    ({(10, "pod_drops"): 3}, "F8"),
+    ({(10, "transfers_per_s"): 200}, "F8"),                    # under 0.9x iteration 8
+    ({(11, "transfers_ok"): 5}, "F9"),                         # the NodePort worked
+    ({(11, "peak_node_count"): 40}, "F9"),                     # the node tracked the requests
+    ({(11, "transfers_failed"): 0}, "F9"),
+    ({(12, "transfers_per_s"): 200}, "F10"),                   # nftables mode relieved the node
+    ({(12, "node_drops"): 0}, "F10"),
+])
+def test_each_finding_past_the_article_fails_when_its_evidence_is_missing(change, broken):
+    got = results(frame(PAST, change))
+    assert got[broken] == FAIL
+    assert all(v == PASS for k, v in got.items() if k != broken)
+
+
+def test_f10_compares_whole_loads_where_iteration_2_served_nothing_in_its_second_half():
+    """A quick-profile load (8 s) ends before a full table's 30 s entries expire: both iterations serve
+    0/s in the second half, and their whole loads tell whether nftables mode changed anything."""
+    quick = {(2, "transfers_per_s"): 0, (2, "transfers_per_s_whole_load"): 63.6,
+             (12, "transfers_per_s"): 0, (12, "transfers_per_s_whole_load"): 64.1}
+    f10 = {f.id: f for f in check(frame(PAST, quick))}["F10"]
+    assert f10.result == PASS and "64/s = 1.01x it.2 64/s over the whole load" in f10.evidence, f10.evidence
+    relieved = {**quick, (12, "transfers_per_s_whole_load"): 200.0}
+    assert results(frame(PAST, relieved))["F10"] == FAIL
+    # a few early drops' worth in the second half (0.24/s against 8/s) is noise, not 33x
+    noisy = frame(PAST, quick).astype({"transfers_per_s": float})
+    noisy.loc[noisy["iteration"] == 2, "transfers_per_s"] = 0.24
+    noisy.loc[noisy["iteration"] == 12, "transfers_per_s"] = 8.0
+    f10 = {f.id: f for f in check(noisy)}["F10"]
+    assert f10.result == PASS and "it.2 served 0.2/s in its second half" in f10.evidence
+    # the lab's loads: the second half is the steady rate, and that is compared
+    lab = {(2, "transfers_per_s_whole_load"): 120.0, (12, "transfers_per_s_whole_load"): 125.0}
+    assert "whole load" not in {f.id: f for f in check(frame(PAST, lab))}["F10"].evidence
+
+
+def test_f9_counts_the_nodeports_entries_not_the_nodes_own_traffic():
+    """The pods' bridge may send an IGMP report (one entry, protocol 2) during iteration 11: the
+    NodePort's requests are still untracked, and F9 says so; one tracked request fails it."""
+    igmp = {(11, "peak_node_count"): 1, (11, "node_nodeport_entries"): 0}
+    f9 = {f.id: f for f in check(frame(PAST, igmp))}["F9"]
+    assert f9.result == PASS and "for the NodePort when the load stopped 0" in f9.evidence
+    assert "peak count, all traffic, 1" in f9.evidence
+    assert results(frame(PAST, {**igmp, (11, "node_nodeport_entries"): 4}))["F9"] == FAIL
+    # an older run without the listing is held to the whole count
+    assert results(frame(PAST, {(11, "peak_node_count"): 1}))["F9"] == FAIL

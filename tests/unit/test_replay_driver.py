@@ -130,7 +130,7 @@ def test_parse_iterations():
     assert parse_iterations("1-9") == list(range(1, 10))
     assert parse_iterations("2,5,7") == [2, 5, 7]
     assert parse_iterations("1-3,8") == [1, 2, 3, 8]
-    for bad in ("0-3", "x", "5-12", "", "1-3,2,8"):  # an iteration named twice is a mistake, said
-
-        with pytest.raises(ReplayError):
+    assert parse_iterations("1-12") == parse_iterations("all") == list(range(1, 13))
+    for bad in ("0-3", "x", "5-13", "", "13", "1-3,2,8"):  # an iteration named twice is a mistake, said
+        with pytest.raises(ReplayError, match="1-12|not N|no iteration|named twice"):
             parse_iterations(bad)

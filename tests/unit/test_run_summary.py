@@ -69,6 +69,27 @@ def test_summarize_gives_designs_columns_from_the_monitor_and_the_load():
     assert list(frame.columns[:len(SUMMARY_COLUMNS)]) == list(SUMMARY_COLUMNS)
 
 
+def test_summary_row_carries_the_models_prediction_beside_the_measurement():
+    import dataclasses
+    it = load_scenario().iteration(3, "quick")
+    it = dataclasses.replace(it, duration_s=10, cooldown_s=5,
+                             node_sysctls={**it.node_sysctls, "net.netfilter.nf_conntrack_max": 1000})
+    samples, events, load = frames()
+    slab = pd.DataFrame([(T0 + i, "local", "init", "slab_conntrack_bytes", 50_000 + 20_000 * min(i, 5))
+                         for i in range(0, 15)], columns=["time", "host", "netns", "metric", "value"])
+    slab["time"] = pd.to_datetime(slab["time"], unit="s", utc=True)
+    summary = {"ok": 700, "failed": 12, "by_reason": {}, "transfers_per_s": 70.0, "latency_p50_ms": 3.0}
+    row = summarize(it, summary, pd.concat([samples, slab]), events, load_start=T0, load_stop=T0 + 10,
+                    load=load)
+    # 50 transfers/s, node timeout 10 s, a 10 s load: 2 x 10 s x 50/s = 1000 entries = the quick max
+    assert row["predicted_node_fills"] is True and row["measured_node_fills"] is True
+    assert row["predicted_node_count"] == 1000
+    # quick has no calibrated capacity: the whole load's 70/s (the second half's 50/s is the full table's)
+    assert row["model_offered_per_s"] == 70.0
+    assert (row["slab_bytes_start"], row["slab_bytes_peak"], row["slab_lab_bytes_peak"]) == (50_000, 150_000, 100_000)
+    assert row["predicted_memory_bytes"] > row["predicted_entry_bytes"] > 0
+
+
 def test_steady_rate_is_the_second_half_of_the_load():
     _, _, load = frames()
     assert steady_rate(load, 10) == 50.0
@@ -78,5 +99,5 @@ def test_steady_rate_is_the_second_half_of_the_load():
 
 def test_every_iteration_has_its_story():
     story = load_story()
-    assert set(story["iterations"]) == set(range(1, 10))
-    assert all(story["iterations"][n]["story"].strip() for n in range(1, 10))
+    assert set(story["iterations"]) == set(range(1, 13))
+    assert all(story["iterations"][n]["story"].strip() for n in range(1, 13))

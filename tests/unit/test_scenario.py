@@ -25,8 +25,9 @@ def raw():
 
 
 def test_the_article_profile_has_the_articles_table(scenario):
-    its = scenario.iterations("article")
-    assert scenario.numbers == list(range(1, 10))
+    its = scenario.iterations("article")[:9]
+    assert scenario.numbers == list(range(1, 13))
+    assert not any(i.past_article for i in its)
     assert [i.article_tps for i in its] == [8500, 1000, 1000, 1000, 4000, 4100, 4600, 5100, 5800]
     assert [i.setup for i in its] == ["plain"] + ["nodeport"] * 8
     assert [i.replicas for i in its[1:]] == [1, 3, 1, 1, 1, 1, 1, 2]
@@ -56,7 +57,7 @@ def test_lab_and_quick_shrink_tables_and_durations_but_keep_the_story(scenario, 
         # the story holds: the node's shortened timeout stays below the pods' default 30 s
         assert it.node_sysctls.get(UDP) == prof.value(UDP, art.node_sysctls[UDP]) if UDP in art.node_sysctls \
             else UDP not in it.node_sysctls
-        if n >= 7:
+        if 7 <= n <= 11:  # 12 is iteration 2 in nftables mode: the 30 s timeouts
             assert it.node_sysctls[UDP] < 30
     # the order of table sizes is the article's: 5 > 2, 6 > 5, 7 == 5
     size = {n: scenario.iteration(n, profile).node_sysctls.get(MAX) for n in (2, 5, 6, 7)}
@@ -71,8 +72,8 @@ def test_article_values_stand_beside_the_profiles(scenario):
 
 
 def test_unknown_iteration_and_profile_are_refused(scenario):
-    with pytest.raises(ScenarioError, match="no iteration 10"):
-        scenario.iteration(10)
+    with pytest.raises(ScenarioError, match="no iteration 13"):
+        scenario.iteration(13)
     with pytest.raises(ScenarioError, match="unknown profile 'fast'.*article, lab, quick"):
         scenario.iteration(2, "fast")
 
@@ -118,8 +119,8 @@ def test_background_flows_come_from_the_profile_and_are_checked(raw):
 
 
 def test_numbers_must_run_one_to_n(raw):
-    raw["iterations"][8]["number"] = 12
-    _refused(raw, "iterations", "1..9")
+    raw["iterations"][8]["number"] = 15
+    _refused(raw, "iterations", "1..12")
 
 
 def test_a_missing_profile_is_refused(raw):
@@ -183,3 +184,26 @@ def test_a_profile_given_as_data_is_checked_and_added(raw):
     assert it.pods_track_conntrack is False and it.cooldown_s == 0
     with pytest.raises(ScenarioError, match="sysctl_values.*not 8192"):
         parse_profile(dict(data, sysctl_values={EXPECT: {1024: 16}}), scenario=s)
+
+
+@pytest.mark.parametrize("profile", ["article", "lab", "quick"])
+def test_three_iterations_go_past_the_article_in_every_profile(scenario, profile):
+    seven, eight, two = (scenario.iteration(n, profile) for n in (7, 8, 2))
+    ten, eleven, twelve = (scenario.iteration(n, profile) for n in (10, 11, 12))
+    assert all(i.past_article and i.article_tps == 0 for i in (ten, eleven, twelve))
+    # 10: iteration 7's node, pods that track nothing, no unsafe sysctl
+    assert ten.node_sysctls == seven.node_sysctls and not ten.pods_track_conntrack
+    assert not ten.pod_sysctls and not ten.allowed_unsafe_sysctls
+    # 11: iteration 8 plus NOTRACK on the node
+    assert eleven.node_notrack and eleven.node_sysctls == eight.node_sysctls
+    assert eleven.pod_sysctls == eight.pod_sysctls and eleven.proxy_mode == "iptables"
+    # 12: iteration 2's tables in nftables mode
+    assert twelve.proxy_mode == "nftables" and twelve.node_sysctls == two.node_sysctls
+    assert not (seven.node_notrack or eight.node_notrack) and two.proxy_mode == "iptables"
+
+
+def test_a_bad_proxy_mode_is_refused_naming_the_field(raw):
+    raw["iterations"][11]["proxy_mode"] = "ipvs"
+    with pytest.raises(ScenarioError, match=r"iterations\[11\]\.proxy_mode: must be one of iptables, nftables"):
+        parse_scenario(raw, "iterations.yaml")
+
