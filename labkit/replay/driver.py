@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -164,10 +165,24 @@ def _prepare_run_dir(options: ReplayOptions) -> tuple[Path, Manifest]:
         writable_dir(run_dir, "--out")
     except ValueError as exc:
         raise ReplayError(str(exc)) from None
-    manifest = Manifest.create(run_dir, run_id=run_dir.name, profile=options.profile,
+    manifest = Manifest.create(run_dir, run_id=_run_id_for(run_dir, generated=not options.out),
+                               profile=options.profile,
                                testbed=options.testbed, iterations=options.iterations,
                                kernel=options.kernel)
     return run_dir, manifest
+
+
+def _run_id_for(run_dir: Path, *, generated: bool) -> str:
+    """The run's id: its folder's name, made unique for a folder the user named.
+
+    The id keys the replay's testbed state (``replay-<run-id>/``): two replays whose
+    ``--out`` folders share a name (``a/run`` and ``b/run``) must not share it, or each
+    would tear down the other's testbeds and kernels.
+    """
+    if generated:
+        return run_dir.name
+    digest = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:6]
+    return f"{run_dir.name}-{digest}"
 
 
 def _set_aside(folder: Path) -> Path:

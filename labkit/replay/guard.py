@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from labkit import cgroups
-from labkit.cleanup import OWNER_NAME, owner_record
-from labkit.exceptions import TestbedError
+from labkit.cleanup import OWNER_NAME, owner_alive, owner_record
+from labkit.exceptions import ReplayError, TestbedError
 from labkit.ledger import Ledger
 from labkit.util import atomic_write
 
@@ -44,8 +44,16 @@ def replay_dir(run_id: str) -> Path:
 
 
 def claim(run_id: str) -> Path:
-    """Write ``owner.json`` (this process) into the replay's state folder; return the folder."""
+    """Write ``owner.json`` (this process) into the replay's state folder; return the folder.
+
+    Raises:
+        ReplayError: another live replay keeps its state there.
+    """
     folder = replay_dir(run_id)
+    other = owner_alive(folder / OWNER_NAME)
+    if other:
+        raise ReplayError(f"{folder} is the state of replay {run_id}, which pid {other['pid']} is running: "
+                          "wait for it, or give this replay another --out")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / OWNER_NAME, json.dumps(owner_record()).encode())

@@ -134,3 +134,32 @@ def test_parse_iterations():
     for bad in ("0-3", "x", "5-13", "", "13", "1-3,2,8"):  # an iteration named twice is a mistake, said
         with pytest.raises(ReplayError, match="1-12|not N|no iteration|named twice"):
             parse_iterations(bad)
+
+
+def test_two_out_folders_of_one_name_get_their_own_run_ids_and_state(tmp_path):
+    """`a/run` and `b/run` replayed at once must not share `replay-<run-id>/`: each would tear
+    down the other's testbeds and kernels."""
+    from labkit.replay.driver import _prepare_run_dir
+    from labkit.run import replay_state_dir
+
+    ids = []
+    for where in ("a", "b"):
+        _, manifest = _prepare_run_dir(ReplayOptions(out=tmp_path / where / "run", testbed="none"))
+        ids.append(manifest.data["run_id"])
+    assert ids[0] != ids[1] and all(i.startswith("run-") for i in ids)
+    assert replay_state_dir(ids[0]) != replay_state_dir(ids[1])
+
+
+def test_a_replay_refuses_the_state_folder_of_a_live_replay(tmp_path):
+    import os
+
+    from labkit.cleanup import OWNER_NAME
+    from labkit.ledger import proc_start_time
+    from labkit.replay import guard
+
+    folder = guard.replay_dir("shared-id")
+    folder.mkdir(parents=True)
+    parent = os.getppid()  # a live process that is not this one
+    (folder / OWNER_NAME).write_text(json.dumps({"pid": parent, "start": proc_start_time(parent)}))
+    with pytest.raises(ReplayError, match=f"pid {parent}.*another --out"):
+        guard.claim("shared-id")
