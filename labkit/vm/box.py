@@ -19,8 +19,8 @@ versions are whatever the mirror serves on the day (listed in ``packages.txt`` a
 ``python-packages.txt`` beside the box); the bytes are not bit-for-bit identical
 between two builds.
 
-Steps, each skipped when its output is there: debootstrap (``.debs`` cached too),
-configure, the Python wheels (downloaded by the host's pip, so its index settings
+Steps, each skipped when its output is there: debootstrap (``.debs`` cached too;
+the pristine system is shared by recipes that differ only past it), configure, the Python wheels (downloaded by the host's pip, so its index settings
 apply), the disk image (``mkfs.ext4 -d``, then qcow2), the ``.box`` file.
 
 Command line: ``python -m labkit.vm.box [--cache DIR] [--force]`` prints the box
@@ -73,7 +73,8 @@ ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
 
 [Service]
 Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
+# ed25519 only: `ssh-keygen -A` (RSA 3072 too) takes ~55 s under TCG emulation
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
 
 [Install]
 WantedBy=multi-user.target
@@ -115,10 +116,17 @@ GUEST_FILES: dict[str, tuple[str, int]] = {
     "/etc/systemd/network/50-dhcp.network": (DHCP_NETWORK, 0o644),
     "/etc/systemd/system/labkit-ssh-hostkeys.service": (SSH_HOSTKEYS_UNIT, 0o644),
     "/etc/sudoers.d/vagrant": ("vagrant ALL=(ALL) NOPASSWD: ALL\nDefaults:vagrant !requiretty\n", 0o440),
-    "/etc/ssh/sshd_config.d/labkit.conf": ("UseDNS no\nPasswordAuthentication no\n", 0o644),
+    "/etc/ssh/sshd_config.d/labkit.conf": ("HostKey /etc/ssh/ssh_host_ed25519_key\nUseDNS no\n"
+                                            "PasswordAuthentication no\n", 0o644),
+    # conntrack's sysctls exist once the module is loaded (the lab's doctor checks them)
+    "/etc/modules-load.d/labkit.conf": ("nf_conntrack\nnf_conntrack_tftp\nnf_nat_tftp\n", 0o644),
+    # the pods' CPU limits are cgroup v2 cpu.max in cgroups the lab makes under the root:
+    # a slice with a CPU weight makes systemd enable the root's cpu controller for children
+    "/etc/systemd/system/system.slice.d/labkit-cpu.conf": ("[Slice]\nCPUWeight=100\n", 0o644),
 }
 ENABLE = ("systemd-networkd", "labkit-ssh-hostkeys", "ssh")
-DISABLE = ("tftpd-hpa",)  # the lab starts its own in.tftpd inside namespaces
+# tftpd-hpa: the lab starts its own in.tftpd inside namespaces; e2scrub: ~40 s of a boot
+DISABLE = ("tftpd-hpa", "e2scrub_reap", "e2scrub_all.timer")
 
 
 @dataclass
@@ -283,6 +291,8 @@ class BoxBuilder:
         self.debs = Path(cache) / "debs"
         self.wheels = Path(cache) / "wheels" / hashlib.sha256(
             "\n".join([recipe.guest_python, "checked", *recipe.python]).encode()).hexdigest()[:16]
+        base = json.dumps([recipe.suite, recipe.mirror, recipe.packages, recipe.version]).encode()
+        self.base = Path(cache) / f"base-{hashlib.sha256(base).hexdigest()[:16]}"
         self.rootfs = self.dir / "rootfs"
         self.box = self.dir / "labkit-debian12.box"
         self.seconds: dict[str, float] = {}
@@ -314,16 +324,27 @@ class BoxBuilder:
                           "(apt-get install debootstrap qemu-utils e2fsprogs util-linux)")
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "recipe.json").write_text(json.dumps(asdict(self.recipe), indent=1, sort_keys=True))
-        self._step("debootstrap", self.dir / "debootstrap.done", self._debootstrap)
+        self._step("debootstrap", self.base / "debootstrap.done", self._debootstrap)
         self._step("wheels", self.wheels / ".done", self._wheels)
         self._step("configure", self.dir / "configure.done", self._configure)
         self._step("disk", self.dir / "disk.done", self._disk)
         self._step("box", self.box, self._package)
+        self._prune()
         return BoxBuild(self.box, self.dir, self.key, dict(self.seconds))
 
+    def _prune(self) -> None:
+        """Remove the boxes of other recipes in the cache (each several GB); the shared
+        base systems, ``.debs`` and wheels stay."""
+        for other in self.dir.parent.iterdir():
+            if other != self.dir and (other / "recipe.json").is_file() and not other.name.startswith("base-"):
+                log.info("box: removing the box of an older recipe: %s", other)
+                _rmtree(other)
+
     def _debootstrap(self) -> None:
-        tmp = self.dir / "rootfs.tmp"
-        for stale in (tmp, self.rootfs):
+        """The pristine system, shared by every recipe with the same suite, mirror and packages."""
+        tmp, done = self.base / "rootfs.tmp", self.base / "rootfs"
+        self.base.mkdir(parents=True, exist_ok=True)
+        for stale in (tmp, done):
             _rmtree(stale)
         self.debs.mkdir(parents=True, exist_ok=True)
         # in a private mount namespace: the /proc and /sys debootstrap mounts in the
@@ -332,8 +353,8 @@ class BoxBuilder:
               "debootstrap", "--variant=minbase", f"--include={','.join(self.recipe.packages)}",
               f"--cache-dir={self.debs}", "--components=main", self.recipe.suite, str(tmp),
               self.recipe.mirror], "debootstrap")
-        tmp.rename(self.rootfs)
-        (self.dir / "debootstrap.done").touch()
+        tmp.rename(done)
+        (self.base / "debootstrap.done").touch()
 
     def _wheels(self) -> None:
         tmp = self.wheels.with_name(self.wheels.name + ".tmp")
@@ -363,7 +384,10 @@ class BoxBuilder:
         (self.wheels / ".done").touch()
 
     def _configure(self) -> None:
-        root = self.rootfs
+        root = self.dir / "rootfs.tmp"
+        _rmtree(root)
+        _rmtree(self.rootfs)
+        _run(["cp", "-a", "--reflink=auto", str(self.base / "rootfs"), str(root)], "copying the base system")
         for path, (content, mode) in self.recipe.files.items():
             target = root / path.lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -395,7 +419,8 @@ rm -rf /opt/labkit/venv
 python3 -m venv /opt/labkit/venv
 /opt/labkit/venv/bin/pip install -q --no-index --find-links /tmp/labkit-wheels {' '.join(f"'{r}'" for r in self.recipe.python)}
 /opt/labkit/venv/bin/pip freeze > /opt/labkit/python-packages.txt
-rm -rf /tmp/labkit-wheels /root/.cache
+/opt/labkit/venv/bin/python -c 'import matplotlib.pyplot'  # its font cache, made once here
+rm -rf /tmp/labkit-wheels /root/.cache/pip
 dpkg-query -W -f '${{Package}} ${{Version}}\\n' > /opt/labkit/packages.txt
 apt-get clean
 rm -f /var/lib/apt/lists/*_Packages /var/log/*.log
@@ -403,6 +428,7 @@ rm -f /var/lib/apt/lists/*_Packages /var/log/*.log
         _chroot(root, script, "configuring the image")
         for name in ("packages.txt", "python-packages.txt"):
             shutil.copy(root / "opt/labkit" / name, self.dir / name)
+        root.rename(self.rootfs)
         (self.dir / "configure.done").touch()
 
     def _kernel_files(self) -> tuple[Path, Path]:

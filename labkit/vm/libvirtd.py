@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 NETNS = "labkit-vm"
 STATE_DIR = Path(os.environ.get("LABKIT_VM_STATE_DIR", "/run/labkit/vm"))
 POOL = "labkit"
+LOG_DIR = Path(os.environ.get("LABKIT_VM_LOG_DIR", "/var/cache/labkit/vm/logs"))
 POOL_DIR = Path("/var/lib/labkit/vm-pool")
 URI = "qemu:///system"
 SOCKET = Path("/run/libvirt/libvirt-sock")
@@ -101,6 +102,7 @@ class LibvirtLab:
         self.pool = pool
         self.pool_dir = Path(pool_dir)
         self.state_path = self.state_dir / "state.json"
+        self.log_dir = LOG_DIR
 
     # --- state ----------------------------------------------------------------------
 
@@ -199,9 +201,12 @@ class LibvirtLab:
         # libvirt-daemon-system would have made these (listed in created_dirs when new)
         for d in ("/var/log/libvirt/qemu", "/var/lib/libvirt/qemu", "/var/cache/libvirt"):
             os.makedirs(d, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         for daemon in ("virtlogd", "libvirtd"):
             pidfile = self.state_dir / f"{daemon}.pid"
-            _check(self.exec_prefix() + [daemon, "-d", "-p", str(pidfile)], f"starting {daemon}")
+            # warnings and errors to a file that outlives the run (no syslog here)
+            env = dict(os.environ, LIBVIRT_LOG_OUTPUTS=f"3:file:{self.log_dir / (daemon + '.log')}")
+            _check(self.exec_prefix() + [daemon, "-d", "-p", str(pidfile)], f"starting {daemon}", env=env)
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             if self.virsh("version", check=False, timeout=10).returncode == 0:
@@ -377,8 +382,8 @@ def _reap(pid: int) -> None:
         pass
 
 
-def _check(argv: list[str], what: str) -> None:
-    proc = subprocess.run(argv, capture_output=True, text=True)
+def _check(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise VMError(f"{what}: {' '.join(argv)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
 
