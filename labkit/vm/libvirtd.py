@@ -45,6 +45,7 @@ LOG_DIR = Path(os.environ.get("LABKIT_VM_LOG_DIR", "/var/cache/labkit/vm/logs"))
 POOL_DIR = Path("/var/lib/labkit/vm-pool")
 URI = "qemu:///system"
 SOCKET = Path("/run/libvirt/libvirt-sock")
+CAPS_DIR = Path("/var/cache/libvirt/qemu/capabilities")
 # folders a privileged libvirtd makes when it starts (removed at stop unless they were there)
 LIBVIRT_DIRS = ("/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt",
                 "/etc/libvirt/qemu", "/etc/libvirt/storage", "/etc/libvirt/nwfilter",
@@ -201,12 +202,14 @@ class LibvirtLab:
         # libvirt-daemon-system would have made these (listed in created_dirs when new)
         for d in ("/var/log/libvirt/qemu", "/var/lib/libvirt/qemu", "/var/cache/libvirt"):
             os.makedirs(d, exist_ok=True)
+        self._restore_capabilities(state)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for daemon in ("virtlogd", "libvirtd"):
             pidfile = self.state_dir / f"{daemon}.pid"
             # warnings and errors to a file that outlives the run (no syslog here)
             env = dict(os.environ, LIBVIRT_LOG_OUTPUTS=f"3:file:{self.log_dir / (daemon + '.log')}")
-            _check(self.exec_prefix() + [daemon, "-d", "-p", str(pidfile)], f"starting {daemon}", env=env)
+            _check(self.exec_prefix() + self._hide_kvm() + [daemon, "-d", "-p", str(pidfile)],
+                   f"starting {daemon}", env=env)
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             if self.virsh("version", check=False, timeout=10).returncode == 0:
@@ -223,6 +226,19 @@ class LibvirtLab:
         self.virsh("pool-define-as", self.pool, "dir", "--target", str(self.pool_dir))
         self.virsh("pool-start", self.pool)
         log.info("libvirt: up in %.1f s (netns %s)", time.monotonic() - started, self.netns)
+
+    @staticmethod
+    def _hide_kvm() -> list[str]:
+        """The argv prefix that runs a daemon with ``/dev/kvm`` masked (its own mount namespace).
+
+        The guests run under TCG (the box says ``driver = "qemu"``); where ``/dev/kvm``
+        exists but the CPU has no virtualization (these machines), libvirt re-probes
+        QEMU with KVM on every domain definition and waits ~45 s for it each time.
+        """
+        if not os.path.exists("/dev/kvm"):
+            return []
+        return ["unshare", "--mount", "--propagation", "slave", "sh", "-c",
+                'mount --bind /dev/null /dev/kvm && exec "$0" "$@"']
 
     # --- inspect --------------------------------------------------------------------
 
@@ -273,6 +289,7 @@ class LibvirtLab:
                 removed.append(f"netns {self.netns}")
             else:
                 errors.append(f"ip netns del {self.netns}: {proc.stderr.strip()}")
+        self._keep_capabilities(state)
         for d in state.get("created_dirs", []):
             if d.startswith("/sys/fs/cgroup/"):
                 _remove_cgroup_tree(Path(d), removed, errors)
@@ -288,6 +305,25 @@ class LibvirtLab:
         for name in ("libvirtd.pid", "virtlogd.pid"):
             (self.state_dir / name).unlink(missing_ok=True)
         return removed
+
+    # libvirt probes each QEMU binary's capabilities (tens of seconds under TCG) and caches
+    # them in a folder the stop removes when libvirt made it; the lab keeps a copy in its own
+    # cache (libvirt re-probes an entry whose binary, kernel or libvirt changed)
+
+    def _restore_capabilities(self, state: dict[str, Any]) -> None:
+        saved = self.log_dir.parent / "qemu-capabilities"
+        if CAPS_DIR.parent.parent.as_posix() in state.get("created_dirs", []) and saved.is_dir():
+            CAPS_DIR.mkdir(parents=True, exist_ok=True)
+            for xml in saved.glob("*.xml"):
+                shutil.copy2(xml, CAPS_DIR / xml.name)
+
+    def _keep_capabilities(self, state: dict[str, Any]) -> None:
+        if CAPS_DIR.parent.parent.as_posix() not in state.get("created_dirs", []) or not CAPS_DIR.is_dir():
+            return
+        saved = self.log_dir.parent / "qemu-capabilities"
+        saved.mkdir(parents=True, exist_ok=True)
+        for xml in CAPS_DIR.glob("*.xml"):
+            shutil.copy2(xml, saved / xml.name)
 
     def _remove_objects(self, state: dict[str, Any], removed: list[str], errors: list[str]) -> None:
         existing = state.get("existing", {})
