@@ -89,8 +89,8 @@ class SSHHost(Host):
             noticed and idle NAT mappings stay open.
         sudo: run commands and privileged file accesses through ``sudo -n`` (a
             Vagrant box's ``vagrant`` user).
-        netns: open the TCP connection from inside this network namespace of the
-            local machine (the lab's VMs live in one: :mod:`labkit.vm.libvirtd`).
+        via_netns: open the TCP connection from inside this network namespace of
+            the local machine (the lab's VMs live in one: :mod:`labkit.vm.libvirtd`).
     """
 
     def __init__(self, hostname: str, *, port: int = 22, username: str | None = None,
@@ -98,9 +98,9 @@ class SSHHost(Host):
                  known_hosts: str | os.PathLike | None = None, trust_on_first_use: bool = False,
                  name: str | None = None, connect_timeout: float = 10.0,
                  banner_timeout: float = 15.0, auth_timeout: float = 15.0,
-                 keepalive: float = 15.0, sudo: bool = False, netns: str | None = None):
+                 keepalive: float = 15.0, sudo: bool = False, via_netns: str | None = None):
         self.hostname = hostname
-        self.netns = netns
+        self.via_netns = via_netns
         self.port = int(port)
         self.username = username
         if key_filename is None or isinstance(key_filename, (str, os.PathLike)):
@@ -152,10 +152,10 @@ class SSHHost(Host):
                 else RefuseUnknownKey(self.known_hosts))
             try:
                 sock = None
-                if self.netns:
+                if self.via_netns:
                     # the socket keeps the namespace it was made in; only a short-lived
                     # thread of this process enters it
-                    sock = in_netns(self.netns, socket.create_connection, (self.hostname, self.port),
+                    sock = in_netns(self.via_netns, socket.create_connection, (self.hostname, self.port),
                                     self.connect_timeout)
                 client.connect(
                     self.hostname, port=self.port, username=self.username,

@@ -140,7 +140,7 @@ class VagrantLab:
         keys = [os.path.expanduser(k) for k in entry.options.get("identityfile", [])]
         return SSHHost(entry.get("hostname"), port=entry.port, username=entry.get("user"),
                        key_filename=keys, known_hosts=self.known_hosts, name=f"vagrant:{machine}",
-                       sudo=sudo, netns=self.libvirt.netns)
+                       sudo=sudo, via_netns=self.libvirt.netns)
 
 
 def source_tarball(root: Path = PROJECT_DIR) -> bytes:
