@@ -304,6 +304,10 @@ class LibvirtLab:
         self.state_path.unlink(missing_ok=True)
         for name in ("libvirtd.pid", "virtlogd.pid"):
             (self.state_dir / name).unlink(missing_ok=True)
+        try:
+            self.state_dir.rmdir()  # only when empty
+        except OSError:
+            pass
         return removed
 
     # libvirt probes each QEMU binary's capabilities (tens of seconds under TCG) and caches
