@@ -473,7 +473,10 @@ def wheels_refusing(folder: Path, python: str) -> list[tuple[Path, str, str]]:
     """The wheels in ``folder`` whose Requires-Python excludes ``python``: (file, name, version)."""
     import zipfile
 
-    from packaging.specifiers import SpecifierSet
+    try:
+        from packaging.specifiers import SpecifierSet
+    except ImportError:  # a bare python3 (scripts/build-box.sh before .venv exists): pip's copy
+        from pip._vendor.packaging.specifiers import SpecifierSet
 
     out = []
     for wheel in sorted(folder.glob("*.whl")):
