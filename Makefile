@@ -3,7 +3,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: lab notebook test unit setup-lab setup-test clean-lab
+.PHONY: lab notebook test unit test-vm setup-lab setup-test setup-vm clean-lab
 
 lab: setup-lab
 	$(VENV)/bin/labkit doctor
@@ -15,6 +15,11 @@ notebook: setup-lab
 test: setup-test
 	$(VENV)/bin/python -m pytest -q tests
 
+# the vm tier alone: builds labkit's box (cached in /var/cache/labkit/box), boots real VMs
+# under QEMU TCG with the lab's own libvirt; not part of `make test` (see docs/vagrant.md)
+test-vm: setup-vm
+	$(VENV)/bin/python -m pytest -q -m vm tests/vm
+
 unit: setup-test
 	$(VENV)/bin/python -m pytest -q tests/unit
 
@@ -23,6 +28,9 @@ setup-lab:
 
 setup-test:
 	@bash scripts/setup.sh test
+
+setup-vm:
+	@bash scripts/setup.sh vm
 
 clean-lab: setup-lab
 	$(VENV)/bin/labkit clean

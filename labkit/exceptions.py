@@ -135,6 +135,10 @@ class PodRejected(TestbedError):
         super().__init__(f"pod {pod}: {reason}: {message}")
 
 
+class VMError(LabkitError):
+    """A VM tool failed: the box build, the lab's libvirt daemons, or a guest."""
+
+
 class ScenarioError(LabkitError):
     """A scenario, profile, manifest or inventory file is invalid.
 

@@ -37,7 +37,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import paramiko
 
 from labkit.exceptions import CommandFailed, CommandTimedOut, HostKeyError, SSHError, SysctlError
-from labkit.host import Command, Host, Result, command_text, sysctl_name
+from labkit.host import Command, Host, Result, command_text, in_netns, sysctl_name
 from labkit.hostkeys import (DEFAULT_KNOWN_HOSTS, PinOnFirstUse, RefuseUnknownKey, changed_key_error,
                              known_hosts_name)
 
@@ -89,6 +89,8 @@ class SSHHost(Host):
             noticed and idle NAT mappings stay open.
         sudo: run commands and privileged file accesses through ``sudo -n`` (a
             Vagrant box's ``vagrant`` user).
+        via_netns: open the TCP connection from inside this network namespace of
+            the local machine (the lab's VMs live in one: :mod:`labkit.vm.libvirtd`).
     """
 
     def __init__(self, hostname: str, *, port: int = 22, username: str | None = None,
@@ -96,8 +98,9 @@ class SSHHost(Host):
                  known_hosts: str | os.PathLike | None = None, trust_on_first_use: bool = False,
                  name: str | None = None, connect_timeout: float = 10.0,
                  banner_timeout: float = 15.0, auth_timeout: float = 15.0,
-                 keepalive: float = 15.0, sudo: bool = False):
+                 keepalive: float = 15.0, sudo: bool = False, via_netns: str | None = None):
         self.hostname = hostname
+        self.via_netns = via_netns
         self.port = int(port)
         self.username = username
         if key_filename is None or isinstance(key_filename, (str, os.PathLike)):
@@ -148,11 +151,18 @@ class SSHHost(Host):
                 PinOnFirstUse(self.known_hosts) if self.trust_on_first_use
                 else RefuseUnknownKey(self.known_hosts))
             try:
+                sock = None
+                if self.via_netns:
+                    # the socket keeps the namespace it was made in; only a short-lived
+                    # thread of this process enters it
+                    sock = in_netns(self.via_netns, socket.create_connection, (self.hostname, self.port),
+                                    self.connect_timeout)
                 client.connect(
                     self.hostname, port=self.port, username=self.username,
                     key_filename=self.key_filename, timeout=self.connect_timeout,
                     banner_timeout=self.banner_timeout, auth_timeout=self.auth_timeout,
                     allow_agent=self.key_filename is None, look_for_keys=self.key_filename is None,
+                    sock=sock,
                 )
             except BaseException as exc:
                 client.close()

@@ -3,6 +3,8 @@
 #   scripts/setup.sh lab    Debian packages for the netns testbed + .venv with labkit
 #   scripts/setup.sh test   the same, plus what the tests need (sshd, vagrant, shellcheck,
 #                           chromium and its driver for the browser test)
+#   scripts/setup.sh vm     the same, plus what the vm tier needs (QEMU, libvirt without
+#                           its default network, debootstrap; see labkit/vm/)
 # Quick when all is there: it installs only what is missing.
 set -euo pipefail
 
@@ -19,9 +21,19 @@ prometheus:prometheus"
 # packages with no command of their own (checked with dpkg): the Vagrant libvirt
 # provider, so that `vagrant validate` also checks the libvirt settings
 test_debs="vagrant-libvirt"
+# the vm tier: QEMU (TCG, no KVM needed), the libvirt daemon and its QEMU driver but not
+# libvirt-daemon-system (whose default NAT network the lab never starts), debootstrap for the box
+vm_pkgs="qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils debootstrap:debootstrap
+libvirtd:libvirt-daemon virsh:libvirt-clients dnsmasq:dnsmasq-base mkfs.ext4:e2fsprogs
+unshare:util-linux"
+vm_debs="libvirt-daemon-driver-qemu"
 
-want="$lab_pkgs"
-[ "$mode" = test ] && want="$lab_pkgs $test_pkgs"
+case "$mode" in
+    lab) want="$lab_pkgs" ;;
+    test) want="$lab_pkgs $test_pkgs" ;;
+    vm) want="$lab_pkgs $test_pkgs $vm_pkgs"; test_debs="$test_debs $vm_debs" ;;
+    *) echo "setup: unknown mode '$mode' (lab, test or vm)" >&2; exit 2 ;;
+esac
 
 missing=""
 for pair in $want; do
@@ -30,7 +42,7 @@ for pair in $want; do
         case " $missing " in *" $pkg "*) ;; *) missing="$missing $pkg" ;; esac
     fi
 done
-if [ "$mode" = test ]; then
+if [ "$mode" != lab ]; then
     for pkg in $test_debs; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing="$missing $pkg"
     done
@@ -80,19 +92,29 @@ if ! tftpd_is_hpa; then
     exit 1
 fi
 
+# libvirt-daemon-system would make the user QEMU runs as; the vm tier does it alone
+if [ "$mode" = vm ] && ! getent passwd libvirt-qemu >/dev/null; then
+    echo "setup: adding the system user libvirt-qemu (QEMU under libvirtd runs as it)"
+    getent group libvirt-qemu >/dev/null || addgroup --quiet --system libvirt-qemu
+    adduser --quiet --system --ingroup libvirt-qemu --disabled-login --disabled-password \
+        --home /var/lib/libvirt --no-create-home --gecos "Libvirt Qemu" libvirt-qemu 2>/dev/null
+fi
+
 stamp="$venv/.labkit-installed"
 digest=$(cat "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ ! -x "$venv/bin/python" ]; then
     echo "setup: creating $venv"
     python3 -m venv "$venv"
 fi
-if [ "$(cat "$stamp" 2>/dev/null)" != "$digest-$mode" ] && [ "$(cat "$stamp" 2>/dev/null)" != "$digest-test" ]; then
+pymode=$mode
+[ "$mode" = vm ] && pymode=test   # the vm tier needs the same Python packages as the tests
+if [ "$(cat "$stamp" 2>/dev/null)" != "$digest-$pymode" ] && [ "$(cat "$stamp" 2>/dev/null)" != "$digest-test" ]; then
     echo "setup: installing labkit and its Python dependencies into $venv"
     "$venv/bin/python" -m pip install -q --upgrade pip
     extra=""
-    [ "$mode" = test ] && extra="[test]"
+    [ "$mode" != lab ] && extra="[test]"
     "$venv/bin/python" -m pip install -q -e "$here$extra"
-    echo "$digest-$mode" > "$stamp"
+    echo "$digest-$pymode" > "$stamp"
 fi
 
 # The Jupyter kernel the notebooks name ("labkit"): this venv's Python, so that

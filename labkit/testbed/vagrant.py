@@ -197,8 +197,22 @@ class VagrantTestbed(ClusterTestbed):
                          helper_rule=helper_rule)
 
     def machines(self) -> dict[str, str]:
-        """Machine name -> state (``running``, ``not_created``, ``shutoff``, ...)."""
-        return {s.name: s.state for s in self.vagrant.status()}
+        """The cluster's machine name -> state (``running``, ``not_created``, ``shutoff``, ...).
+
+        Other machines of the Vagrantfile (the opt-in ``lab``) are not the cluster's.
+        """
+        cluster = machine_addresses(self.settings)
+        return {s.name: s.state for s in self.vagrant.status() if s.name in cluster}
+
+    def ssh_entries(self) -> dict[str, SSHConfigEntry]:
+        """``vagrant ssh-config`` of each cluster machine (asked one by one: Vagrant
+        refuses the whole command while any machine, e.g. ``lab``, is not created)."""
+        entries = {}
+        for name in machine_addresses(self.settings):
+            parsed = parse_ssh_config(self.vagrant.ssh_config(vm_name=name))
+            if name in parsed:
+                entries[name] = parsed[name]
+        return entries
 
     def bring_up(self) -> None:
         """``vagrant up`` unless every machine runs; then pin every machine's host key."""
@@ -219,7 +233,7 @@ class VagrantTestbed(ClusterTestbed):
         Raises:
             HostKeyError: a machine now has a different key than the pinned one.
         """
-        entries = parse_ssh_config(self.vagrant.ssh_config())
+        entries = self.ssh_entries()
         pinned = paramiko.HostKeys(str(self.known_hosts)) if self.known_hosts.exists() else paramiko.HostKeys()
         for name, entry in entries.items():
             label = known_hosts_name(entry.get("hostname"), entry.port)
@@ -230,11 +244,13 @@ class VagrantTestbed(ClusterTestbed):
 
     def _inventory_from_vagrant(self) -> Inventory:
         try:
-            text = self.vagrant.ssh_config()
+            entries = self.ssh_entries()
+        except TestbedError:
+            raise
         except Exception as exc:  # CalledProcessError when the machines are not up
             raise TestbedError(f"vagrant ssh-config failed in {self.root} ({exc}); are the VMs up? "
                                "`labkit up --testbed vagrant` brings them up") from None
-        return inventory_from_ssh_config(parse_ssh_config(text), self.settings,
+        return inventory_from_ssh_config(entries, self.settings,
                                          node=self.node_machine, known_hosts=self.known_hosts)
 
     def up(self, iteration) -> None:

@@ -149,3 +149,26 @@ def test_roles_hosts_and_status_follow_the_applied_iteration(tmp_path):
         tb.host("pod-1")
     tb.down()
     assert tb.status()["state"] == "down"
+
+
+def test_the_opt_in_lab_vm_is_not_part_of_the_vagrant_cluster(tmp_path):
+    from collections import namedtuple
+
+    from labkit.testbed.vagrant import VagrantTestbed
+
+    status = namedtuple("Status", "name state provider")
+    text = (DATA / "ssh-config-libvirt.txt").read_text()
+
+    class Vagrant:  # python-vagrant as it answers with the cluster up and `lab` never created
+        def status(self):
+            return [status(n, "running", "libvirt") for n in ("control-plane", "worker-1", "client")] + [
+                status("lab", "not_created", "libvirt")]
+
+        def ssh_config(self, vm_name=None):
+            if vm_name in (None, "lab"):  # Vagrant refuses ssh-config while a machine is not created
+                raise RuntimeError("The provider for this Vagrant-managed machine is not ready for SSH")
+            return text
+
+    testbed = VagrantTestbed(root=tmp_path, vagrant=Vagrant())
+    assert testbed.machines() == {"control-plane": "running", "worker-1": "running", "client": "running"}
+    assert sorted(testbed.ssh_entries()) == ["client", "control-plane", "worker-1"]

@@ -71,3 +71,45 @@ def test_provisioning_scripts_pass_shellcheck(script):
     need_program("shellcheck")
     r = subprocess.run(["shellcheck", "--severity=style", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+
+
+def _settings_file(project: Path, **change) -> Path:
+    settings = yaml.safe_load((project / "vagrant" / "settings.yaml").read_text())
+    settings.update(change)
+    path = project / "changed-settings.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def test_the_local_box_setting_validates_and_the_public_box_stays_the_default(project):
+    settings = yaml.safe_load((project / "vagrant" / "settings.yaml").read_text())
+    assert settings.get("box_source", "public") == "public"
+    r = _validate(project, LABKIT_VAGRANT_SETTINGS=str(_settings_file(project, box_source="local",
+                                                                      storage_pool="labkit")))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"box_source": "cloud"}, "box_source: must be public or local, got \"cloud\""),
+    ({"box_source": "local", "provider": "virtualbox"}, "box_source: local (labkit's box"),
+    ({"storage_pool": ""}, "storage_pool: must be non-empty text"),
+])
+def test_a_bad_box_setting_is_refused_naming_the_field(project, change, message):
+    path = _settings_file(project, **change)
+    r = _validate(project, LABKIT_VAGRANT_SETTINGS=str(path))
+    assert r.returncode != 0
+    assert f"{path}: {message}" in r.stdout + r.stderr
+
+
+def test_the_lab_machine_is_opt_in_and_isolated_with_the_local_box(project):
+    path = _settings_file(project, box_source="local")
+    full = dict(os.environ, VAGRANT_HOME=str(project / "home"), VAGRANT_CHECKPOINT_DISABLE="1",
+                LABKIT_VAGRANT_SETTINGS=str(path))
+    r = subprocess.run(["vagrant", "status", "--machine-readable"], cwd=project, env=full,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    machines = {line.split(",")[1] for line in r.stdout.splitlines() if ",state," in line}
+    assert machines == {"control-plane", "worker-1", "client", "lab"}
+    text = (ROOT / "Vagrantfile").read_text()
+    assert 'define_machine(config, "lab", nil, settings["machines"]["lab"], isolated: local_box, autostart: false)' in text
+    assert 'lv.management_network_mode = "none"' in text and 'libvirt__forward_mode: "none"' in text

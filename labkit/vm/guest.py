@@ -1,0 +1,184 @@
+"""Lab VMs under the lab's libvirt: ``vagrant`` run where the guests are, guests over Paramiko.
+
+:class:`VagrantLab` runs Vagrant (the project's ``Vagrantfile``, a settings file
+that picks the local box) inside the lab's network namespace
+(:class:`~labkit.vm.libvirtd.LibvirtLab`), with its own ``VAGRANT_HOME`` and
+``.vagrant`` folder outside the repository.  :meth:`VagrantLab.host` gives a
+machine as an :class:`~labkit.ssh.SSHHost` whose TCP connection is made inside
+that namespace, with the guest's host key pinned (read through ``vagrant ssh``,
+the channel Vagrant trusts) and checked from then on.
+
+:func:`upload_labkit` copies labkit's source into a guest (the box holds its
+Python dependencies, so nothing is installed there) and :func:`labkit_in_guest`
+runs ``python -m labkit ...`` in it as root: how the netns testbed is driven
+inside a lab VM until the testbed itself runs on any Host (issue 13).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shlex
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import paramiko
+
+from labkit.exceptions import VMError
+from labkit.host import Result
+from labkit.hostkeys import known_hosts_name, pin_host_key
+from labkit.ssh import SSHHost
+from labkit.testbed.vagrant import HOST_KEY_FILE, parse_host_key, parse_ssh_config
+from labkit.vm.box import BOX_NAME
+from labkit.vm.libvirtd import LibvirtLab
+
+log = logging.getLogger(__name__)
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+GUEST_VENV = "/opt/labkit/venv"
+GUEST_SRC = "/opt/labkit/src"
+
+
+class VagrantLab:
+    """Vagrant for the lab's VMs, run inside the lab's libvirt namespace.
+
+    Args:
+        libvirt: the running :class:`LibvirtLab`.
+        work: a folder for Vagrant's state (``home/`` = VAGRANT_HOME, ``dot/`` = the
+            ``.vagrant`` folder, ``known_hosts``).
+        settings: the settings file the Vagrantfile reads (``box_source: local``).
+        root: the folder of the ``Vagrantfile`` (labkit's project by default).
+    """
+
+    def __init__(self, libvirt: LibvirtLab, work: str | os.PathLike, settings: str | os.PathLike,
+                 root: str | os.PathLike = PROJECT_DIR):
+        self.libvirt = libvirt
+        self.work = Path(work)
+        self.settings = Path(settings)
+        self.root = Path(root)
+        self.known_hosts = self.work / "known_hosts"
+        (self.work / "home").mkdir(parents=True, exist_ok=True)
+
+    def env(self) -> dict[str, str]:
+        """The environment Vagrant runs with."""
+        return dict(os.environ, VAGRANT_HOME=str(self.work / "home"),
+                    VAGRANT_DOTFILE_PATH=str(self.work / "dot"), VAGRANT_CHECKPOINT_DISABLE="1",
+                    VAGRANT_DEFAULT_PROVIDER="libvirt", LABKIT_VAGRANT_SETTINGS=str(self.settings))
+
+    def vagrant(self, *args: str, timeout: float = 900) -> Result:
+        """Run ``vagrant ARGS`` in the lab's namespace.
+
+        Raises:
+            VMError: it failed (its output's tail in the message) or timed out.
+        """
+        argv = self.libvirt.exec_prefix() + ["vagrant", *args]
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(argv, cwd=self.root, env=self.env(), capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise VMError(f"vagrant {' '.join(args)} did not finish within {timeout:g} s") from None
+        result = Result(" ".join(["vagrant", *args]), "vagrant", proc.returncode, proc.stdout,
+                        proc.stderr, time.monotonic() - start)
+        if not result.ok:
+            tail = "\n".join((proc.stderr.strip() or proc.stdout.strip()).splitlines()[-20:])
+            raise VMError(f"vagrant {' '.join(args)} failed (exit {proc.returncode}) in {self.root}:\n{tail}")
+        return result
+
+    def add_box(self, box: str | os.PathLike, key: str) -> bool:
+        """``vagrant box add`` labkit's box unless this recipe's box is there already.
+
+        Returns:
+            True when it was added now.
+        """
+        marker = self.work / "home" / "labkit-box.key"
+        if marker.exists() and marker.read_text() == key and BOX_NAME in self.vagrant("box", "list").stdout:
+            return False
+        self.vagrant("box", "add", "--force", "--name", BOX_NAME, str(box), timeout=600)
+        marker.write_text(key)
+        return True
+
+    def up(self, *machines: str) -> Result:
+        """``vagrant up MACHINES`` (libvirt provider)."""
+        return self.vagrant("up", "--provider=libvirt", *machines, timeout=1800)
+
+    def destroy(self) -> None:
+        """``vagrant destroy -f`` every machine, and forget their pinned keys."""
+        if (self.work / "dot").exists():
+            self.vagrant("destroy", "-f", timeout=600)
+        self.known_hosts.unlink(missing_ok=True)
+
+    def ssh_config(self, machine: str):
+        """The parsed ``vagrant ssh-config MACHINE`` block."""
+        entries = parse_ssh_config(self.vagrant("ssh-config", machine, timeout=120).stdout)
+        if machine not in entries:
+            raise VMError(f"vagrant ssh-config has no machine {machine!r}")
+        return entries[machine]
+
+    def pin_host_key(self, machine: str) -> None:
+        """Pin ``machine``'s host key (read through ``vagrant ssh``) unless a key is pinned.
+
+        A VM re-created behind the lab's back keeps its old pin, and is refused.
+        """
+        entry = self.ssh_config(machine)
+        label = known_hosts_name(entry.get("hostname"), entry.port)
+        pinned = paramiko.HostKeys(str(self.known_hosts)) if self.known_hosts.exists() else paramiko.HostKeys()
+        if pinned.lookup(label):
+            return
+        line = self.vagrant("ssh", machine, "-c", shlex.join(["cat", HOST_KEY_FILE]), timeout=120).stdout
+        pin_host_key(self.known_hosts, label, parse_host_key(line, f"{machine}:{HOST_KEY_FILE}"))
+
+    def host(self, machine: str, *, sudo: bool = True) -> SSHHost:
+        """``machine`` as an :class:`SSHHost` (Paramiko), reached inside the lab's namespace,
+        its host key pinned in ``known_hosts`` and checked."""
+        self.pin_host_key(machine)
+        entry = self.ssh_config(machine)
+        keys = [os.path.expanduser(k) for k in entry.options.get("identityfile", [])]
+        return SSHHost(entry.get("hostname"), port=entry.port, username=entry.get("user"),
+                       key_filename=keys, known_hosts=self.known_hosts, name=f"vagrant:{machine}",
+                       sudo=sudo, via_netns=self.libvirt.netns)
+
+
+def source_tarball(root: Path = PROJECT_DIR) -> bytes:
+    """labkit's package, ``k8s-manifests/`` and ``pyproject.toml`` as a tar (no caches)."""
+    buf = io.BytesIO()
+    skip = ("__pycache__", ".pyc")
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name in ("labkit", "k8s-manifests", "notebooks", "pyproject.toml", "README.md"):
+            if (root / name).exists():
+                tar.add(root / name, arcname=name,
+                        filter=lambda info: None if info.name.endswith(skip) or "/__pycache__" in info.name
+                        else info)
+    return buf.getvalue()
+
+
+def upload_labkit(host: SSHHost, root: Path = PROJECT_DIR) -> None:
+    """Copy labkit's source to ``/opt/labkit/src`` in the guest (replacing an older copy).
+
+    Raises:
+        VMError: the guest has no labkit venv (not labkit's box?) or unpacking failed.
+    """
+    check = host.run(["test", "-x", f"{GUEST_VENV}/bin/python"], timeout=60)
+    if not check.ok:
+        raise VMError(f"{host.name}: no {GUEST_VENV}: is it labkit's box (scripts/build-box.sh)?")
+    host.write_file("/tmp/labkit-src.tar.gz", source_tarball(root))
+    script = (f"rm -rf {GUEST_SRC} && mkdir -p {GUEST_SRC} && "
+              f"tar -xzf /tmp/labkit-src.tar.gz -C {GUEST_SRC} && rm -f /tmp/labkit-src.tar.gz")
+    done = host.run(script, timeout=300)
+    if not done.ok:
+        raise VMError(f"{host.name}: unpacking labkit failed: {done.stderr.strip()}")
+
+
+def labkit_in_guest(host: SSHHost, args: Sequence[str], *, timeout: float = 900,
+                    check: bool = True) -> Result:
+    """Run ``python -m labkit ARGS`` in the guest as root, from the uploaded source.
+
+    Raises:
+        CommandFailed: it exited non-zero (with ``check``).
+    """
+    return host.run(["env", f"PYTHONPATH={GUEST_SRC}", "MPLBACKEND=Agg", f"{GUEST_VENV}/bin/python",
+                     "-m", "labkit", *args], timeout=timeout, check=check)
