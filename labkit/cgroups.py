@@ -116,12 +116,33 @@ def make_cgroup(name: str, cpu_limit: float | None) -> Path:
     """
     root, version = cpu_root()
     path = root / name
+    become_subreaper()
     try:
         path.mkdir()
     except FileExistsError:
         raise TestbedError(f"cgroup {path} exists already") from None
     set_cpu_limit(path, cpu_limit, version)
     return path
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Make this process the reaper of its orphaned descendants (``prctl(PR_SET_CHILD_SUBREAPER)``).
+
+    Whoever makes a cgroup removes it, and a cgroup with a dead but unreaped process
+    in it cannot be removed (``EBUSY`` on cgroup v1).  Killing a loadgen orphans its
+    workers: without this they go to PID 1, which may reap them late (or never, in a
+    container), and the removal fails; with it they come to us, and
+    :func:`remove_cgroup` reaps them.  Best effort: a kernel without it changes nothing.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def set_cpu_limit(path: Path, cpu_limit: float | None, version: int | None = None) -> None:
@@ -136,6 +157,46 @@ def set_cpu_limit(path: Path, cpu_limit: float | None, version: int | None = Non
             (path / "cpu.cfs_quota_us").write_text(f"{quota}\n")
     except OSError as exc:
         raise TestbedError(f"cgroup {path}: cannot set CPU limit {cpu_limit}: {exc.strerror}") from None
+
+
+def _tasks(path: Path | str) -> list[int]:
+    """The thread ids in a cgroup (v1 ``tasks``; empty where there is no such file)."""
+    try:
+        return [int(t) for t in Path(path, "tasks").read_text().split()]
+    except OSError:
+        return []
+
+
+def _zombie_children() -> list[int]:
+    """Our children that have exited and wait to be reaped (orphans we adopted as subreaper among them)."""
+    me, out = str(os.getpid()), []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] == "Z" and fields[1] == me:
+            out.append(int(pid))
+    return out
+
+
+def _occupants(path: Path) -> str:
+    """What still holds a cgroup: its threads and their state, and its child cgroups (for the error)."""
+    try:
+        tasks = Path(path, "tasks").read_text().split()
+    except OSError:
+        tasks = []
+    states = []
+    for tid in tasks[:5]:
+        try:
+            stat = Path(f"/proc/{tid}/stat").read_text()
+            states.append(f"{tid} {stat.rsplit(')', 1)[1].split()[0]} ppid {stat.rsplit(')', 1)[1].split()[1]}")
+        except OSError:
+            states.append(f"{tid} gone")
+    children = [p.name for p in Path(path).iterdir() if p.is_dir()] if Path(path).is_dir() else []
+    return f" (threads: {', '.join(states) or 'none'}; child cgroups: {', '.join(children) or 'none'})"
 
 
 def procs(path: Path | str) -> list[int]:
@@ -162,30 +223,36 @@ def remove_cgroup(path: Path | str, timeout: float = 5.0) -> None:
             set_cpu_limit(path, None)
         except TestbedError as exc:
             log.warning("%s", exc)
+    seen: set[int] = set()
     deadline = time.monotonic() + timeout
     while True:
-        pids = procs(path)
-        if not pids:
-            break
+        # `tasks` too: a process whose leader thread has exited while another of its threads lives
+        # is no longer in cgroup.procs (cgroup v1) but still holds the cgroup.  Listed again after
+        # every refused removal: a process may join late (a loadgen's shell writes itself in just
+        # after its start, which a signal can interrupt half way)
+        pids = sorted(set(procs(path)) | set(_tasks(path)))
+        seen.update(pids)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        # reap what is ours: a killed child, or an orphan we adopted as subreaper, that is not
+        # reaped keeps the cgroup busy (cgroup v1) though it is no longer listed
+        for pid in seen | set(_zombie_children()):
             try:
-                os.waitpid(pid, os.WNOHANG)  # our own child: reap it so it leaves the cgroup
+                os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 pass
-        if time.monotonic() > deadline:
+        if not pids:
+            try:
+                path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise TestbedError(f"cannot remove cgroup {path}: {exc.strerror}{_occupants(path)}") from None
+        elif time.monotonic() > deadline:
             raise TestbedError(f"cgroup {path}: processes {pids} did not end")
         time.sleep(0.01)
-    while True:
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if time.monotonic() > deadline:
-                raise TestbedError(f"cannot remove cgroup {path}: {exc.strerror}") from None
-            time.sleep(0.01)

@@ -65,7 +65,7 @@ def test_defect2_sigterm_mid_load_tears_the_run_down(state, tmp_path):
     ids |= run_ids(directory)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and "interrupted (SIGTERM)" in err
+    assert proc.returncode == 143 and "interrupted (SIGTERM)" in err, (proc.returncode, err[-3000:])
     assert not list(directory.glob("netns-*")), "the run took its testbed down itself"
     assert labkit(directory, "clean").stdout.strip().endswith("nothing of labkit's was left")
 
