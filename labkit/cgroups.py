@@ -237,13 +237,7 @@ def remove_cgroup(path: Path | str, timeout: float = 5.0) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        # reap what is ours: a killed child, or an orphan we adopted as subreaper, that is not
-        # reaped keeps the cgroup busy (cgroup v1) though it is no longer listed
-        for pid in seen | set(_zombie_children()):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+        _reap(seen)
         if not pids:
             try:
                 path.rmdir()
@@ -251,8 +245,20 @@ def remove_cgroup(path: Path | str, timeout: float = 5.0) -> None:
             except FileNotFoundError:
                 return
             except OSError as exc:
+                # a child of ours that is dead but not reaped keeps the cgroup busy (cgroup v1) though
+                # it is no longer listed: an orphan we adopted as subreaper among them
+                _reap(_zombie_children())
                 if time.monotonic() > deadline:
                     raise TestbedError(f"cannot remove cgroup {path}: {exc.strerror}{_occupants(path)}") from None
         elif time.monotonic() > deadline:
             raise TestbedError(f"cgroup {path}: processes {pids} did not end")
         time.sleep(0.01)
+
+
+def _reap(pids) -> None:
+    """Reap those of ``pids`` that are our exited children (others are left alone)."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass

@@ -340,26 +340,22 @@ class LibvirtLab:
                               check=False)
             if proc.returncode != 0:
                 proc = self.virsh("undefine", dom, check=False)
-            (removed if proc.returncode == 0 else errors).append(f"domain {dom}" if proc.returncode == 0
-                                                                 else f"domain {dom}: {proc.stderr.strip()}")
+            _tally(proc, f"domain {dom}", removed, errors)
         for net in now["networks"]:
             if net in existing.get("networks", []):
                 continue
             self.virsh("net-destroy", net, check=False)
             proc = self.virsh("net-undefine", net, check=False)
-            (removed if proc.returncode == 0 else errors).append(f"network {net}" if proc.returncode == 0
-                                                                 else f"network {net}: {proc.stderr.strip()}")
+            _tally(proc, f"network {net}", removed, errors)
         for pool in now["pools"]:
             if pool in existing.get("pools", []):
                 continue
             for vol in self.volumes(pool):
                 proc = self.virsh("vol-delete", vol, "--pool", pool, check=False)
-                (removed if proc.returncode == 0 else errors).append(
-                    f"volume {pool}/{vol}" if proc.returncode == 0 else f"volume {pool}/{vol}: {proc.stderr.strip()}")
+                _tally(proc, f"volume {pool}/{vol}", removed, errors)
             self.virsh("pool-destroy", pool, check=False)
             proc = self.virsh("pool-undefine", pool, check=False)
-            (removed if proc.returncode == 0 else errors).append(f"pool {pool}" if proc.returncode == 0
-                                                                 else f"pool {pool}: {proc.stderr.strip()}")
+            _tally(proc, f"pool {pool}", removed, errors)
 
     def _kill_pidfile(self, daemon: str, removed: list[str], errors: list[str]) -> None:
         pid = _read_pid(self.state_dir / f"{daemon}.pid")
@@ -456,3 +452,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _tally(proc, what: str, removed: list[str], errors: list[str]) -> None:
+    """Note ``what`` as removed when the virsh command succeeded, else as an error with its reason."""
+    if proc.returncode == 0:
+        removed.append(what)
+    else:
+        errors.append(f"{what}: {proc.stderr.strip()}")
