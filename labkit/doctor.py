@@ -13,6 +13,7 @@ import platform
 import shutil
 from dataclasses import dataclass
 
+from labkit.exceptions import TestbedError
 from labkit.host import Host, LocalHost, NetnsHost
 
 APT = "apt-get install"
@@ -111,18 +112,16 @@ def check_kernel() -> list[Check]:
 
 
 def check_cgroup_cpu() -> Check:
-    """Pods get a CPU limit through cgroups, v2 or v1, whichever the machine has."""
-    v2 = "/sys/fs/cgroup/cgroup.controllers"
-    if os.path.exists(v2):
-        with open(v2) as f:
-            ok = "cpu" in f.read().split()
-        return Check("cgroup CPU control", ok, "cgroup v2" + ("" if ok else ": no cpu controller"),
-                     "enable the cpu controller in /sys/fs/cgroup/cgroup.subtree_control")
-    for v1 in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct"):
-        if os.path.exists(os.path.join(v1, "cpu.cfs_quota_us")):
-            return Check("cgroup CPU control", True, f"cgroup v1 at {v1}")
-    return Check("cgroup CPU control", False, "no cpu controller mounted",
-                 "mount the cgroup cpu controller (v2 or v1)")
+    """Pods get a CPU limit through cgroups, v2 or v1: the check asks the code that makes them."""
+    from labkit.cgroups import cpu_root
+
+    try:
+        root, version = cpu_root()
+    except TestbedError as exc:
+        fix = ("echo +cpu > /sys/fs/cgroup/cgroup.subtree_control" if "subtree_control" in str(exc)
+               else "enable the cgroup cpu controller (v2) or mount it (v1)")
+        return Check("cgroup CPU control", False, str(exc), fix)
+    return Check("cgroup CPU control", True, f"cgroup v{version} at {root}")
 
 
 def probe_namespace_features(host: Host | None = None) -> list[Check]:

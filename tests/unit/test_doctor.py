@@ -43,3 +43,21 @@ def test_the_command_line_starts_without_the_heavy_libraries():
             "print(sorted(m for m in ('pandas', 'papermill', 'matplotlib', 'nbconvert') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cgroup_check_fails_when_v2_cpu_is_not_delegated_to_children(tmp_path, monkeypatch):
+    """cgroup v2 with the cpu controller present but not in subtree_control: pods cannot get a
+    CPU limit, so doctor must not say ok (it did: it only read cgroup.controllers)."""
+    from labkit import cgroups, doctor
+
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("memory pids\n")
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", tmp_path)
+    check = doctor.check_cgroup_cpu()
+    assert not check.ok
+    assert "not enabled for child cgroups" in check.detail
+    assert "+cpu > /sys/fs/cgroup/cgroup.subtree_control" in check.fix
+
+    (tmp_path / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    check = doctor.check_cgroup_cpu()
+    assert check.ok and "cgroup v2" in check.detail
