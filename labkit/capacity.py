@@ -34,7 +34,7 @@ only.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Mapping
 
@@ -447,7 +447,10 @@ def predict_row(row: Mapping[str, Any], calibration: Mapping[str, Any] | None = 
     throttled the load, the measured rate is that table's ceiling, not the demand.
     Without a calibrated capacity it is the larger of the second half's and the
     whole load's rate (a short load whose table filled serves nothing in its second
-    half).
+    half).  Where the model finds that no table throttles that rate, the entries are
+    counted from the measured rate itself: nothing throttled the load, so the pods
+    served what was measured (less than calibrated when the machine's CPU was shared
+    with other work).
     Entry lifetimes are the calibration's where it measured them.
 
     Args:
@@ -491,10 +494,18 @@ def predict_row(row: Mapping[str, Any], calibration: Mapping[str, Any] | None = 
         _number(row, "node_udp_timeout_stream"), _number(row, "pod_udp_timeout_stream"))
     duration = _number(row, "duration_s") or None
     life = lifetime_from_profile(cal)
-    p = predict(offered, tables, life,
-                expect_wait_s=(_number(row, "latency_p50_ms", 10.0) or 10.0) / 1000.0,
-                abandoned_per_s=(_number(row, "transfers_failed", 0.0) or 0.0) / (duration or 1.0),
-                duration_s=duration)
+
+    def model(rate: float) -> Prediction:
+        return predict(rate, tables, life,
+                       expect_wait_s=(_number(row, "latency_p50_ms", 10.0) or 10.0) / 1000.0,
+                       abandoned_per_s=(_number(row, "transfers_failed", 0.0) or 0.0) / (duration or 1.0),
+                       duration_s=duration)
+
+    p = model(offered)
+    if not (p.node_fills or p.pod_fills) and 0 < measured < offered:
+        # no table throttled the load, so the pods served what was measured (fewer than calibrated
+        # when the machine's CPU was shared): the entries come from that rate, not the calibration's
+        p = replace(model(measured), served_per_s=p.served_per_s)
     # the counts as the monitor's mean over the load's second half; the memory at its end (the peak)
     node_mean = _second_half(p.node_count, p.node_entry_s / life.entries, duration, p.node_fills)
     pod_mean = _second_half(p.pod_count, p.pod_entry_s / POD_ENTRIES, duration, p.pod_fills)
@@ -570,11 +581,12 @@ def slab_columns(samples: Any, load_start: float, load_stop: float) -> dict[str,
             "slab_lab_bytes_peak": int(max(0.0, peak - start))}
 
 
-def compare(summary: Any) -> Any:
+def compare(summary: Any, *, recompute: bool = False, calibration: Mapping[str, Any] | None = None) -> Any:
     """Per iteration: the model's prediction beside the measurement, and whether it is close.
 
     Works on a summary.csv frame with or without the predicted columns (an older
-    run's are computed from its rows).  ``steady_error`` is predicted/measured - 1
+    run's are computed from its rows; ``recompute`` computes them again with this
+    model and ``calibration``, the profile block the run used).  ``steady_error`` is predicted/measured - 1
     of the node's (and the busiest pod's) mean count over the load's second
     half, where that table did not fill; ``memory_error`` likewise for the slab.
 
@@ -586,8 +598,8 @@ def compare(summary: Any) -> Any:
     rows = []
     for _, r in summary.sort_values("iteration").iterrows():
         row = r.to_dict()
-        if "predicted_node_fills" not in row or pd.isna(row.get("predicted_node_fills")):
-            row.update(predict_row(row))
+        if recompute or "predicted_node_fills" not in row or pd.isna(row.get("predicted_node_fills")):
+            row.update(predict_row(row, calibration))
         out = {"iteration": int(row["iteration"]), "transfers_per_s": row.get("transfers_per_s"),
                "predicted_transfers_per_s": row.get("predicted_transfers_per_s")}
         notrack = _truthy(row.get("node_notrack")) and _number(row, "node_nodeport_entries") is not None

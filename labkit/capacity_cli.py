@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="a replay's run folder")
     m.add_argument("--tolerance", type=_number(), default=capacity.MODEL_TOLERANCE,
                    help="how far steady counts and memory may be from the measurement (0.25)")
+    m.add_argument("--recompute", action="store_true",
+                   help="predict each row again with this labkit's model and the calibration of the "
+                        "profile the run used (its profile-*.yaml), instead of the columns it wrote")
     m.set_defaults(func=cmd_model_check)
     p = sub.add_parser(
         "size", help="predict the conntrack tables at a rate; recommend sizes; kube-proxy's figure",
@@ -223,6 +226,16 @@ CHECK_COLUMNS = ["node_fills predicted/measured", "pod_fills predicted/measured"
                  "pod_steady_error", "predicted_entry_bytes", "slab_lab_bytes_peak", "memory_error"]
 
 
+def _run_calibration(run: Path) -> dict | None:
+    """The calibration block of the profile a replay used (the profile file it keeps), if any."""
+    from labkit.scenario import load_profile
+
+    files = sorted(run.glob("profile-*.yaml"))
+    if not files:
+        return None  # a built-in profile: looked up by the rows' profile name
+    return dict((load_profile(files[0]).extra or {}).get("calibration") or {})
+
+
 def cmd_model_check(args) -> int:
     """Print the model's check of each run, and the past-the-article findings; 0 when all hold."""
     import pandas as pd
@@ -239,7 +252,8 @@ def cmd_model_check(args) -> int:
     all_hold = True
     with pd.option_context("display.width", 200, "display.max_columns", None):
         for run, summary in frames:
-            table = capacity.compare(summary)
+            table = capacity.compare(summary, recompute=args.recompute,
+                                     calibration=_run_calibration(run) if args.recompute else None)
             print(f"== {run}\n{table[CHECK_COLUMNS].to_string()}\n")
             for claim, holds, evidence in capacity.verdict(table, args.tolerance):
                 all_hold &= holds

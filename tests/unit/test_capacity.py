@@ -263,3 +263,24 @@ def test_second_half_share_of_a_load_shorter_than_twice_an_entrys_life():
     assert second_half_share(8.0, 8.0) == pytest.approx(0.75)   # still growing to the end: mean of 4..8 s
     assert second_half_share(30.0, 8.0) == pytest.approx(0.75)  # the count at the end is rate x 8 s anyway
     assert second_half_share(6.0, 8.0) == pytest.approx((10.0 + 6.0 * 2) / 4 / 6)  # 4..6 s growing, 6..8 steady
+
+
+def test_counts_come_from_the_measured_rate_where_no_table_throttled_the_load():
+    """A lab replay's iteration 9 on a shared machine: two pods served 331/s where the machine check
+    calibrated 198/s each (396/s). No table filled, so the entries are the 331/s's, not 396/s's
+    (the model said 2939 node entries from 396/s; the monitor's mean was 2316)."""
+    cal = {"capacity_transfers_per_s": 198.1}
+    row = {"iteration": 9, "transfers_per_s": 331.4, "transfers_per_s_whole_load": 327.1, "conntrack_max": 9024,
+           "expect_max": 144, "replicas": 2, "node_udp_timeout": 3.0, "pod_udp_timeout": 3.0,
+           "node_udp_timeout_stream": 20.0, "pod_udp_timeout_stream": 20.0, "duration_s": 50.18,
+           "latency_p50_ms": 186.3, "peak_node_count": 2981, "peak_pod_count": 1487, "profile": "lab"}
+    shared = capacity.predict_row(row, cal)
+    alone = capacity.predict_row({**row, "transfers_per_s": 396.2}, cal)
+    assert shared["model_offered_per_s"] == alone["model_offered_per_s"] == 396.2  # the demand, as before
+    assert shared["predicted_node_fills"] is False and shared["predicted_pod_fills"] is False
+    # the counts scale with the rate the pods served
+    assert shared["predicted_node_count"] == pytest.approx(alone["predicted_node_count"] * 331.4 / 396.2, rel=0.02)
+    assert shared["predicted_entry_bytes"] < alone["predicted_entry_bytes"]
+    # a table that fills is still predicted from the demand (its measured rate is the table's ceiling)
+    full = capacity.predict_row({**row, "conntrack_max": 1024, "transfers_per_s": 60.0}, cal)
+    assert full["predicted_node_fills"] is True and full["predicted_transfers_per_s"] > 60.0

@@ -136,3 +136,23 @@ def test_model_check_names_the_run_and_the_claim_that_fails(capsys, tmp_path):
 def test_model_check_refuses_a_folder_without_a_summary(capsys, tmp_path):
     code, _, err = run(capsys, "model-check", str(tmp_path))
     assert code == 1 and "RUN_DIR" in err and "summary.csv" in err
+
+
+def test_model_check_recompute_predicts_again_with_the_calibration_the_run_kept(capsys, tmp_path):
+    """A run whose summary.csv holds an older model's columns: --recompute replaces them with this
+    model's, using the calibration of the profile file the run kept (not the built-in profile's)."""
+    import pandas as pd
+
+    run_dir = _run_with_past(tmp_path, "old")
+    s = pd.read_csv(run_dir / "summary.csv")
+    s["predicted_node_fills"], s["predicted_pod_fills"] = False, False  # an older model's wrong calls
+    s["predicted_node_count"], s["predicted_pod_count"] = 1.0, 1.0
+    s.to_csv(run_dir / "summary.csv", index=False)
+    code, out, _ = run(capsys, "model-check", str(run_dir))
+    assert code == 1 and "FAILS  steady count within 25%" in out  # read as written
+    (run_dir / "profile-lab.yaml").write_text(
+        "name: lab\nrun: {duration_s: 50, cooldown_s: 5, concurrency: 64, file_size: 5120}\n"
+        "calibration: {capacity_transfers_per_s: 285.0}\n")
+    code, out, _ = run(capsys, "model-check", "--recompute", str(run_dir))
+    assert "holds  fills / does-not-fill right for every namespace: wrong: none; unchecked: none" in out, out
+    assert "holds  steady count within 25%" in out and code == 0, out
