@@ -24,19 +24,13 @@ from matplotlib.patches import FancyBboxPatch
 
 from labkit import findings
 from labkit.results import ROW_FILE, SUMMARY_FILE, read_json
-from labkit.story import load_story
+from labkit.story import load_story, markdown
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "results" / "reference"
 FINDING_OF = {2: "F1", 3: "F2", 4: "I4", 5: "F3", 6: "F4", 7: "F5", 8: "F6", 9: "F7"}
 COMPARED_WITH = {2: 1, 3: 2, 5: 2, 6: 5, 8: 7, 9: 8}  # "more, same or less" than this iteration
 SAME_BAND = (0.8, 1.25)  # a ratio inside counts as "about the same" (findings' 1.25x)
-
-
-def _md(text: str):
-    from IPython.display import Markdown
-
-    return Markdown(text)
 
 
 # --- the testbed's picture ------------------------------------------------------------------
@@ -116,12 +110,12 @@ def status() -> dict[str, Any]:
 
 def guide():
     """How to use the notebooks (Markdown, from ``story.yaml``)."""
-    return _md(str(load_story()["workshop"]["start"]).strip())
+    return markdown(str(load_story()["workshop"]["start"]).strip())
 
 
 def sandbox_intro():
     """The sandbox's introduction (Markdown, from ``story.yaml``)."""
-    return _md(str(load_story()["workshop"]["sandbox"]).strip())
+    return markdown(str(load_story()["workshop"]["sandbox"]).strip())
 
 
 def steps(profile: str = "lab"):
@@ -132,7 +126,7 @@ def steps(profile: str = "lab"):
     for it in load_scenario().iterations(profile):
         lines.append(f"| {it.number} | {it.title} | {it.replicas if it.setup == 'nodeport' else '-'} | "
                      f"{it.article_tps:,} | [iteration.ipynb](iteration.ipynb) with `iteration = {it.number}` |")
-    return _md("\n".join(lines) + "\n\nThen [sandbox.ipynb](sandbox.ipynb): your own values.")
+    return markdown("\n".join(lines) + "\n\nThen [sandbox.ipynb](sandbox.ipynb): your own values.")
 
 
 def picture(status: dict[str, Any]):
@@ -152,7 +146,7 @@ def picture(status: dict[str, Any]):
 def question(number: int):
     """The question to answer before iteration ``number`` runs (Markdown)."""
     text = str(load_story().get("questions", {}).get(number, "")).strip()
-    return _md(f"**Predict before you run it.** {text}\n\nWrite your answer in the next cell "
+    return markdown(f"**Predict before you run it.** {text}\n\nWrite your answer in the next cell "
                "(`prediction = ...`); the check after the run compares it with what happened.")
 
 
