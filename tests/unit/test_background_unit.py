@@ -15,11 +15,14 @@ from labkit.background import BackgroundFlows, running
 from labkit.run import background_flows
 
 
-def test_flows_run_on_the_netns_testbed_only():
+def test_flows_run_beside_a_testbed_on_this_machine_only():
+    from labkit.testbed.cluster import ClusterTestbed
+    from labkit.testbed.netns import NetnsTestbed
+
     it = SimpleNamespace(background_flows=2000)
-    assert background_flows(SimpleNamespace(name="netns"), it) == 2000
-    assert background_flows(SimpleNamespace(name="kubeadm"), it) == 0
-    assert background_flows(SimpleNamespace(name="netns"), SimpleNamespace(background_flows=0)) == 0
+    assert background_flows(NetnsTestbed, it) == 2000  # the class says where its node is
+    assert background_flows(ClusterTestbed, it) == 0  # a remote node: its collector is not ours
+    assert background_flows(NetnsTestbed, SimpleNamespace(background_flows=0)) == 0
 
 
 def test_zero_flows_are_refused_naming_the_value(tmp_path):
