@@ -51,6 +51,7 @@ ALL_COLUMNS = SUMMARY_COLUMNS + EXTRA_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_ENV = "LABKIT_RESULTS_DIR"
+REFERENCE_RUN = REPO / "results" / "reference"  # the committed replay run the notebooks compare with
 ITERATION_DIR = "iteration-{n}"
 ROW_FILE = "summary-row.json"
 SUMMARY_FILE = "summary.csv"

@@ -53,8 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "per transfer on the netns testbed, and derive the lab profile's table "
                                    "sizes from the article's (printed beside them, and written as a profile file).")
     p.add_argument("--cpu-limit", type=float, default=0.35, help="CPU cores per pod (default 0.35)")
-    p.add_argument("--out", type=Path, default=Path("results/calibration.yaml"),
-                   help="profile file to write (default results/calibration.yaml); use it with --profile")
+    p.add_argument("--out", type=Path, help="profile file to write (default results/calibration.yaml; "
+                   "$LABKIT_RESULTS_DIR instead of results/ when set); use it with --profile")
     p.add_argument("--quick", action="store_true", help="shorter loads (rougher numbers)")
     p.set_defaults(func=cmd_calibrate)
 
@@ -134,7 +134,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from labkit.calibrate import calibrate, comparison, write_profile
 
     profile = calibrate(cpu_limit=args.cpu_limit, quick=args.quick, on_step=_step)
-    path = write_profile(profile, args.out)
+    from labkit.results import results_root
+
+    path = write_profile(profile, args.out or results_root() / "calibration.yaml")
     print()
     print(profile["description"])
     print()
