@@ -66,7 +66,7 @@ class IterationSession:
         """The heading: iteration number and title."""
         it = self.iteration
         return markdown(f"# Iteration {it.number}: {it.title}\n\n*Profile `{it.profile}` on the "
-                   f"`{self.testbed_name}` testbed.*")
+                        f"`{self.testbed_name}` testbed.*")
 
     def story(self):
         """What this iteration changes and what the kernel does (Markdown)."""
@@ -141,7 +141,7 @@ class IterationSession:
         svc = st.get("service") or {}
         pods = ", ".join(h["name"] for h in st.get("hosts", []) if h.get("role") == "pod") or "none (plain server)"
         return markdown(f"Testbed `{st.get('run_id')}` is **{st.get('state')}** for iteration {st.get('iteration')}: "
-                   f"service `{svc.get('node_ip')}:{svc.get('node_port')}/udp`, pods: {pods}.{self._warm_ahead()}")
+                        f"service `{svc.get('node_ip')}:{svc.get('node_port')}/udp`, pods: {pods}.{self._warm_ahead()}")
 
     def _warm_ahead(self) -> str:
         """Start the iteration's background flows when none run; a sentence on them (or "")."""
@@ -199,8 +199,8 @@ class IterationSession:
             raise TestbedError("the testbed is not up: run `lab.up()` (or `labkit up`) first")
         if role not in self.testbed.roles():
             return markdown(f"*Iteration {self.iteration.number} has no `{role}` "
-                       f"({'the server is a plain process on the node' if self.iteration.setup == 'plain' else 'roles: ' + ', '.join(self.testbed.roles())}): "
-                       f"nothing to run there.*")
+                            f"({'the server is a plain process on the node' if self.iteration.setup == 'plain' else 'roles: ' + ', '.join(self.testbed.roles())}): "
+                            f"nothing to run there.*")
         return sh(self.testbed, role, command)
 
     def sysctl_w(self):

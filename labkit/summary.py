@@ -47,7 +47,7 @@ class RunSummary:
         cal = self.manifest.get("calibration")
         if not cal:
             return markdown(f"The run used the `{Path(self.profile).stem}` profile as it is "
-                       "(no machine check: it is not a `lab` replay on the netns testbed).")
+                            "(no machine check: it is not a `lab` replay on the netns testbed).")
         if cal.get("skipped"):
             return markdown(f"**Profile used: the committed `lab` profile.** {cal['skipped']}.")
         m, b = cal["measured"], cal["basis"]
@@ -63,8 +63,8 @@ class RunSummary:
         rows = "\n".join(f"| {d['sysctl'].replace('net.netfilter.', '')} | {d['article']} | {d.get('committed', '')} "
                           f"| **{d['lab']}** | {d['why']} |" for d in cal.get("derivation") or [])
         return markdown(f"**Profile used: the `lab` profile derived for this machine** (`profile-lab.yaml` in the run "
-                   f"folder). {seen} It differs: " + "; ".join(cal["reasons"]) + ".\n\n"
-                   "| value | article | committed | this machine | why |\n|---|---|---|---|---|\n" + rows)
+                        f"folder). {seen} It differs: " + "; ".join(cal["reasons"]) + ".\n\n"
+                        "| value | article | committed | this machine | why |\n|---|---|---|---|---|\n" + rows)
 
     def intro(self):
         """The summary's introduction, with the run's identity (Markdown)."""

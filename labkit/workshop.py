@@ -145,7 +145,7 @@ def question(number: int):
     """The question to answer before iteration ``number`` runs (Markdown)."""
     text = str(load_story().get("questions", {}).get(number, "")).strip()
     return markdown(f"**Predict before you run it.** {text}\n\nWrite your answer in the next cell "
-               "(`prediction = ...`); the check after the run compares it with what happened.")
+                    "(`prediction = ...`); the check after the run compares it with what happened.")
 
 
 def _rows_for(number: int, own_dir: Path) -> tuple[pd.DataFrame, dict[int, str]]:
