@@ -68,10 +68,10 @@ def test_a_netns_testbed_of_a_replay_removes_what_its_replay_folder_holds(tmp_pa
     from labkit.ledger import Ledger
 
     testbed = prepare(4, "quick", "netns", tmp_path / "it-4", run_id="r-gone").testbed
-    left = tmp_path / "made-by-a-dead-kernel"  # a testbed run a notebook left: its ledger names what it made
+    run = replay_state_dir("r-gone") / "netns-abcde"  # a testbed run a dead notebook left
+    (run / "srv").mkdir(parents=True)
+    left = run / "srv" / "file-5120.bin"  # its ledger names what it made
     left.write_text("x")
-    run = replay_state_dir("r-gone") / "netns-abcde"
-    run.mkdir(parents=True)
     Ledger(run).record("path", path=str(left))
     (run / "state.json").write_text(json.dumps({"state": "up", "pods": []}))
     removed = testbed.teardown()
