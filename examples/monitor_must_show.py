@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from labkit.charts import conntrack_chart
 from labkit.monitor import Monitor, parse_conntrack_S
-from labkit.monitor.plot import plot_conntrack
 from labkit.scenario import load_scenario
 from labkit.testbed import get_testbed
 
@@ -111,9 +111,9 @@ def main() -> int:
     reference.to_csv(out / "reference.csv", index=False)
     check = agreement(samples, reference, args.hz)
     check.to_csv(out / "agreement.csv", index=False)
-    plot_conntrack(samples, events, out=out / "conntrack.png",
-                   title=f"netns testbed, iteration {iteration.number} ({iteration.profile} profile): "
-                   f"{iteration.title}")
+    conntrack_chart(samples, events, out=out / "conntrack.png",
+                    title=f"netns testbed, iteration {iteration.number} ({iteration.profile} profile): "
+                    f"{iteration.title}")
 
     summary = load_result["r"].summary if "r" in load_result else {}
     node_rows = samples[samples["netns"] == "node"]

@@ -1,7 +1,8 @@
-"""The notebooks' charts, drawn from the tidy frames of a run.
+"""labkit's charts (the notebooks', the reports', the monitor's), drawn from the tidy frames of a run.
 
 Iteration charts share one time axis, seconds since the load started, with
-the load's span shaded so the cool-down tail is visible:
+the load's span shaded so the cool-down tail is visible (without a load, seconds
+since the first sample: a monitor's own recording):
 
 * :func:`conntrack_chart`: the conntrack count of the node and of each pod
   against the global max, drop and early-drop counter deltas per second, and
@@ -14,16 +15,25 @@ iteration beside the article's, both relative to iteration 1.
 
 Inputs are long frames: samples ``(time, host, netns, metric, value)``, events
 ``(time, host, netns, kind, message)``, load ``(time, metric, value)``; times
-are seconds (Unix time) or ISO timestamps.  Each function returns the
-matplotlib Figure.
+are seconds (Unix time), ISO timestamps or datetimes.  Each function returns the
+matplotlib Figure; ``out`` also writes it as a PNG file (atomically)::
+
+    conntrack_chart(mon.samples, mon.events, out="conntrack.png")
 """
 
 from __future__ import annotations
+
+import io
+import os
+from typing import Iterable
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+
+from labkit.exceptions import MonitorError
+from labkit.util import atomic_write
 
 NODE = "node"
 EVENT_LABELS = {"table_full": "table full", "expect_table_full": "expectation table full",
@@ -69,6 +79,33 @@ def _shade_load(ax, load_s: float | None) -> None:
         ax.axvspan(0, load_s, color="0.92", zorder=0, lw=0)
 
 
+def _origin(samples: pd.DataFrame, t0: float | None) -> tuple[float, str]:
+    """x = 0 and the x axis' label: the load's start, or else the first sample."""
+    if t0 is not None:
+        return t0, "time since the load started (s)"
+    return float(seconds(samples["time"]).min()), "seconds since the first sample"
+
+
+def _lab_namespaces(samples: pd.DataFrame, roles: Iterable[str] | None) -> list[str]:
+    """The namespaces to draw: ``roles``; else the node and the pods; else (a monitor of other
+    namespaces) every one whose table held anything, or all of them."""
+    if roles is not None:
+        return _netns_order(roles)
+    names = _netns_order(samples["netns"].unique())
+    lab = [n for n in names if n == NODE or n.startswith("pod-")]
+    if lab:
+        return lab
+    counts = samples[samples["metric"] == "nf_conntrack_count"].groupby("netns")["value"].max()
+    return [n for n in names if counts.get(n, 0) > 0] or names
+
+
+def save_png(fig: plt.Figure, out: str | os.PathLike) -> None:
+    """Write ``fig`` to ``out`` as PNG, atomically (a reader never sees half a file)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write(out, buf.getvalue())
+
+
 def counter_rate(samples: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Per-second increase of a cumulative counter, per namespace.
 
@@ -93,20 +130,31 @@ def counter_rate(samples: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def conntrack_chart(samples: pd.DataFrame, events: pd.DataFrame, *, t0: float,
-                    load_s: float | None = None, title: str = "") -> plt.Figure:
+def conntrack_chart(samples: pd.DataFrame, events: pd.DataFrame | None = None, *, t0: float | None = None,
+                    load_s: float | None = None, title: str = "", roles: Iterable[str] | None = None,
+                    out: str | os.PathLike | None = None) -> plt.Figure:
     """The conntrack count of node and pods against the max, drops, and log lines.
 
     Args:
         samples: the monitor's samples (``nf_conntrack_count``, ``nf_conntrack_max``,
             ``stat_drop``, ``stat_early_drop`` per namespace).
-        events: the kernel log events (``table_full``, ``expect_table_full``, ``suppressed``).
-        t0: Unix time of the load's start (x = 0).
+        events: the kernel log events (``table_full``, ``expect_table_full``, ``suppressed``), or None.
+        t0: Unix time of the load's start (x = 0); None: the first sample.
         load_s: how long the load ran (shaded).
         title: the figure's title.
+        roles: the namespaces to draw; default the node and the pods (when the samples have
+            neither, every namespace whose table held anything).
+        out: also write the figure there as PNG (atomically).
+
+    Raises:
+        MonitorError: the samples have no ``nf_conntrack_count``.
     """
+    if samples is None or samples.empty or "nf_conntrack_count" not in set(samples["metric"]):
+        raise MonitorError("nothing to plot: the samples have no nf_conntrack_count")
+    t0, xlabel = _origin(samples, t0)
+    events = events if events is not None else pd.DataFrame(columns=["time", "host", "netns", "kind", "message"])
     s = relative(samples, t0)
-    lab = [n for n in _netns_order(s["netns"].unique()) if n == NODE or n.startswith("pod-")]
+    lab = _lab_namespaces(s, roles)
     colors = _palette(lab)
     fig, (ax_count, ax_drop, ax_log) = plt.subplots(
         3, 1, sharex=True, figsize=(WIDTH, 7.2), height_ratios=[3, 2, 1.1], constrained_layout=True, dpi=DPI)
@@ -142,9 +190,11 @@ def conntrack_chart(samples: pd.DataFrame, events: pd.DataFrame, *, t0: float,
     _shade_load(ax_drop, load_s)
     _log_strip(ax_log, relative(events, t0) if not events.empty else events, lab, colors)
     _shade_load(ax_log, load_s)
-    ax_log.set_xlabel("time since the load started (s)")
+    ax_log.set_xlabel(xlabel)
     if title:
         fig.suptitle(title)
+    if out is not None:
+        save_png(fig, out)
     return fig
 
 
@@ -165,9 +215,13 @@ def _log_strip(ax, events: pd.DataFrame, lab: list[str], colors: dict) -> None:
     ax.set_ylabel("kernel log")
 
 
-def expectation_chart(samples: pd.DataFrame, *, t0: float, load_s: float | None = None,
-                      netns: str = NODE, title: str = "") -> plt.Figure:
-    """The expectation count of the node against ``nf_conntrack_expect_max``."""
+def expectation_chart(samples: pd.DataFrame, *, t0: float | None = None, load_s: float | None = None,
+                      netns: str = NODE, title: str = "", out: str | os.PathLike | None = None) -> plt.Figure:
+    """The expectation count of the node against ``nf_conntrack_expect_max``.
+
+    ``t0`` None counts seconds from the first sample; ``out`` also writes a PNG file.
+    """
+    t0, xlabel = _origin(samples, t0)
     s = relative(samples, t0)
     fig, ax = plt.subplots(figsize=(WIDTH, 3.2), constrained_layout=True, dpi=DPI)
     part = s[(s["metric"] == "expect_count") & (s["netns"] == netns)]
@@ -178,11 +232,13 @@ def expectation_chart(samples: pd.DataFrame, *, t0: float, load_s: float | None 
                    label=f"nf_conntrack_expect_max = {emax.max():,.0f} (global)")
         ax.set_ylim(0, emax.max() * 1.15)
     _shade_load(ax, load_s)
-    ax.set_xlabel("time since the load started (s)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("expectations")
     ax.legend(**OUTSIDE)
     if title:
         ax.set_title(title)
+    if out is not None:
+        save_png(fig, out)
     return fig
 
 

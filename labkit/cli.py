@@ -20,10 +20,10 @@ from labkit.signals import orderly_signals
 # Modules that add sub-commands, in the order their commands are listed.
 COMMAND_MODULES = (
     "labkit.doctor",
-    "labkit.testbed.cli",
-    "labkit.loadgen.cli",
-    "labkit.monitor.cli",
-    "labkit.replay.cli",
+    "labkit.testbed.testbed_cli",
+    "labkit.loadgen.loadgen_cli",
+    "labkit.monitor.monitor_cli",
+    "labkit.replay.replay_cli",
     "labkit.jupyter",
     "labkit.capacity_cli",
 )

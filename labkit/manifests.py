@@ -318,12 +318,6 @@ class Manifests:
         container["env"] = env
         return doc
 
-    def kubelet_config_for(self, iteration) -> dict:
-        """The kubelet piece with the iteration's ``allowedUnsafeSysctls``."""
-        doc = copy.deepcopy(self.kubelet_config)
-        doc["allowedUnsafeSysctls"] = list(iteration.allowed_unsafe_sysctls)
-        return doc
-
     def pod_template_for(self, iteration) -> PodTemplate:
         """The pod template the netns testbed runs for ``iteration``: read from the sized Deployment."""
         return self.pod_template(self.deployment_for(iteration))

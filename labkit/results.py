@@ -1,8 +1,14 @@
-"""The layout and the tables of a run folder, ``results/<run-id>/``.
+"""Where results go, the layout and the tables of a run folder, ``results/<run-id>/``.
 
-One place names the files a run writes and the columns of ``summary.csv``
-(DESIGN.md's contract), reads a table whether it was written plain or
-gzip-compressed, and writes tables atomically.
+One place names the default folders (the results folder, a replay run's folder,
+an iteration's folder, a replay run's state folder), the files a run writes and
+the columns of ``summary.csv`` (DESIGN.md's contract), reads a table whether it
+was written plain or gzip-compressed, and writes tables atomically.
+
+Words: a *replay run* is one ``labkit replay`` (its id names ``results/<run-id>/``);
+an *iteration run* is one iteration end to end (:func:`labkit.run.run_iteration`),
+into an iteration's folder; a *testbed run* is one netns testbed's life, from
+``up`` to ``down`` (its own id, ``netns-<id>/`` in a state folder).
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ EXTRA_COLUMNS = (
 )
 ALL_COLUMNS = SUMMARY_COLUMNS + EXTRA_COLUMNS
 
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_ENV = "LABKIT_RESULTS_DIR"
+REFERENCE_RUN = REPO / "results" / "reference"  # the committed replay run the notebooks compare with
 ITERATION_DIR = "iteration-{n}"
 ROW_FILE = "summary-row.json"
 SUMMARY_FILE = "summary.csv"
@@ -52,9 +61,42 @@ INDEX_FILE = "index.html"
 TABLES = ("samples", "events", "transfers", "load")
 
 
+def results_root() -> Path:
+    """The folder run folders go in by default: ``$LABKIT_RESULTS_DIR``, else the repository's ``results/``."""
+    return Path(os.environ.get(RESULTS_ENV) or REPO / "results")
+
+
+def replay_run_dir(run_id: str) -> Path:
+    """The default folder of the replay run ``run_id``: ``results/<run-id>/``."""
+    return results_root() / run_id
+
+
 def iteration_dir(run_dir: str | os.PathLike, number: int) -> Path:
-    """The folder of iteration ``number`` in a run folder."""
+    """The folder of iteration ``number`` in a replay run's folder."""
     return Path(run_dir) / ITERATION_DIR.format(n=number)
+
+
+def single_iteration_dir(kind: str, profile: str, number: int) -> Path:
+    """The default folder of an iteration run outside a replay: ``results/<kind>-<profile>/iteration-<N>/``.
+
+    Args:
+        kind: who runs it: ``run`` (``labkit run``), ``notebook`` (a notebook run by hand).
+        profile: how the folder names the profile (its name, or a profile file's stem).
+        number: the iteration.
+    """
+    return iteration_dir(results_root() / f"{kind}-{profile}", number)
+
+
+def replay_state_dir(run_id: str) -> Path:
+    """The state folder of the replay run ``run_id``: ``replay-<run-id>/`` of the state directory.
+
+    It holds the replay's own records (its process, its notebooks' kernels) and the
+    state of the testbeds its notebooks build, so that tearing it down finds exactly them.
+    """
+    from labkit.cleanup import REPLAY_PREFIX
+    from labkit.sysctls import state_dir
+
+    return state_dir() / f"{REPLAY_PREFIX}{run_id}"
 
 
 def table_path(directory: str | os.PathLike, name: str) -> Path | None:

@@ -1,4 +1,4 @@
-"""One iteration end to end: testbed configured, monitor running, load, cool-down tail.
+"""One iteration run end to end: testbed configured, monitor running, load, cool-down tail.
 
 :func:`run_iteration` brings the testbed up for the iteration, starts the
 monitor on the node, the pods and the machine's own namespace, runs the load
@@ -28,7 +28,6 @@ import pandas as pd
 from labkit import background, capacity
 from labkit.charts import seconds
 from labkit.results import ROW_FILE, write_csv, write_json
-from labkit.sysctls import state_dir as default_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,48 +40,20 @@ TRANSFER_DEADLINE_S = 6.0
 
 
 def background_flows(testbed: Any, iteration: Any) -> int:
-    """The iteration's background flows where they can run: on the local (netns) testbed only.
+    """The iteration's background flows where they can run: beside a testbed on this machine.
 
-    On a remote node they would have to run there; the article profile, whose loads last
-    ten minutes, needs none, and a lab profile on a cluster runs without them (logged).
+    The flows run in a namespace of this machine, so they share the conntrack garbage
+    collector only of a testbed whose node is this machine's kernel
+    (:attr:`~labkit.testbed.base.Testbed.is_local`); on a remote node they would have to
+    run there.  The article profile, whose loads last ten minutes, needs none, and a lab
+    profile on a cluster runs without them (logged).
     """
     flows = int(getattr(iteration, "background_flows", 0) or 0)
-    if flows and getattr(testbed, "name", "netns") != "netns":
-        log.warning("background flows are run on the netns testbed only; %s runs without them",
-                    getattr(testbed, "name", "this testbed"))
+    if flows and not testbed.is_local:
+        log.warning("background flows run beside a testbed on this machine only; %s runs without them",
+                    testbed.name)
         return 0
     return flows
-
-
-def replay_state_dir(run_id: str) -> Path:
-    """The testbed state folder of a replay run: one per run, so teardown finds exactly it."""
-    return default_state_dir() / f"replay-{run_id}"
-
-
-def teardown(run_id: str, number: int | None = None) -> list[str]:
-    """Bring down whatever testbed a replay notebook left up and restore the global sysctls.
-
-    The batch driver calls this after every notebook, however it ended; it
-    undoes exactly what the run's ledgers list (idempotent).
-
-    Returns:
-        One line per resource removed.
-    """
-    from labkit.testbed.netns import clean
-
-    directory = replay_state_dir(run_id)
-    if not directory.exists():
-        return []
-    removed = clean(directory)
-    for folder in sorted(directory.glob("*"), reverse=True) + [directory]:
-        try:  # what clean() emptied; anything still holding files stays
-            folder.rmdir()
-        except OSError:
-            pass
-    if removed:
-        log.warning("teardown after iteration %s removed %d leftovers: %s", number, len(removed),
-                    "; ".join(removed[:5]))
-    return removed
 
 
 def _lab_roles(names) -> list[str]:
@@ -241,27 +212,6 @@ def summarize(iteration: Any, load_summary: Mapping[str, Any], samples: pd.DataF
     return row
 
 
-def netns_roles(testbed) -> dict[int, str]:
-    """The testbed's {netns inode: role}, for attributing kernel log lines.
-
-    Where PID 1's namespace cannot be read (a sandboxed machine), the machine's
-    own namespace is taken from this process, which runs in it.
-    """
-    try:
-        return testbed.netns_roles()
-    except PermissionError:
-        out = {os.stat("/proc/self/ns/net").st_ino: "init"}
-        for role in testbed.roles():
-            host = testbed.host(role)
-            netns = getattr(host, "netns", None)
-            if netns:
-                try:
-                    out[os.stat(f"/run/netns/{netns}").st_ino] = role
-                except OSError:
-                    pass
-        return out
-
-
 def nodeport_entries_on_node(testbed) -> int:
     """Entries in the node's table for the NodePort (original destination port), listed now.
 
@@ -333,7 +283,7 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
     spec = load_spec(testbed, iteration)
     warm = iteration.setup != "plain" if wait_warm is None else wait_warm
     with background.ensure(background_flows(testbed, iteration), on_wait=step, wait=warm) as flows:
-        monitor = Monitor(testbed.monitor_targets(), hz=hz, netns_roles=netns_roles(testbed))
+        monitor = Monitor(testbed.monitor_targets(), hz=hz, netns_roles=testbed.netns_roles())
         monitor.start()
         try:
             if live is not None:
@@ -360,7 +310,7 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
                     live.stop()
     samples, events = monitor.samples, monitor.events
     row = summarize(iteration, result.summary, samples, events, load_start=load_start,
-                    load_stop=load_stop, load=result.timeseries, testbed=getattr(testbed, "name", "netns"),
+                    load_stop=load_stop, load=result.timeseries, testbed=testbed.name,
                     calibration=calibration)
     row["background_flows"] = int(flows["flows"]) if flows else 0
     row["node_nodeport_entries"] = nodeport_entries

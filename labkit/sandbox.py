@@ -28,7 +28,8 @@ from typing import Any
 import pandas as pd
 
 from labkit.exceptions import ScenarioError
-from labkit.session import IterationSession, results_root
+from labkit.results import results_root
+from labkit.session import IterationSession
 
 UDP_TIMEOUT = "net.netfilter.nf_conntrack_udp_timeout"
 UDP_STREAM = "net.netfilter.nf_conntrack_udp_timeout_stream"

@@ -13,32 +13,19 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from labkit import charts
+from labkit.prepare import prepare
 from labkit.results import ROW_FILE, read_json, read_table
-from labkit.story import iteration_text, load_story
+from labkit.story import iteration_text, load_story, markdown
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-GLOBAL_WAIT_S = 300.0  # another lab run may hold the global sysctls for a while
 NODE_SYSCTLS = ("net.netfilter.nf_conntrack_max", "net.netfilter.nf_conntrack_expect_max",
                 "net.netfilter.nf_conntrack_udp_timeout", "net.netfilter.nf_conntrack_udp_timeout_stream")
-
-
-def results_root() -> Path:
-    """Where notebooks run outside a replay write their folders: ``$LABKIT_RESULTS_DIR`` or ``results/``."""
-    return Path(os.environ.get("LABKIT_RESULTS_DIR") or REPO / "results")
-
-
-def _md(text: str):
-    from IPython.display import Markdown
-
-    return Markdown(text)
 
 
 class IterationSession:
@@ -50,8 +37,8 @@ class IterationSession:
         testbed: the testbed backend name (``netns``).
         out_dir: the iteration's folder; ``results/notebook-<profile>/iteration-<N>`` when None
             (``$LABKIT_RESULTS_DIR`` instead of ``results/`` when set).
-        run_id: the replay's run id; the testbed then keeps its state where the
-            replay driver tears it down.
+        run_id: the replay run's id (set by ``labkit replay``); the testbed then keeps its
+            state where the replay driver tears it down.
         duration, cooldown: override the profile's load duration and cool-down (s).
         scenario: another iterations data file.
         compress: write the iteration's CSV tables gzip-compressed.
@@ -61,21 +48,15 @@ class IterationSession:
                  out_dir: str | os.PathLike | None = None, run_id: str | None = None,
                  duration: float | None = None, cooldown: float | None = None,
                  scenario: str | None = None, compress: bool = False):
-        import dataclasses
-
-        from labkit.scenario import load_scenario
-
-        self.scenario = load_scenario(scenario)
-        it = self.scenario.iteration(int(iteration), profile)
-        changes = {k: v for k, v in (("duration_s", duration), ("cooldown_s", cooldown)) if v is not None}
-        self.iteration = dataclasses.replace(it, **changes) if changes else it
-        self.article = self.scenario.iteration(int(iteration), "article")
-        self.profile = self.scenario._profile(profile)
+        self.prepared = prepare(iteration, profile, testbed, out_dir, run_id, duration=duration,
+                                cooldown=cooldown, scenario=scenario)
+        self.scenario = self.prepared.scenario
+        self.iteration = self.prepared.iteration
+        self.article = self.prepared.article
+        self.profile = self.prepared.profile
         self.testbed_name = testbed
         self.run_id = run_id
-        self.out_dir = Path(out_dir) if out_dir else results_root() / f"notebook-{self.iteration.profile}" / \
-            f"iteration-{self.iteration.number}"
-        self._testbed = None
+        self.out_dir = self.prepared.out_dir
         self._flows = None  # background flows this session started (see up())
         self.compress = compress
 
@@ -84,23 +65,23 @@ class IterationSession:
     def title(self):
         """The heading: iteration number and title."""
         it = self.iteration
-        return _md(f"# Iteration {it.number}: {it.title}\n\n*Profile `{it.profile}` on the "
-                   f"`{self.testbed_name}` testbed.*")
+        return markdown(f"# Iteration {it.number}: {it.title}\n\n*Profile `{it.profile}` on the "
+                        f"`{self.testbed_name}` testbed.*")
 
     def story(self):
         """What this iteration changes and what the kernel does (Markdown)."""
         it = self.iteration
         where = "Past the article" if it.past_article else "The article"
-        return _md(f"{iteration_text(it.number, 'story')}\n\n> **{where}:** {it.observed}")
+        return markdown(f"{iteration_text(it.number, 'story')}\n\n> **{where}:** {it.observed}")
 
     def look_for(self):
         """What to look for in the charts (Markdown)."""
-        return _md(iteration_text(self.iteration.number, "look_for"))
+        return markdown(iteration_text(self.iteration.number, "look_for"))
 
     @staticmethod
     def intro():
         """The lab's one-paragraph introduction (Markdown)."""
-        return _md(str(load_story()["intro"]).strip())
+        return markdown(str(load_story()["intro"]).strip())
 
     def setup_table(self) -> pd.DataFrame:
         """Every setting of the iteration: the article's value beside this profile's."""
@@ -138,23 +119,14 @@ class IterationSession:
             where = ("Derived for this machine before the run" if prof.extra.get("derived_from")
                      else "From `labkit calibrate` on this kind of machine")
             text += f"\n\n{where}:\n\n" + "\n".join(lines)
-        return _md(f"**Why the `{prof.name}` values differ from the article's.** {text}")
+        return markdown(f"**Why the `{prof.name}` values differ from the article's.** {text}")
 
     # --- running --------------------------------------------------------------------
 
     @property
     def testbed(self):
-        """The testbed (built on first use; not yet up)."""
-        if self._testbed is None:
-            from labkit.testbed import get_testbed
-
-            options: dict[str, Any] = {"global_wait": GLOBAL_WAIT_S}
-            if self.run_id and self.testbed_name == "netns":
-                from labkit.run import replay_state_dir
-
-                options["state_dir"] = replay_state_dir(self.run_id)
-            self._testbed = get_testbed(self.testbed_name, **options)
-        return self._testbed
+        """The testbed (built on first use, see :func:`labkit.prepare.build_testbed`; not yet up)."""
+        return self.prepared.testbed
 
     def up(self):
         """Bring the testbed up (or reconfigure it) for this iteration; show what is there (Markdown).
@@ -168,8 +140,8 @@ class IterationSession:
         st = self.testbed.status()
         svc = st.get("service") or {}
         pods = ", ".join(h["name"] for h in st.get("hosts", []) if h.get("role") == "pod") or "none (plain server)"
-        return _md(f"Testbed `{st.get('run_id')}` is **{st.get('state')}** for iteration {st.get('iteration')}: "
-                   f"service `{svc.get('node_ip')}:{svc.get('node_port')}/udp`, pods: {pods}.{self._warm_ahead()}")
+        return markdown(f"Testbed `{st.get('run_id')}` is **{st.get('state')}** for iteration {st.get('iteration')}: "
+                        f"service `{svc.get('node_ip')}:{svc.get('node_port')}/udp`, pods: {pods}.{self._warm_ahead()}")
 
     def _warm_ahead(self) -> str:
         """Start the iteration's background flows when none run; a sentence on them (or "")."""
@@ -204,11 +176,8 @@ class IterationSession:
         it = self.iteration
         chart = LiveChart(f"Iteration {it.number}: the load as it ran", live=live,
                           expected_s=float(it.duration_s) + float(it.cooldown_s) + 2.0).begin()
-        # the model's columns from the profile this iteration ran with (a profile derived for
-        # this machine is named "lab" too, so a lookup by name would find the committed one)
-        calibration = dict((self.profile.extra or {}).get("calibration") or {})
         run_iteration(self.testbed, it, self.out_dir, compress=self.compress, on_step=chart.step, live=chart,
-                      calibration=calibration)
+                      calibration=self.prepared.calibration)
         return self.result_table()
 
     # --- the article's commands ---------------------------------------------------------
@@ -229,9 +198,9 @@ class IterationSession:
         if not self.testbed.roles():
             raise TestbedError("the testbed is not up: run `lab.up()` (or `labkit up`) first")
         if role not in self.testbed.roles():
-            return _md(f"*Iteration {self.iteration.number} has no `{role}` "
-                       f"({'the server is a plain process on the node' if self.iteration.setup == 'plain' else 'roles: ' + ', '.join(self.testbed.roles())}): "
-                       f"nothing to run there.*")
+            return markdown(f"*Iteration {self.iteration.number} has no `{role}` "
+                            f"({'the server is a plain process on the node' if self.iteration.setup == 'plain' else 'roles: ' + ', '.join(self.testbed.roles())}): "
+                            f"nothing to run there.*")
         return sh(self.testbed, role, command)
 
     def sysctl_w(self):
@@ -272,8 +241,8 @@ class IterationSession:
         """Bring the testbed down (and the background flows :meth:`up` started) and restore
         the global sysctls; idempotent."""
         try:
-            if self._testbed is not None:
-                self._testbed.down()
+            if self.prepared.testbed_built:
+                self.prepared.testbed.down()
         finally:
             if self._flows is not None:
                 self._flows.stop()

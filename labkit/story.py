@@ -42,3 +42,10 @@ def load_story(path: str | None = None) -> dict[str, Any]:
 def iteration_text(number: int, field: str) -> str:
     """The ``story`` or ``look_for`` text of iteration ``number``."""
     return str(load_story()["iterations"][number][field]).strip()
+
+
+def markdown(text: str):
+    """``text`` as a Markdown cell output (IPython's ``Markdown``, imported on first use)."""
+    from IPython.display import Markdown
+
+    return Markdown(text)

@@ -15,13 +15,7 @@ import pandas as pd
 from labkit import charts
 from labkit.findings import check, table
 from labkit.results import FINDINGS_FILE, MANIFEST_FILE, SUMMARY_FILE, read_json, write_csv
-from labkit.story import load_story
-
-
-def _md(text: str):
-    from IPython.display import Markdown
-
-    return Markdown(text)
+from labkit.story import load_story, markdown
 
 
 class RunSummary:
@@ -52,10 +46,10 @@ class RunSummary:
         """Which lab profile the run used and why: the machine check and each derived value (Markdown)."""
         cal = self.manifest.get("calibration")
         if not cal:
-            return _md(f"The run used the `{Path(self.profile).stem}` profile as it is "
-                       "(no machine check: it is not a `lab` replay on the netns testbed).")
+            return markdown(f"The run used the `{Path(self.profile).stem}` profile as it is "
+                            "(no machine check: it is not a `lab` replay on the netns testbed).")
         if cal.get("skipped"):
-            return _md(f"**Profile used: the committed `lab` profile.** {cal['skipped']}.")
+            return markdown(f"**Profile used: the committed `lab` profile.** {cal['skipped']}.")
         m, b = cal["measured"], cal["basis"]
         base_lifetime = {str(k): v for k, v in b["lifetimes"].items()}[str(m["udp_timeout"])]  # JSON keys are text
         seen = (f"Before the first iteration, one {m['udp_timeout']} s-timeout load measured this machine: it gives "
@@ -65,12 +59,12 @@ class RunSummary:
                 f"{b['check_capacity']:.0f}/s and {base_lifetime:g} entry-s "
                 f"with {b['cpu_limit']:g} CPU per pod on {b['cores']:g} CPU(s) (tolerance {cal['tolerance']:.0%}).")
         if not cal.get("differs"):
-            return _md(f"**Profile used: the committed `lab` profile.** {seen} Within tolerance.")
+            return markdown(f"**Profile used: the committed `lab` profile.** {seen} Within tolerance.")
         rows = "\n".join(f"| {d['sysctl'].replace('net.netfilter.', '')} | {d['article']} | {d.get('committed', '')} "
                           f"| **{d['lab']}** | {d['why']} |" for d in cal.get("derivation") or [])
-        return _md(f"**Profile used: the `lab` profile derived for this machine** (`profile-lab.yaml` in the run "
-                   f"folder). {seen} It differs: " + "; ".join(cal["reasons"]) + ".\n\n"
-                   "| value | article | committed | this machine | why |\n|---|---|---|---|---|\n" + rows)
+        return markdown(f"**Profile used: the `lab` profile derived for this machine** (`profile-lab.yaml` in the run "
+                        f"folder). {seen} It differs: " + "; ".join(cal["reasons"]) + ".\n\n"
+                        "| value | article | committed | this machine | why |\n|---|---|---|---|---|\n" + rows)
 
     def intro(self):
         """The summary's introduction, with the run's identity (Markdown)."""
@@ -81,7 +75,7 @@ class RunSummary:
         who = (f"Run `{m.get('run_id', self.run_dir.name)}`, profile `{shown}`, "
                f"Linux {env.get('kernel', '?')} on {env.get('cpus', '?')} CPUs, "
                f"{len(self.summary)} iteration(s) completed.") if m else ""
-        return _md(f"{load_story()['summary']['intro'].strip()}\n\n{who}")
+        return markdown(f"{load_story()['summary']['intro'].strip()}\n\n{who}")
 
     def throughput_chart(self):
         """Lab transfers/s per iteration beside the article's, both relative to iteration 1."""
@@ -128,7 +122,7 @@ class RunSummary:
 
         lines = [f"- **{'holds' if holds else 'does not hold'}**: {claim} ({evidence})"
                  for claim, holds, evidence in verdict(compare(self.summary))]
-        return _md("\n".join(lines))
+        return markdown("\n".join(lines))
 
     def model_chart(self):
         """Predicted against measured: transfers/s and each namespace's steady count."""

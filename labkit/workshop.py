@@ -23,20 +23,12 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
 from labkit import findings
-from labkit.results import ROW_FILE, SUMMARY_FILE, read_json
-from labkit.story import load_story
+from labkit.results import REFERENCE_RUN, ROW_FILE, SUMMARY_FILE, read_json
+from labkit.story import load_story, markdown
 
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO / "results" / "reference"
 FINDING_OF = {2: "F1", 3: "F2", 4: "I4", 5: "F3", 6: "F4", 7: "F5", 8: "F6", 9: "F7"}
 COMPARED_WITH = {2: 1, 3: 2, 5: 2, 6: 5, 8: 7, 9: 8}  # "more, same or less" than this iteration
 SAME_BAND = (0.8, 1.25)  # a ratio inside counts as "about the same" (findings' 1.25x)
-
-
-def _md(text: str):
-    from IPython.display import Markdown
-
-    return Markdown(text)
 
 
 # --- the testbed's picture ------------------------------------------------------------------
@@ -116,12 +108,12 @@ def status() -> dict[str, Any]:
 
 def guide():
     """How to use the notebooks (Markdown, from ``story.yaml``)."""
-    return _md(str(load_story()["workshop"]["start"]).strip())
+    return markdown(str(load_story()["workshop"]["start"]).strip())
 
 
 def sandbox_intro():
     """The sandbox's introduction (Markdown, from ``story.yaml``)."""
-    return _md(str(load_story()["workshop"]["sandbox"]).strip())
+    return markdown(str(load_story()["workshop"]["sandbox"]).strip())
 
 
 def steps(profile: str = "lab"):
@@ -132,7 +124,7 @@ def steps(profile: str = "lab"):
     for it in load_scenario().iterations(profile):
         lines.append(f"| {it.number} | {it.title} | {it.replicas if it.setup == 'nodeport' else '-'} | "
                      f"{it.article_tps:,} | [iteration.ipynb](iteration.ipynb) with `iteration = {it.number}` |")
-    return _md("\n".join(lines) + "\n\nThen [sandbox.ipynb](sandbox.ipynb): your own values.")
+    return markdown("\n".join(lines) + "\n\nThen [sandbox.ipynb](sandbox.ipynb): your own values.")
 
 
 def picture(status: dict[str, Any]):
@@ -152,15 +144,15 @@ def picture(status: dict[str, Any]):
 def question(number: int):
     """The question to answer before iteration ``number`` runs (Markdown)."""
     text = str(load_story().get("questions", {}).get(number, "")).strip()
-    return _md(f"**Predict before you run it.** {text}\n\nWrite your answer in the next cell "
-               "(`prediction = ...`); the check after the run compares it with what happened.")
+    return markdown(f"**Predict before you run it.** {text}\n\nWrite your answer in the next cell "
+                    "(`prediction = ...`); the check after the run compares it with what happened.")
 
 
 def _rows_for(number: int, own_dir: Path) -> tuple[pd.DataFrame, dict[int, str]]:
     """This iteration's row, and the rows the finding needs: a sibling folder's, else the reference's."""
     own = read_json(own_dir / ROW_FILE)
     rows, source = {number: own}, {number: "your run"}
-    reference = pd.read_csv(REFERENCE / SUMMARY_FILE) if (REFERENCE / SUMMARY_FILE).exists() else pd.DataFrame()
+    reference = pd.read_csv(REFERENCE_RUN / SUMMARY_FILE) if (REFERENCE_RUN / SUMMARY_FILE).exists() else pd.DataFrame()
     for other in range(1, 10):
         if other == number:
             continue
@@ -212,7 +204,7 @@ def check(number: int, own_dir: str | os.PathLike, prediction: Any = None) -> pd
         out.append(("what happened (your numbers)", what_happened(number, rows)))
     except KeyError:
         out.append(("what happened (your numbers)", "needs an iteration that is neither run nor in the reference"))
-    ref = pd.read_csv(REFERENCE / SUMMARY_FILE) if (REFERENCE / SUMMARY_FILE).exists() else pd.DataFrame()
+    ref = pd.read_csv(REFERENCE_RUN / SUMMARY_FILE) if (REFERENCE_RUN / SUMMARY_FILE).exists() else pd.DataFrame()
     ref_row = ref[ref["iteration"] == number].iloc[0] if not ref.empty and number in set(ref["iteration"]) else None
     out.append(("transfers/s: yours / reference run / article",
                 f"{float(own['transfers_per_s']):.0f} / "
@@ -222,7 +214,7 @@ def check(number: int, own_dir: str | os.PathLike, prediction: Any = None) -> pd
     if fid:
         mine = {f.id: f for f in findings.check(frame)}[fid]
         out += [(f"finding {fid}", mine.claim), ("on your data", mine.result), ("evidence (yours)", mine.evidence)]
-        ref_findings = REFERENCE / "findings.csv"
+        ref_findings = REFERENCE_RUN / "findings.csv"
         if ref_findings.exists():
             theirs = pd.read_csv(ref_findings).set_index("id").loc[fid]
             out.append(("reference run", f"{theirs['result']}: {theirs['evidence']}"))

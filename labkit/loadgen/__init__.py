@@ -9,7 +9,7 @@ Public API::
 
 Modules: :mod:`.packet` (TFTP packets), :mod:`.spec` (LoadSpec), :mod:`.engine`
 (the epoll loop), :mod:`.result` (LoadResult), :mod:`.runner` (workers, hosts),
-:mod:`.cli` (``labkit loadgen``).
+:mod:`.loadgen_cli` (``labkit loadgen``).
 """
 
 from labkit.loadgen.result import LoadResult

@@ -4,7 +4,9 @@
 - :mod:`labkit.monitor.sampler`: a thread per namespace, the ``/dev/kmsg`` follower.
 - :mod:`labkit.monitor.agent`: the same, as one process streaming JSON lines (remote nodes).
 - :mod:`labkit.monitor.monitor`: :class:`Monitor` (start/stop, ``samples``, ``events``, ``write``).
-- :mod:`labkit.monitor.plot`: the chart of counts against the max with drops and log lines.
+
+The chart of counts against the max with drops and log lines is :func:`labkit.charts.conntrack_chart`,
+the one the notebooks draw.
 
 Only the parsers are imported eagerly: the agent runs this package on nodes that
 have the standard library alone, so pandas is loaded when :class:`Monitor` is used.
@@ -20,14 +22,12 @@ _LAZY = {
     "Monitor": "labkit.monitor.monitor",
     "read_samples": "labkit.monitor.monitor",
     "read_events": "labkit.monitor.monitor",
-    "plot_conntrack": "labkit.monitor.plot",
 }
 
 __all__ = [
     "EXPECT_TABLE_FULL", "KINDS", "SUPPRESSED", "TABLE_FULL", "KernelEvent", "Monitor",
     "classify_kernel_message", "expect_count", "parse_conntrack_S", "parse_conntrack_stats",
-    "parse_dmesg_line", "parse_kmsg_line", "parse_syslog_line", "plot_conntrack",
-    "read_events", "read_samples",
+    "parse_dmesg_line", "parse_kmsg_line", "parse_syslog_line", "read_events", "read_samples",
 ]
 
 

@@ -1,4 +1,4 @@
-"""The batch: every iteration's notebook, then the summary, into one run folder.
+"""The batch: every iteration's notebook, then the summary, into one replay run's folder.
 
 For each iteration the driver makes ``iteration-<N>/``, runs
 ``notebooks/iteration.ipynb`` there with papermill, and then, however the
@@ -30,8 +30,9 @@ from labkit.replay.manifest import Manifest, now, read_sysctls
 from labkit.replay.notebook import Outcome, execute, render_html
 from labkit.scenario import load_scenario
 from labkit.util import writable_dir
-from labkit.results import (ROW_FILE, SUMMARY_FILE, iteration_dir, read_json, summary_frame,
-                            write_csv)
+from labkit.prepare import build_testbed
+from labkit.results import (ROW_FILE, SUMMARY_FILE, iteration_dir, read_json, replay_run_dir, results_root,
+                            summary_frame, write_csv)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 ITERATION_NOTEBOOK = NOTEBOOKS / "iteration.ipynb"
 SUMMARY_NOTEBOOK = NOTEBOOKS / "summary.ipynb"
-RESULTS = REPO / "results"
 
 # (run_id, iteration) -> None: brings that notebook's testbed down, restores sysctls.
 Teardown = Callable[[str, int], None]
@@ -54,7 +54,8 @@ class ReplayOptions:
     Attributes:
         profile: scenario profile (``article``, ``lab``, ``quick``).
         iterations: the iteration numbers, in the order to run them.
-        out: the run folder; ``results/<run-id>`` when None.
+        out: the replay run's folder; ``results/<run-id>`` when None (see
+            :func:`labkit.results.replay_run_dir`).
         resume: continue the run in ``out`` (or the newest run of this profile).
         testbed: testbed backend name passed to the notebooks.
         kernel: Jupyter kernel name; registered for this Python when missing.
@@ -62,12 +63,13 @@ class ReplayOptions:
             (no deadline).
         notebook, summary_notebook: the notebooks (summary None to skip it).
         parameters: extra parameters for every iteration notebook.
-        teardown: the testbed teardown after each iteration notebook; None uses
-            :func:`labkit.run.teardown`.
+        teardown: the testbed teardown after each iteration notebook; None uses the
+            teardown of the replay run's testbed (:meth:`labkit.testbed.base.Testbed.teardown`
+            of the testbed :func:`labkit.prepare.build_testbed` builds for the notebooks).
         report: receives one line per step; None stays silent.
         progress_bar: papermill's per-cell bar (for a terminal).
         show_code: keep code cells in the HTML reports.
-        recalibrate: for the ``lab`` profile on the netns testbed, check this machine
+        recalibrate: for the ``lab`` profile on a testbed of this machine (netns), check this machine
             before the first iteration and derive its own profile when it differs
             (:mod:`labkit.adapt`); False keeps the committed profile as it is.
     """
@@ -89,13 +91,13 @@ class ReplayOptions:
     recalibrate: bool = True
 
 
-def new_run_id(profile: str) -> str:
-    """A run id that sorts by time: ``YYYYmmdd-HHMMSS-<profile>``."""
+def new_replay_run_id(profile: str) -> str:
+    """A replay run's id, which sorts by time: ``YYYYmmdd-HHMMSS-<profile>``."""
     return f"{dt.datetime.now():%Y%m%d-%H%M%S}-{profile}"
 
 
 def latest_run(results: Path, profile: str) -> Path | None:
-    """The newest run folder of ``profile`` under ``results`` (None when there is none)."""
+    """The newest replay run's folder of ``profile`` under ``results`` (None when there is none)."""
     runs = sorted(p for p in results.glob(f"*-{profile}") if (p / "manifest.json").exists())
     return runs[-1] if runs else None
 
@@ -142,9 +144,9 @@ def _say(options: ReplayOptions, line: str) -> None:
 
 def _prepare_run_dir(options: ReplayOptions) -> tuple[Path, Manifest]:
     if options.resume:
-        run_dir = options.out or latest_run(RESULTS, options.profile)
+        run_dir = options.out or latest_run(results_root(), options.profile)
         if run_dir is None or not (Path(run_dir) / "manifest.json").exists():
-            raise ReplayError(f"--resume: no run to resume in {run_dir or RESULTS} "
+            raise ReplayError(f"--resume: no run to resume in {run_dir or results_root()} "
                               f"(no manifest.json of a {options.profile} run)")
         manifest = Manifest.load(run_dir)
         if manifest.data["profile"] != options.profile:
@@ -154,8 +156,8 @@ def _prepare_run_dir(options: ReplayOptions) -> tuple[Path, Manifest]:
         manifest.data["status"] = "running"
         manifest.save()
         return Path(run_dir), manifest
-    run_id = new_run_id(options.profile)
-    run_dir = Path(options.out) if options.out else RESULTS / run_id
+    run_id = new_replay_run_id(options.profile)
+    run_dir = Path(options.out) if options.out else replay_run_dir(run_id)
     if run_dir.exists() and not run_dir.is_dir():
         raise ReplayError(f"--out {run_dir}: is a file, not a folder")
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -175,7 +177,7 @@ def _prepare_run_dir(options: ReplayOptions) -> tuple[Path, Manifest]:
 def _run_id_for(run_dir: Path, *, generated: bool) -> str:
     """The run's id: its folder's name, made unique for a folder the user named.
 
-    The id keys the replay's testbed state (``replay-<run-id>/``): two replays whose
+    The id keys the replay run's state folder (``replay-<run-id>/``): two replays whose
     ``--out`` folders share a name (``a/run`` and ``b/run``) must not share it, or each
     would tear down the other's testbeds and kernels.
     """
@@ -200,10 +202,12 @@ def _completed(manifest: Manifest, run_dir: Path, number: int) -> bool:
                 and (iteration_dir(run_dir, number) / "iteration.ipynb").exists())
 
 
-def _default_teardown(run_id: str, number: int) -> None:
-    from labkit.run import teardown
-
-    teardown(run_id, number)
+def _testbed_teardown(testbed: str, run_id: str, number: int) -> None:
+    """Tear down the testbed the replay run's notebooks use (the one :func:`build_testbed` makes them)."""
+    removed = build_testbed(testbed, run_id).teardown()
+    if removed:
+        log.warning("teardown after iteration %s removed %d leftovers: %s", number, len(removed),
+                    "; ".join(removed[:5]))
 
 
 def run_iteration_notebook(options: ReplayOptions, run_dir: Path, manifest: Manifest,
@@ -257,7 +261,10 @@ def run_iteration_notebook(options: ReplayOptions, run_dir: Path, manifest: Mani
 
 def _teardown(options: ReplayOptions, run_id: str, number: int) -> str | None:
     try:
-        (options.teardown or _default_teardown)(run_id, number)
+        if options.teardown is not None:
+            options.teardown(run_id, number)
+        else:
+            _testbed_teardown(options.testbed, run_id, number)
     except Exception as exc:  # recorded in the manifest; the batch goes on with the next one
         log.error("iteration %s: teardown failed: %s", number, exc)
         return f"{type(exc).__name__}: {exc}"
@@ -326,19 +333,22 @@ def run_summary_notebook(options: ReplayOptions, run_dir: Path, manifest: Manife
     return entry
 
 
-def _background_flows(options: ReplayOptions) -> int:
+def _background_flows(options: ReplayOptions, run_id: str) -> int:
     """The background flows the batch keeps going for all its notebooks (0: none).
 
     Started once, before the first notebook, and warm before its load: the notebooks'
     :func:`labkit.run.run_iteration` finds them running instead of starting (and waiting
-    for) their own.
+    for) their own.  They run on this machine, so only for a testbed whose node is this
+    machine (see :func:`labkit.run.background_flows`).
     """
+    from labkit.run import background_flows
 
-    if options.testbed != "netns":
-        return 0
     scenario = load_scenario()
-    return max((scenario.iteration(n, options.profile).background_flows for n in options.iterations),
-               default=0)
+    its = [scenario.iteration(n, options.profile) for n in options.iterations]
+    busiest = max(its, key=lambda it: it.background_flows, default=None)
+    if busiest is None or not busiest.background_flows:
+        return 0
+    return background_flows(build_testbed(options.testbed, run_id), busiest)
 
 
 class _Flows:
@@ -384,23 +394,20 @@ def _check_machine(options: ReplayOptions, run_dir: Path, manifest: Manifest) ->
     """The profile the notebooks get: the lab profile checked (and derived) for this machine.
 
     On ``--resume`` the run's recorded choice is kept.  Otherwise, for the ``lab``
-    profile on the netns testbed, one short load compares this machine with the
+    profile on a testbed whose node is this machine (the netns testbed), one short load compares this machine with the
     profile's basis; when it differs, the derived profile is written to the run
     folder (``profile-lab.yaml``), recorded in the manifest, and used.
     """
     from labkit import adapt
     from labkit.calibrate import write_profile
-    from labkit.testbed import get_testbed
 
     if "profile_used" in manifest.data:
         return manifest.data["profile_used"]
     used = options.profile
-    if options.profile == "lab" and options.testbed == "netns" and options.recalibrate:
-        from labkit.run import replay_state_dir
-
+    run_id = manifest.data["run_id"]
+    testbed = build_testbed(options.testbed, run_id) if options.profile == "lab" else None
+    if testbed is not None and testbed.is_local and options.recalibrate:
         scenario = load_scenario()
-        run_id = manifest.data["run_id"]
-        testbed = get_testbed("netns", global_wait=300.0, state_dir=replay_state_dir(run_id))
         try:
             result = adapt.check(testbed, scenario, scenario._profile("lab"), on_step=lambda l: _say(options, l))
         finally:
@@ -415,7 +422,7 @@ def _check_machine(options: ReplayOptions, run_dir: Path, manifest: Manifest) ->
                  + "; ".join(result.reasons) + f"): using the profile derived for it, {path.name}")
         else:
             _say(options, "machine check: within the calibration's tolerance: the committed lab profile is used")
-    elif options.profile == "lab" and options.testbed == "netns":
+    elif testbed is not None and testbed.is_local:
         manifest.data["calibration"] = {"skipped": "--no-recalibrate: the committed lab profile is used as it is"}
     manifest.data["profile_used"] = used
     manifest.save()
@@ -441,7 +448,7 @@ def replay(options: ReplayOptions) -> Path:
     _say(options, f"run folder {run_dir}")
     total = len(options.iterations)
     guard.claim(manifest.data["run_id"])  # `labkit clean` leaves a live replay alone
-    flows = _Flows(_background_flows(options), options, manifest)
+    flows = _Flows(_background_flows(options, manifest.data["run_id"]), options, manifest)
     try:
         flows.ready()  # the check and a plain server need no warm collector: they run meanwhile
         profile_used = _check_machine(options, run_dir, manifest)

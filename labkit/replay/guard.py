@@ -1,7 +1,7 @@
 """A replay's own state, where ``labkit clean`` finds it: its process and its notebook kernels.
 
-A replay keeps its notebooks' testbeds under ``replay-<run-id>/`` of the state
-directory (see :func:`labkit.run.replay_state_dir`).  This module adds, there:
+A replay run keeps its notebooks' testbeds under ``replay-<run-id>/`` of the state
+directory (see :func:`labkit.results.replay_state_dir`).  This module adds, there:
 
 - ``owner.json``: the replay's process, so that ``labkit clean`` leaves a live replay
   alone and cleans up after a dead one;
@@ -28,6 +28,7 @@ from labkit import cgroups
 from labkit.cleanup import OWNER_NAME, owner_alive, owner_record
 from labkit.exceptions import ReplayError, TestbedError
 from labkit.ledger import Ledger
+from labkit.results import replay_state_dir
 from labkit.util import atomic_write
 
 log = logging.getLogger(__name__)
@@ -36,20 +37,13 @@ JUPYTER_DIR = "jupyter"
 WATCH_S = 2.0
 
 
-def replay_dir(run_id: str) -> Path:
-    """The replay's state folder (``replay-<run-id>/`` of the state directory)."""
-    from labkit.run import replay_state_dir
-
-    return replay_state_dir(run_id)
-
-
 def claim(run_id: str) -> Path:
     """Write ``owner.json`` (this process) into the replay's state folder; return the folder.
 
     Raises:
         ReplayError: another live replay keeps its state there.
     """
-    folder = replay_dir(run_id)
+    folder = replay_state_dir(run_id)
     other = owner_alive(folder / OWNER_NAME)
     if other:
         raise ReplayError(f"{folder} is the state of replay {run_id}, which pid {other['pid']} is running: "
@@ -64,7 +58,7 @@ def claim(run_id: str) -> Path:
 
 def release(run_id: str) -> None:
     """End whatever the replay's own ledger still lists, drop ``owner.json``, remove the folder if empty."""
-    folder = replay_dir(run_id)
+    folder = replay_state_dir(run_id)
     if not folder.exists():
         return
     ledger = Ledger(folder)
@@ -75,7 +69,7 @@ def release(run_id: str) -> None:
         try:
             sub.rmdir()
         except OSError:
-            pass  # a testbed's state still there: `labkit.run.teardown` or `labkit clean` owns it
+            pass  # a testbed's state still there: its `teardown()` or `labkit clean` owns it
 
 
 def kernel_cgroup_root() -> Path:
@@ -151,7 +145,7 @@ def notebook_kernel(run_id: str, label: str,
     Yields:
         ``{"kernel_manager_class": ...}`` for :func:`labkit.replay.notebook.execute`.
     """
-    folder = replay_dir(run_id)
+    folder = replay_state_dir(run_id)
     ledger = Ledger(folder)
     runtime = folder / JUPYTER_DIR
     try:

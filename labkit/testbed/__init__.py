@@ -27,11 +27,20 @@ def get_testbed(name: str = "netns", **options: Any) -> Testbed:
     Raises:
         TestbedError: no such testbed, or its backend is not available.
     """
+    return testbed_class(name)(**options)
+
+
+def testbed_class(name: str = "netns") -> type[Testbed]:
+    """The class of the testbed called ``name`` (imported on first use).
+
+    Raises:
+        TestbedError: no such testbed, or its backend is not available.
+    """
     target = TESTBEDS.get(name)
     if target is None:
         raise TestbedError(f"unknown testbed {name!r}; testbeds are {', '.join(TESTBEDS)}")
     if not isinstance(target, str):
-        return target(**options)
+        return target
     module_name, _, cls_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -40,7 +49,7 @@ def get_testbed(name: str = "netns", **options: Any) -> Testbed:
             raise TestbedError(f"testbed {name!r} is not available in this version of labkit "
                                f"({module_name} is missing)") from None
         raise
-    return getattr(module, cls_name)(**options)
+    return getattr(module, cls_name)
 
 
-__all__ = ["TESTBEDS", "ServedFile", "Testbed", "get_testbed"]
+__all__ = ["TESTBEDS", "ServedFile", "Testbed", "get_testbed", "testbed_class"]

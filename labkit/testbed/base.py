@@ -37,6 +37,24 @@ class Testbed(ABC):
     """
 
     name: str = "testbed"
+    #: True when the testbed's node is this machine's own kernel (its namespaces): the
+    #: background flows, which run here, then share its conntrack garbage collector, and a
+    #: measurement of this machine (the replay's machine check) is a measurement of the node.
+    is_local: bool = False
+    #: The replay run this testbed was built for (:meth:`for_replay`), None outside a replay.
+    replay_run_id: str | None = None
+
+    @classmethod
+    def for_replay(cls, run_id: str, **options: Any) -> "Testbed":
+        """The testbed a notebook of the replay run ``run_id`` uses, built with ``options``.
+
+        Backends that keep their state per replay run (the netns testbed: in the replay
+        run's state folder) override this; by default it is the same testbed as outside a
+        replay, marked with ``replay_run_id``.
+        """
+        testbed = cls(**options)
+        testbed.replay_run_id = run_id
+        return testbed
 
     @abstractmethod
     def up(self, iteration) -> None:
@@ -51,6 +69,18 @@ class Testbed(ABC):
     @abstractmethod
     def down(self) -> None:
         """Remove everything this testbed made and restore the global sysctls; idempotent."""
+
+    def teardown(self) -> list[str]:
+        """Remove whatever this testbed left up, however its user ended (a notebook that
+        failed half way), and restore the global sysctls; idempotent.
+
+        The replay driver calls it after every notebook.  By default it is :meth:`down`.
+
+        Returns:
+            One line per resource removed, where the backend says (empty otherwise).
+        """
+        self.down()
+        return []
 
     @abstractmethod
     def status(self) -> dict[str, Any]:

@@ -722,6 +722,37 @@ class NetnsTestbed(Testbed):
             "endpoints": s.get("endpoints", []), "updated": s.get("updated"), "last_up": s.get("last_up"),
         }
 
+    # --- a replay run's testbed (issue 13c: the seam; to be ported into the rewritten class) ---
+
+    is_local = True  # namespaces of this machine's kernel
+
+    @classmethod
+    def for_replay(cls, run_id: str, **options: Any) -> "NetnsTestbed":
+        """The testbed of the replay run ``run_id``: its state in that run's state folder."""
+        from labkit.results import replay_state_dir
+
+        return super().for_replay(run_id, state_dir=replay_state_dir(run_id), **options)
+
+    def teardown(self) -> list[str]:
+        """Outside a replay, :meth:`down`; in a replay run, undo every testbed run its state folder
+        records (one a dead kernel left too), restore the global sysctls and remove the emptied folders.
+
+        Raises:
+            TestbedError: something could not be removed (named; the rest was).
+        """
+        if self.replay_run_id is None:
+            return super().teardown()
+        if not self.state_dir.exists():
+            return []
+        removed = clean(self.state_dir)
+        for folder in sorted(self.state_dir.glob("*"), reverse=True) + [self.state_dir]:
+            try:  # what clean() emptied; anything still holding files stays
+                folder.rmdir()
+            except OSError:
+                pass
+        self._state, self.run_id = None, None
+        return removed
+
 
 def clean(directory: str | os.PathLike | None = None) -> list[str]:
     """Undo every run recorded in a state directory (also crashed ones); restore the globals.

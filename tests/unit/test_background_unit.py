@@ -15,11 +15,17 @@ from labkit.background import BackgroundFlows, running
 from labkit.run import background_flows
 
 
-def test_flows_run_on_the_netns_testbed_only():
+def test_flows_run_beside_a_testbed_on_this_machine_only(tmp_path, monkeypatch):
+    from labkit.prepare import build_testbed
+    from labkit.testbed.cluster import ClusterTestbed
+
+    monkeypatch.setenv("LABKIT_STATE_DIR", str(tmp_path))
     it = SimpleNamespace(background_flows=2000)
-    assert background_flows(SimpleNamespace(name="netns"), it) == 2000
-    assert background_flows(SimpleNamespace(name="kubeadm"), it) == 0
-    assert background_flows(SimpleNamespace(name="netns"), SimpleNamespace(background_flows=0)) == 0
+    local = build_testbed("netns")  # namespaces of this machine: the flows share its collector
+    remote = ClusterTestbed.__new__(ClusterTestbed)  # a remote node: its collector is not ours
+    assert background_flows(local, it) == 2000
+    assert background_flows(remote, it) == 0
+    assert background_flows(local, SimpleNamespace(background_flows=0)) == 0
 
 
 def test_zero_flows_are_refused_naming_the_value(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from labkit.cli import build_parser
 from labkit.exceptions import LoadgenError
 from labkit.loadgen import LoadResult, LoadSpec
-from labkit.loadgen.cli import format_summary, spec_from_args
+from labkit.loadgen.loadgen_cli import format_summary, spec_from_args
 from labkit.loadgen.engine import HIST_SCALE
 from labkit.loadgen.result import merge_records, percentile
 

@@ -11,7 +11,7 @@ import pytest
 
 from labkit.exceptions import MonitorError
 from labkit.monitor.agent import AGENT_MODULES, build_agent_zip, parse_target, remote_target, run_agent
-from labkit.monitor.cli import parse_netns_args
+from labkit.monitor.monitor_cli import parse_netns_args
 from labkit.monitor.sampler import NetnsTarget
 
 HAS_CONNTRACK = os.path.exists("/proc/sys/net/netfilter/nf_conntrack_count")

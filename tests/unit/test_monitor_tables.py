@@ -9,7 +9,7 @@ matplotlib.use("Agg")
 
 from labkit.exceptions import MonitorError  # noqa: E402
 from labkit.monitor import read_events, read_samples  # noqa: E402
-from labkit.monitor.plot import counter_rates, plot_conntrack  # noqa: E402
+from labkit.charts import conntrack_chart, counter_rate, relative, seconds  # noqa: E402
 
 DATA = Path(__file__).parent.parent / "data"
 
@@ -31,33 +31,33 @@ def test_recorded_tables_are_tidy(recorded):
 
 def test_counter_rates_add_up_to_the_counter_rise(recorded):
     samples, _ = recorded
-    rates = counter_rates(samples, bin_s=1.0)
+    rates = counter_rate(relative(samples, seconds(samples["time"]).min()), "stat_drop")
     node = samples[(samples.netns == "node") & (samples.metric == "stat_drop")]["value"]
     rose = node.max() - node.min()
     assert rose > 0
-    assert rates[(rates.netns == "node") & (rates.metric == "stat_drop")]["value"].sum() == rose
-    assert (rates["value"] >= 0).all()
-    half = counter_rates(samples, bin_s=0.5)
-    assert half[(half.netns == "node") & (half.metric == "stat_drop")]["value"].sum() == 2 * rose
+    assert rates[rates.netns == "node"]["rate"].sum() == rose
+    assert (rates["rate"] >= 0).all()
 
 
-def test_chart_renders_counts_against_max_with_drops_and_lines(recorded, tmp_path):
+def test_the_monitors_chart_is_the_notebooks_counts_against_max_with_drops_and_lines(recorded, tmp_path):
     samples, events = recorded
     out = tmp_path / "conntrack.png"
-    fig = plot_conntrack(samples, events, out=out, title="iteration 4")
+    fig = conntrack_chart(samples, events, out=out, title="iteration 4")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
     axes = fig.axes
-    assert len(axes) == 4                       # counts, expectations, counter deltas, log lines
+    assert len(axes) == 3                       # counts, counter deltas, log lines
     labels = [t.get_text() for t in axes[0].get_legend().get_texts()]
-    assert {"node", "pod-1"} <= set(labels) and "init" not in labels     # init tracked nothing
-    assert any("max" in label for label in labels)
+    assert {"node count", "pod-1 count"} <= set(labels) and not any("init" in label for label in labels)
+    assert any("nf_conntrack_max" in label for label in labels)
     assert axes[0].get_ylim()[1] >= 2048        # the max is on the scale
-    # every table-full line is drawn: one mark per event in the log panel
-    drawn = sum(len(c.get_offsets()) for c in axes[3].collections)
-    assert drawn == len(events)
+    assert axes[2].get_xlabel() == "seconds since the first sample"  # no load given: from the first sample
+    # every table-full line of the node and the pod is drawn: one mark per event in the log panel
+    lab = events[events["netns"].isin(["node", "pod-1"]) & events["kind"].isin(["table_full", "expect_table_full"])]
+    drawn = sum(len(c.get_offsets()) for c in axes[2].collections)
+    assert drawn == len(lab) > 0
 
 
 def test_chart_refuses_empty_samples(recorded):
     samples, _ = recorded
     with pytest.raises(MonitorError, match="nothing to plot"):
-        plot_conntrack(samples.iloc[0:0])
+        conntrack_chart(samples.iloc[0:0])

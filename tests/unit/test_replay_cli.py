@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from labkit.cli import build_parser
-from labkit.replay.cli import cmd_calibrate, cmd_replay, cmd_run, default_cell_timeout
+from labkit.replay.replay_cli import cmd_calibrate, cmd_replay, cmd_run, default_cell_timeout
 
 
 def test_run_replay_and_calibrate_are_commands():

@@ -140,7 +140,7 @@ def test_two_out_folders_of_one_name_get_their_own_run_ids_and_state(tmp_path):
     """`a/run` and `b/run` replayed at once must not share `replay-<run-id>/`: each would tear
     down the other's testbeds and kernels."""
     from labkit.replay.driver import _prepare_run_dir
-    from labkit.run import replay_state_dir
+    from labkit.results import replay_state_dir
 
     ids = []
     for where in ("a", "b"):
@@ -156,8 +156,9 @@ def test_a_replay_refuses_the_state_folder_of_a_live_replay(tmp_path):
     from labkit.cleanup import OWNER_NAME
     from labkit.ledger import proc_start_time
     from labkit.replay import guard
+    from labkit.results import replay_state_dir
 
-    folder = guard.replay_dir("shared-id")
+    folder = replay_state_dir("shared-id")
     folder.mkdir(parents=True)
     parent = os.getppid()  # a live process that is not this one
     (folder / OWNER_NAME).write_text(json.dumps({"pid": parent, "start": proc_start_time(parent)}))

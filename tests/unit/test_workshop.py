@@ -394,6 +394,7 @@ class FakeFlows:
 
 class UpTestbed:
     name = "netns"
+    is_local = True  # the background flows run beside it
 
     def __init__(self):
         self.ups, self.downs = 0, 0
@@ -410,14 +411,14 @@ class UpTestbed:
 
 
 def _session(monkeypatch, running, run_id=None):
-    from labkit import background
+    from labkit import background, prepare
     from labkit.session import IterationSession
 
     FakeFlows.made = []
     monkeypatch.setattr(background, "BackgroundFlows", FakeFlows)
     monkeypatch.setattr(background, "running", lambda directory=None: running())
+    monkeypatch.setattr(prepare, "build_testbed", lambda *a, **kw: UpTestbed())
     session = IterationSession(2, "lab", run_id=run_id)
-    session._testbed = UpTestbed()
     assert session.iteration.background_flows > 0  # the lab profile runs them
     return session
 
@@ -428,7 +429,7 @@ def test_up_starts_the_background_flows_so_they_warm_while_the_participant_reads
     assert len(FakeFlows.made) == 1 and FakeFlows.made[0].flows == session.iteration.background_flows
     assert "background flows" in text and ("within 61 s" in text or "within 60 s" in text)
     session.down()
-    assert FakeFlows.made[0].stopped and session._testbed.downs == 1
+    assert FakeFlows.made[0].stopped and session.testbed.downs == 1
 
 
 def test_up_uses_flows_already_running_and_a_replay_leaves_them_to_its_driver(monkeypatch):

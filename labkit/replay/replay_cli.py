@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "events.csv, transfers.csv and the summary row; then bring it down.")
     p.add_argument("--iteration", "-i", type=int, required=True, help="iteration number, 1-12")
     _profile_and_testbed(p)
-    p.add_argument("--out", type=Path, help="the iteration's folder (default results/run-<profile>/iteration-N)")
+    p.add_argument("--out", type=Path, help="the iteration's folder (default results/run-<profile>/iteration-N; "
+                   "$LABKIT_RESULTS_DIR instead of results/ when set)")
     p.add_argument("--duration", type=float, help="load duration in seconds (default: the profile's)")
     p.add_argument("--cooldown", type=float, help="sampled cool-down in seconds (default: the profile's)")
     p.add_argument("--keep-up", action="store_true", help="leave the testbed up afterwards")
@@ -52,8 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "per transfer on the netns testbed, and derive the lab profile's table "
                                    "sizes from the article's (printed beside them, and written as a profile file).")
     p.add_argument("--cpu-limit", type=float, default=0.35, help="CPU cores per pod (default 0.35)")
-    p.add_argument("--out", type=Path, default=Path("results/calibration.yaml"),
-                   help="profile file to write (default results/calibration.yaml); use it with --profile")
+    p.add_argument("--out", type=Path, help="profile file to write (default results/calibration.yaml; "
+                   "$LABKIT_RESULTS_DIR instead of results/ when set); use it with --profile")
     p.add_argument("--quick", action="store_true", help="shorter loads (rougher numbers)")
     p.set_defaults(func=cmd_calibrate)
 
@@ -78,24 +79,25 @@ def _step(line: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``labkit run --iteration N``."""
-    from labkit.session import IterationSession
-
-    session = IterationSession(args.iteration, args.profile, testbed=args.testbed,
-                               out_dir=args.out or Path("results") / f"run-{Path(str(args.profile)).stem}" /
-                               f"iteration-{args.iteration}", duration=args.duration, cooldown=args.cooldown)
+    """``labkit run --iteration N``: one iteration run, prepared as a notebook's is (:func:`labkit.prepare.prepare`)."""
+    from labkit.prepare import prepare
+    from labkit.results import single_iteration_dir
     from labkit.run import run_iteration
 
+    out = args.out or single_iteration_dir("run", Path(str(args.profile)).stem, args.iteration)
+    prepared = prepare(args.iteration, args.profile, args.testbed, out, duration=args.duration,
+                       cooldown=args.cooldown)
     try:
-        row = run_iteration(session.testbed, session.iteration, session.out_dir, on_step=_step)
+        row = run_iteration(prepared.testbed, prepared.iteration, prepared.out_dir, on_step=_step,
+                            calibration=prepared.calibration)
     finally:
         if not args.keep_up:
-            session.down()
+            prepared.testbed.down()
     print(f"iteration {row['iteration']}: {row['transfers_per_s']:.0f} transfers/s "
           f"(article {row['article_transfers_per_s']}), {row['transfers_failed']} failed; node peak "
           f"{row['peak_node_count']} of {row['conntrack_max']}, drops node {row['node_drops']} / pods "
           f"{row['pod_drops']}, early drops node {row['node_early_drops']} / pods {row['pod_early_drops']}")
-    print(f"data in {session.out_dir}")
+    print(f"data in {prepared.out_dir}")
     return 0
 
 
@@ -132,7 +134,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from labkit.calibrate import calibrate, comparison, write_profile
 
     profile = calibrate(cpu_limit=args.cpu_limit, quick=args.quick, on_step=_step)
-    path = write_profile(profile, args.out)
+    from labkit.results import results_root
+
+    path = write_profile(profile, args.out or results_root() / "calibration.yaml")
     print()
     print(profile["description"])
     print()
