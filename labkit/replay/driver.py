@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = REPO / "notebooks"
 ITERATION_NOTEBOOK = NOTEBOOKS / "iteration.ipynb"
+START_HERE_NOTEBOOK = NOTEBOOKS / "00-start-here.ipynb"
+START_HERE_HTML = "start-here.html"  # the reports' "New here?" link, rendered into the run folder
 SUMMARY_NOTEBOOK = NOTEBOOKS / "summary.ipynb"
 
 # (run_id, iteration) -> None: brings that notebook's testbed down, restores sysctls.
@@ -289,8 +292,11 @@ def _read_row(folder: Path) -> dict[str, Any] | None:
 def _render(notebook: Path, html: Path, entry: dict, show_code: bool) -> str | None:
     if not notebook.exists():
         return None
+    start_here = html.parent.parent / START_HERE_HTML if html.parent.name.startswith("iteration-") \
+        else html.parent / START_HERE_HTML
+    links = {START_HERE_NOTEBOOK.name: os.path.relpath(start_here, html.parent)}
     try:
-        return render_html(notebook, html, show_code=show_code).name
+        return render_html(notebook, html, show_code=show_code, links=links).name
     except Exception as exc:  # a report that cannot render is recorded, not fatal
         entry["render_error"] = f"{type(exc).__name__}: {exc}"
         log.error("rendering %s failed: %s", notebook, exc)
@@ -446,6 +452,8 @@ def replay(options: ReplayOptions) -> Path:
         ensure_kernel(options.kernel)
     run_dir, manifest = _prepare_run_dir(options)
     _say(options, f"run folder {run_dir}")
+    # the reports' "New here? Start with ..." link: the start-here notebook, as it reads unrun
+    render_html(START_HERE_NOTEBOOK, run_dir / START_HERE_HTML, show_code=True)
     total = len(options.iterations)
     guard.claim(manifest.data["run_id"])  # `labkit clean` leaves a live replay alone
     flows = _Flows(_background_flows(options, manifest.data["run_id"]), options, manifest)

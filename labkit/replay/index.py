@@ -97,6 +97,8 @@ def render(run_dir: Path, manifest: dict[str, Any]) -> str:
             f" &middot; {env.get('cpus')} CPUs &middot; labkit {html.escape(str((env.get('git') or {}).get('revision') or '')[:10])}"
             f" &middot; <a href='manifest.json'>manifest.json</a>"
             + (" &middot; <a href='summary.csv'>summary.csv</a>" if (run_dir / "summary.csv").exists() else ""))
+    start_here = (' New here? Read <a href="start-here.html">start here</a> first.'
+                  if (run_dir / "start-here.html").exists() else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{STYLE}</style></head><body>
@@ -104,7 +106,7 @@ def render(run_dir: Path, manifest: dict[str, Any]) -> str:
 <p class="meta">{meta}</p>
 <p>The nine iterations of <i>Exposing TFTP Server as Kubernetes Service, Part 6</i>, replayed on a
 real Linux kernel: each report tells what the iteration changes, shows the conntrack tables and the
-transfers per second, and compares the lab with the article.</p>
+transfers per second, and compares the lab with the article.{start_here}</p>
 {calibration_html}<h2>Iterations</h2>
 <table><thead><tr><th>#</th><th>iteration</th><th>status</th><th>lab transfers/s</th>
 <th>article transfers/s</th><th>reports</th><th>data</th></tr></thead>

@@ -117,12 +117,14 @@ def external_references(html: str) -> list[str]:
     return [m.group(0) for m in _EXTERNAL.finditer(html)]
 
 
-def render_html(notebook: str | Path, html: str | Path, *, show_code: bool = False) -> Path:
+def render_html(notebook: str | Path, html: str | Path, *, show_code: bool = False,
+                links: Mapping[str, str] | None = None) -> Path:
     """Render an executed notebook to one self-contained HTML file (atomic write).
 
     Images are inlined as data: URIs; no script, stylesheet or font comes from the
     network.  Code cells are hidden unless ``show_code``: the report reads as the
-    story and its charts.
+    story and its charts.  ``links`` maps a link of the notebook (``00-start-here.ipynb``,
+    beside it in ``notebooks/``) to where the report finds it (``../start-here.html``).
 
     Returns:
         The HTML path.
@@ -138,6 +140,8 @@ def render_html(notebook: str | Path, html: str | Path, *, show_code: bool = Fal
     exporter.template_file = TEMPLATE_FILE
     exporter.log.setLevel(logging.ERROR)  # not "alternative text is missing" per chart
     body, _ = exporter.from_filename(str(notebook))
+    for target, replacement in (links or {}).items():
+        body = body.replace(f'href="{target}"', f'href="{replacement}"')
     found = external_references(body)
     if found:
         raise ReplayError(f"{html}: the report would load {found[0]!r} from the network")

@@ -154,6 +154,10 @@ def test_html_reports_are_self_contained_with_inline_charts(quick_run):
         text = html.read_text()
         assert external_references(text) == [], html
         assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', text)) >= (3 if "iteration-" in str(html) else 1)
+        # every link to a file of the run opens (the story's "New here? Start with ..." did not)
+        for href in re.findall(r'href="([^":#]+)"', text):
+            assert (html.parent / href).exists(), (html, href)
+    assert "Start here: conntrack, a TFTP NodePort" in (out / "start-here.html").read_text()
     index = (out / "index.html").read_text()
     assert external_references(index) == []
     for n in range(1, 10):
