@@ -4,7 +4,7 @@
 that picks the local box) inside the lab's network namespace
 (:class:`~labkit.vm.libvirtd.LibvirtLab`), with its own ``VAGRANT_HOME`` and
 ``.vagrant`` folder outside the repository.  :meth:`VagrantLab.host` gives a
-machine as an :class:`~labkit.ssh.SSHHost` whose TCP connection is made inside
+machine as an :class:`~labkit.remote.SSHHost` whose TCP connection is made inside
 that namespace, with the guest's host key pinned (read through ``vagrant ssh``,
 the channel Vagrant trusts) and checked from then on.
 
@@ -31,7 +31,7 @@ import paramiko
 from labkit.exceptions import VMError
 from labkit.host import Result
 from labkit.hostkeys import known_hosts_name, pin_host_key
-from labkit.ssh import SSHHost
+from labkit.remote import SSHHost
 from labkit.testbed.vagrant import HOST_KEY_FILE, parse_host_key, parse_ssh_config
 from labkit.vm.box import BOX_NAME
 from labkit.vm.libvirtd import LibvirtLab

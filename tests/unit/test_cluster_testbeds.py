@@ -10,7 +10,7 @@ import yaml
 
 from labkit.exceptions import HostKeyError, ScenarioError, TestbedError
 from labkit.scenario import load_scenario
-from labkit.ssh import SSHHost, SSHNetnsHost
+from labkit.remote import SSHHost, SSHNetnsHost
 from labkit.testbed import get_testbed
 from labkit.testbed.cluster import ClusterTestbed, parse_inventory
 from labkit.testbed.kubeadm import KubeadmDriver
