@@ -57,7 +57,7 @@ class SSHLogin:
     port: int
     user: str | None
     identity_files: tuple[str, ...]
-    options: dict[str, Any] = field(default_factory=dict, repr=False)
+    options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def ssh_login(text: str, machine: str, *, source: str = "vagrant ssh-config") -> SSHLogin:
