@@ -201,7 +201,7 @@ class _LocalStream:
 def remote_target(role: str, host: Any) -> tuple[Any, NetnsTarget]:
     """Where the agent for ``host`` runs, and the namespace it samples there.
 
-    A host with a ``parent`` (:class:`labkit.ssh.SSHNetnsHost`) is a namespace of
+    A host with a ``parent`` (:class:`labkit.remote.SSHNetnsHost`) is a namespace of
     its parent machine: ``netns`` is a name (``/run/netns/NAME``) or ``pid:N``
     (``/proc/N/ns/net``, a container's namespace).  Any other host is sampled in
     its own namespace.

@@ -15,7 +15,7 @@ from labkit.testbed.base import ServedFile, Testbed
 TESTBEDS: dict[str, str] = {
     "netns": "labkit.testbed.netns:NetnsTestbed",
     "vagrant": "labkit.testbed.vagrant:VagrantTestbed",
-    "ssh": "labkit.testbed.ssh:SSHTestbed",
+    "ssh": "labkit.testbed.inventory:SSHTestbed",
 }
 
 

@@ -35,7 +35,7 @@ from labkit.exceptions import ScenarioError, TestbedError
 from labkit.host import Host
 from labkit.manifests import Manifests
 from labkit.hostkeys import DEFAULT_KNOWN_HOSTS
-from labkit.ssh import SSHHost
+from labkit.remote import SSHHost
 from labkit.testbed.base import ServedFile, Testbed
 from labkit.testbed.kubeadm import KubeadmDriver
 

@@ -1,7 +1,7 @@
 """Apply an iteration to a real kubeadm cluster over SSH, and verify it by reading back.
 
 :class:`KubeadmDriver` is what the ``vagrant`` and ``ssh`` testbeds share.  It
-gets three hosts (any :class:`~labkit.host.Host`; :class:`~labkit.ssh.SSHHost` in
+gets three hosts (any :class:`~labkit.host.Host`; :class:`~labkit.remote.SSHHost` in
 use): the node under test, the host that runs ``kubectl``, and the client.  For
 an iteration it does, in this order, with the commands kept simple enough to
 read in a transcript:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,64 +39,58 @@ CONTROL_PLANE, CLIENT = "control-plane", "client"
 HOST_KEY_FILE = "/etc/ssh/ssh_host_ed25519_key.pub"
 
 
-@dataclass
-class SSHConfigEntry:
-    """One ``Host`` block of ``ssh -F`` style configuration.
+@dataclass(frozen=True)
+class SSHLogin:
+    """How to log in to one machine: its ``Host`` entry of an ssh_config, as Paramiko reads it.
 
     Attributes:
-        name: the block's name (the Vagrant machine).
-        options: lower-cased option name -> list of values (IdentityFile repeats).
+        machine: the ``Host`` name (the Vagrant machine).
+        hostname, port, user: where to connect and as whom (``user`` None: not given).
+        identity_files: the private keys, in the order given, ``~`` expanded.
+        options: every option Paramiko looked up for the machine, lower-cased
+            (e.g. ``stricthostkeychecking``, ``userknownhostsfile``,
+            ``hostkeyalgorithms``: read, not obeyed; labkit pins host keys itself).
     """
 
-    name: str
-    options: dict[str, list[str]] = field(default_factory=dict)
-
-    def get(self, key: str, default: str | None = None) -> str | None:
-        """The first value of an option."""
-        values = self.options.get(key.lower())
-        return values[0] if values else default
-
-    @property
-    def port(self) -> int:
-        """The SSH port (22 when not given)."""
-        return int(self.get("port", "22"))
+    machine: str
+    hostname: str
+    port: int
+    user: str | None
+    identity_files: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
-def parse_ssh_config(text: str) -> dict[str, SSHConfigEntry]:
-    """Parse ``vagrant ssh-config`` output into its ``Host`` blocks.
+def ssh_login(text: str, machine: str, *, source: str = "vagrant ssh-config") -> SSHLogin:
+    """The login of ``machine`` from ssh_config text (``vagrant ssh-config`` output).
 
-    Accepts ``Key value`` and ``Key=value``, quoted values, comments and blank
-    lines, as ssh_config(5) does.
+    Parsed and looked up by :class:`paramiko.SSHConfig`, so ``Key value`` and
+    ``Key=value``, quoted values, comments and ``Host *`` defaults mean what
+    they mean to ssh_config(5).
+
+    Args:
+        text: the configuration.
+        machine: the ``Host`` entry wanted.
+        source: where the text came from, for errors.
 
     Raises:
-        TestbedError: an option before the first ``Host``, a ``Host`` block
-            without ``HostName``, or a non-numeric ``Port``.
+        TestbedError: the text does not parse, has no ``Host`` entry for
+            ``machine`` (the message names it and the entries there are), or its
+            ``Port`` is not a number.
     """
-    entries: dict[str, SSHConfigEntry] = {}
-    current: SSHConfigEntry | None = None
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = re.match(r"^(\S+?)(?:\s*=\s*|\s+)(.*)$", line)
-        if not match:
-            raise TestbedError(f"vagrant ssh-config, line {number}: option without a value: {raw!r}")
-        key, value = match.group(1).lower(), match.group(2).strip()
-        if value.startswith('"') and value.endswith('"') and len(value) >= 2:
-            value = value[1:-1]
-        if key == "host":
-            current = entries.setdefault(value, SSHConfigEntry(value))
-            continue
-        if current is None:
-            raise TestbedError(f"vagrant ssh-config, line {number}: {raw.strip()!r} before any Host")
-        current.options.setdefault(key, []).append(value)
-    for entry in entries.values():
-        if not entry.get("hostname"):
-            raise TestbedError(f"vagrant ssh-config: Host {entry.name} has no HostName")
-        if not (entry.get("port") or "22").isdigit():
-            raise TestbedError(f"vagrant ssh-config: Host {entry.name}: Port {entry.get('port')!r} "
-                               "is not a number")
-    return entries
+    try:
+        config = paramiko.SSHConfig.from_text(text)
+        hosts = config.get_hostnames()
+        if machine not in hosts:
+            listed = ", ".join(sorted(h for h in hosts if h != "*")) or "none"
+            raise TestbedError(f"{source} has no Host entry for machine {machine!r} (entries: {listed})")
+        entry = config.lookup(machine)
+    except paramiko.SSHException as exc:  # ConfigParseError, CouldNotCanonicalize
+        raise TestbedError(f"{source}: {exc}") from None
+    port = str(entry.get("port", "22"))
+    if not port.isdigit():
+        raise TestbedError(f"{source}: Host {machine}: Port {port!r} is not a number")
+    return SSHLogin(machine, entry["hostname"], int(port), entry.get("user"),
+                    tuple(os.path.expanduser(k) for k in entry.get("identityfile", [])), dict(entry))
 
 
 def load_settings(path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -127,7 +120,7 @@ def machine_addresses(settings: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def inventory_from_ssh_config(entries: dict[str, SSHConfigEntry], settings: dict[str, Any], *,
+def inventory_from_ssh_config(entries: dict[str, SSHLogin], settings: dict[str, Any], *,
                               node: str, known_hosts: Path) -> Inventory:
     """The cluster's :class:`Inventory` from ``vagrant ssh-config`` and the settings.
 
@@ -146,8 +139,7 @@ def inventory_from_ssh_config(entries: dict[str, SSHConfigEntry], settings: dict
             raise TestbedError(f"vagrant ssh-config has no machine {name!r} (machines: "
                                f"{', '.join(entries) or 'none'}); is it up? `vagrant status`")
         hosts[name] = InventoryHost(
-            name, entry.get("hostname"), entry.port, entry.get("user"),
-            tuple(os.path.expanduser(k) for k in entry.options.get("identityfile", [])),
+            name, entry.hostname, entry.port, entry.user, entry.identity_files,
             sudo=name != CLIENT, node_name=name, node_ip=private_ip)
     if node not in hosts:
         raise TestbedError(f"no machine {node!r} to measure; machines: {', '.join(hosts)}")
@@ -204,15 +196,15 @@ class VagrantTestbed(ClusterTestbed):
         cluster = machine_addresses(self.settings)
         return {s.name: s.state for s in self.vagrant.status() if s.name in cluster}
 
-    def ssh_entries(self) -> dict[str, SSHConfigEntry]:
-        """``vagrant ssh-config`` of each cluster machine (asked one by one: Vagrant
-        refuses the whole command while any machine, e.g. ``lab``, is not created)."""
-        entries = {}
-        for name in machine_addresses(self.settings):
-            parsed = parse_ssh_config(self.vagrant.ssh_config(vm_name=name))
-            if name in parsed:
-                entries[name] = parsed[name]
-        return entries
+    def ssh_entries(self) -> dict[str, SSHLogin]:
+        """The login of each cluster machine, from its ``vagrant ssh-config`` (asked one by
+        one: Vagrant refuses the whole command while any machine, e.g. ``lab``, is not created).
+
+        Raises:
+            TestbedError: a machine's ssh-config has no entry for it, or a bad one.
+        """
+        return {name: ssh_login(self.vagrant.ssh_config(vm_name=name), name)
+                for name in machine_addresses(self.settings)}
 
     def bring_up(self) -> None:
         """``vagrant up`` unless every machine runs; then pin every machine's host key."""
@@ -236,7 +228,7 @@ class VagrantTestbed(ClusterTestbed):
         entries = self.ssh_entries()
         pinned = paramiko.HostKeys(str(self.known_hosts)) if self.known_hosts.exists() else paramiko.HostKeys()
         for name, entry in entries.items():
-            label = known_hosts_name(entry.get("hostname"), entry.port)
+            label = known_hosts_name(entry.hostname, entry.port)
             if pinned.lookup(label):
                 continue  # already pinned: a changed key is refused when labkit connects
             line = self.vagrant.ssh(vm_name=name, command=shlex.join(["cat", HOST_KEY_FILE]))

@@ -4,7 +4,7 @@
 that picks the local box) inside the lab's network namespace
 (:class:`~labkit.vm.libvirtd.LibvirtLab`), with its own ``VAGRANT_HOME`` and
 ``.vagrant`` folder outside the repository.  :meth:`VagrantLab.host` gives a
-machine as an :class:`~labkit.ssh.SSHHost` whose TCP connection is made inside
+machine as an :class:`~labkit.remote.SSHHost` whose TCP connection is made inside
 that namespace, with the guest's host key pinned (read through ``vagrant ssh``,
 the channel Vagrant trusts) and checked from then on.
 
@@ -28,11 +28,11 @@ from typing import Sequence
 
 import paramiko
 
-from labkit.exceptions import VMError
+from labkit.exceptions import TestbedError, VMError
 from labkit.host import Result
 from labkit.hostkeys import known_hosts_name, pin_host_key
-from labkit.ssh import SSHHost
-from labkit.testbed.vagrant import HOST_KEY_FILE, parse_host_key, parse_ssh_config
+from labkit.remote import SSHHost
+from labkit.testbed.vagrant import HOST_KEY_FILE, SSHLogin, parse_host_key, ssh_login
 from labkit.vm.box import BOX_NAME
 from labkit.vm.libvirtd import LibvirtLab
 
@@ -112,12 +112,16 @@ class VagrantLab:
             self.vagrant("destroy", "-f", timeout=600)
         self.known_hosts.unlink(missing_ok=True)
 
-    def ssh_config(self, machine: str):
-        """The parsed ``vagrant ssh-config MACHINE`` block."""
-        entries = parse_ssh_config(self.vagrant("ssh-config", machine, timeout=120).stdout)
-        if machine not in entries:
-            raise VMError(f"vagrant ssh-config has no machine {machine!r}")
-        return entries[machine]
+    def ssh_config(self, machine: str) -> SSHLogin:
+        """``machine``'s login, from ``vagrant ssh-config MACHINE``.
+
+        Raises:
+            VMError: vagrant failed, or its output has no (valid) entry for ``machine``.
+        """
+        try:
+            return ssh_login(self.vagrant("ssh-config", machine, timeout=120).stdout, machine)
+        except TestbedError as exc:
+            raise VMError(str(exc)) from None
 
     def pin_host_key(self, machine: str) -> None:
         """Pin ``machine``'s host key (read through ``vagrant ssh``) unless a key is pinned.
@@ -125,7 +129,7 @@ class VagrantLab:
         A VM re-created behind the lab's back keeps its old pin, and is refused.
         """
         entry = self.ssh_config(machine)
-        label = known_hosts_name(entry.get("hostname"), entry.port)
+        label = known_hosts_name(entry.hostname, entry.port)
         pinned = paramiko.HostKeys(str(self.known_hosts)) if self.known_hosts.exists() else paramiko.HostKeys()
         if pinned.lookup(label):
             return
@@ -137,9 +141,8 @@ class VagrantLab:
         its host key pinned in ``known_hosts`` and checked."""
         self.pin_host_key(machine)
         entry = self.ssh_config(machine)
-        keys = [os.path.expanduser(k) for k in entry.options.get("identityfile", [])]
-        return SSHHost(entry.get("hostname"), port=entry.port, username=entry.get("user"),
-                       key_filename=keys, known_hosts=self.known_hosts, name=f"vagrant:{machine}",
+        return SSHHost(entry.hostname, port=entry.port, username=entry.user,
+                       key_filename=list(entry.identity_files), known_hosts=self.known_hosts, name=f"vagrant:{machine}",
                        sudo=sudo, via_netns=self.libvirt.netns)
 
 

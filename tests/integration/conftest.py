@@ -153,14 +153,14 @@ class SSHServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def ssh_host(self, known_hosts: Path | None = None, pin: bool = True, **options):
-        """An :class:`labkit.ssh.SSHHost` for this server.
+        """An :class:`labkit.remote.SSHHost` for this server.
 
         Args:
             known_hosts: the known_hosts file to use (default: a fresh one in the
                 server's directory).
             pin: write this server's key into that file first.
         """
-        from labkit.ssh import SSHHost
+        from labkit.remote import SSHHost
 
         if known_hosts is None:
             known_hosts = Path(tempfile.mkstemp(dir=self.dir, prefix="known_hosts.")[1])

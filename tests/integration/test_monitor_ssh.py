@@ -15,13 +15,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def ssh_node(request):
-    pytest.importorskip("labkit.ssh", reason="needs labkit.ssh (the SSH part)")
-    try:
-        server = request.getfixturevalue("sshd")
-    except pytest.FixtureLookupError:
-        pytest.skip("needs the sshd fixture of tests/integration/conftest.py (the SSH part)")
-    host = server.ssh_host()
+def ssh_node(sshd):
+    host = sshd.ssh_host()
     yield host
     host.close()
 

@@ -217,7 +217,7 @@ def test_a_connection_dropped_mid_command_is_reported(fresh_sshd):
 def test_a_server_that_never_sends_its_banner_is_given_up_on_in_time(tmp_path):
     import socket
 
-    from labkit.ssh import SSHHost
+    from labkit.remote import SSHHost
 
     with socket.socket() as listener:  # accepts the TCP connection, then says nothing
         listener.bind(("127.0.0.1", 0))

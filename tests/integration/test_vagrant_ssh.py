@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from labkit.exceptions import HostKeyError
-from labkit.testbed.ssh import SSHTestbed
+from labkit.testbed.inventory import SSHTestbed
 from labkit.testbed.vagrant import VagrantTestbed
 from tests.integration.conftest import keygen
 

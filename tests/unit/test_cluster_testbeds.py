@@ -10,50 +10,67 @@ import yaml
 
 from labkit.exceptions import HostKeyError, ScenarioError, TestbedError
 from labkit.scenario import load_scenario
-from labkit.ssh import SSHHost, SSHNetnsHost
+from labkit.remote import SSHHost, SSHNetnsHost
 from labkit.testbed import get_testbed
 from labkit.testbed.cluster import ClusterTestbed, parse_inventory
 from labkit.testbed.kubeadm import KubeadmDriver
 from labkit.testbed.vagrant import (inventory_from_ssh_config, load_settings, machine_addresses,
-                                    parse_host_key, parse_ssh_config)
+                                    parse_host_key, ssh_login)
 from tests.kubeadm_fake import FakeCluster, clock
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "vagrant"
 SETTINGS = load_settings()
+MACHINES = ("control-plane", "worker-1", "client")
+
+
+def _logins(name: str) -> dict:
+    text = (DATA / name).read_text()
+    return {m: ssh_login(text, m) for m in MACHINES}
 
 
 def test_libvirt_ssh_config_gives_every_machine_its_login():
-    entries = parse_ssh_config((DATA / "ssh-config-libvirt.txt").read_text())
-    assert list(entries) == ["control-plane", "worker-1", "client"]
-    w = entries["worker-1"]
-    assert (w.get("hostname"), w.port, w.get("user")) == ("192.168.121.203", 22, "vagrant")
-    assert w.options["identityfile"] == ["/home/ada/labkit/.vagrant/machines/worker-1/libvirt/private_key"]
-    assert w.get("stricthostkeychecking") == "no"  # what Vagrant says; labkit ignores it
+    logins = _logins("ssh-config-libvirt.txt")
+    assert [logins[m].hostname for m in MACHINES] == ["192.168.121.57", "192.168.121.203", "192.168.121.94"]
+    w = logins["worker-1"]
+    assert (w.machine, w.hostname, w.port, w.user) == ("worker-1", "192.168.121.203", 22, "vagrant")
+    assert w.identity_files == ("/home/ada/labkit/.vagrant/machines/worker-1/libvirt/private_key",)
+    # what Vagrant says about host keys is read (labkit pins keys itself and ignores it)
+    assert w.options["stricthostkeychecking"] == "no" and w.options["userknownhostsfile"] == "/dev/null"
+    assert w.options["hostkeyalgorithms"] == "+ssh-rsa"
 
 
 def test_virtualbox_ssh_config_with_forwarded_ports_and_quoted_paths():
-    entries = parse_ssh_config((DATA / "ssh-config-virtualbox.txt").read_text())
-    assert [(e.get("hostname"), e.port) for e in entries.values()] == [
+    logins = _logins("ssh-config-virtualbox.txt")
+    assert [(logins[m].hostname, logins[m].port) for m in MACHINES] == [
         ("127.0.0.1", 2222), ("127.0.0.1", 2200), ("127.0.0.1", 2201)]
-    assert entries["client"].get("identityfile") == \
-        "/Users/ada/My Labs/labkit/.vagrant/machines/client/virtualbox/private_key"
+    assert logins["client"].identity_files == (
+        "/Users/ada/My Labs/labkit/.vagrant/machines/client/virtualbox/private_key",)
+
+
+def test_ssh_config_defaults_and_key_equals_value_are_read_as_ssh_reads_them():
+    # the first value obtained wins; Host * fills in what the machine's entry left out
+    text = "Host worker-1\n  HostName=10.0.0.5\n  Port 2200\n\nHost *\n  User vagrant\n  Port 2222\n"
+    login = ssh_login(text, "worker-1")
+    assert (login.hostname, login.port, login.user, login.identity_files) == ("10.0.0.5", 2200, "vagrant", ())
 
 
 @pytest.mark.parametrize("text, message", [
-    ("  HostName 10.0.0.1\n", "before any Host"),
-    ("Host a\n  User vagrant\n", "Host a has no HostName"),
-    ("Host a\n  HostName x\n  Port twenty\n", "Port 'twenty' is not a number"),
+    ("Host other\n  HostName 10.0.0.1\n", r"no Host entry for machine 'worker-1' \(entries: other\)"),
+    ("", r"no Host entry for machine 'worker-1' \(entries: none\)"),
+    ("Host worker-1\n  HostName x\n  Port twenty\n", "Host worker-1: Port 'twenty' is not a number"),
+    ("Host worker-1\n  HostName\n", "vagrant ssh-config: Unparsable line HostName"),
 ])
-def test_ssh_config_that_is_not_vagrants_is_refused(text, message):
+def test_ssh_config_without_a_usable_entry_is_refused_naming_the_machine(text, message):
     with pytest.raises(TestbedError, match=message):
-        parse_ssh_config(text)
+        ssh_login(text, "worker-1")
 
 
 def test_inventory_from_vagrant_uses_private_addresses_for_the_service(tmp_path):
-    entries = parse_ssh_config((DATA / "ssh-config-virtualbox.txt").read_text())
+    entries = _logins("ssh-config-virtualbox.txt")
     inv = inventory_from_ssh_config(entries, SETTINGS, node="worker-1", known_hosts=tmp_path / "kh")
     node = inv.hosts["worker-1"]
     assert (node.address, node.port, node.node_ip, node.sudo) == ("127.0.0.1", 2200, "192.168.56.11", True)
+    assert node.keys == ("/Users/ada/My Labs/labkit/.vagrant/machines/worker-1/virtualbox/private_key",)
     assert inv.hosts["client"].sudo is False and inv.kubectl == "control-plane"
     ssh = inv.ssh("worker-1")
     assert isinstance(ssh, SSHHost) and ssh.known_hosts == tmp_path / "kh" and not ssh.trust_on_first_use

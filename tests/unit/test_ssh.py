@@ -11,7 +11,7 @@ import pytest
 
 from labkit.exceptions import HostKeyError
 from labkit.hostkeys import known_hosts_name, pin_host_key
-from labkit.ssh import SSHHost
+from labkit.remote import SSHHost
 
 PACKAGE = Path(__file__).resolve().parents[2] / "labkit"
 

@@ -120,4 +120,4 @@ def test_a_recreated_lab_vm_is_refused_for_its_new_host_key(lab):
         vagrant.host("lab").run(["true"], timeout=60)
     text = str(refused.value)
     assert "HOST KEY CHANGED" in text and "ssh-keygen -R" in text
-    assert vagrant.ssh_config("lab").get("hostname") == old_address  # same address, new key
+    assert vagrant.ssh_config("lab").hostname == old_address  # same address, new key

@@ -1,4 +1,4 @@
-"""The ``ssh`` testbed: the same kubeadm driver on any existing cluster, from an inventory file.
+"""The ``ssh`` testbed (``--testbed ssh``): the kubeadm driver on an existing cluster, from an inventory.
 
 The inventory (see :mod:`labkit.testbed.cluster` for its fields) comes from the
 ``inventory`` option, ``$LABKIT_INVENTORY``, or ``./inventory.yaml``.  What the
