@@ -19,7 +19,7 @@ import pytest
 from labkit.cgroups import cpu_root
 from labkit.host import LocalHost
 from labkit.scenario import load_scenario
-from labkit.sysctls import CLAIM_PATH
+from labkit.sysctls import CLAIM_PATH, GlobalSysctls
 from tests.conftest import need_program
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,6 @@ def test_the_netns_testbed_runs_an_iteration_through_ssh_and_leaves_nothing(sshd
     from labkit.testbed import get_testbed
 
     iteration = load_scenario().iteration(2, "quick")
-    before = _globals()
     started = time.monotonic()
     with sshd.ssh_host() as machine:
         testbed = get_testbed("netns", host=machine, state_dir=tmp_path / "state", python=sys.executable,
@@ -57,6 +56,10 @@ def test_the_netns_testbed_runs_an_iteration_through_ssh_and_leaves_nothing(sshd
             assert status["state"] == "up" and status["machine"] == machine.name
             assert type(testbed.host("node")).__name__ == "SSHNetnsHost"
             pid = status["hosts"][2]["pid"]
+            # the originals the run saved, on the machine, before it changed them
+            saved = GlobalSysctls("test", directory=tmp_path / "state").saved()
+            assert set(saved) == set(GLOBALS) and _globals() == {"net.netfilter.nf_conntrack_max": "1024",
+                                                                 "net.netfilter.nf_conntrack_expect_max": "128"}
             assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"in.tftpd")
             row = run_iteration(testbed, iteration, tmp_path / "out")
             run_s = time.monotonic() - started - up_s
@@ -83,6 +86,38 @@ def test_the_netns_testbed_runs_an_iteration_through_ssh_and_leaves_nothing(sshd
         claimant = Path(CLAIM_PATH).read_text()
     except FileNotFoundError:
         claimant = ""
-    if str(tmp_path) not in claimant and not claimant:  # another run may hold them by now
-        assert _globals() == before
     assert str(tmp_path) not in claimant
+    if not claimant:  # (else another lab run holds them by now)
+        assert _globals() == saved
+
+
+def test_the_machine_primitives_over_ssh_act_on_that_machine(sshd, tmp_path):
+    with sshd.ssh_host() as machine:
+        run = tmp_path / "state" / "netns-abcde"
+        machine.makedirs(run)
+        with pytest.raises(FileExistsError):
+            machine.makedirs(run, exist_ok=False)
+        machine.atomic_write(run / "state.json", b'{"state": "up"}', mode=0o600)
+        machine.append_file(run / "ledger.jsonl", b"one\n")
+        machine.append_file(run / "ledger.jsonl", b"two\n")
+        assert (run / "state.json").read_bytes() == b'{"state": "up"}'
+        assert oct(os.stat(run / "state.json").st_mode & 0o777) == "0o600"
+        assert (run / "ledger.jsonl").read_bytes() == b"one\ntwo\n"
+        assert oct(os.stat(run / "ledger.jsonl").st_mode & 0o777) == "0o600"
+        assert [(n, d) for n, d, _ in machine.entries(run.parent)] == [("netns-abcde", True)]
+        assert machine.exists(run / "state.json") and not machine.exists(run / "nothing")
+        pid = machine.spawn(["sleep", "30"], log=str(run / "sleep.log"))
+        start = machine.proc_start_time(pid)
+        assert start is not None and Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x0030\x00"
+        machine.kill(pid)
+        deadline = time.monotonic() + 5
+        while machine.proc_start_time(pid) == start and time.monotonic() < deadline:
+            LocalHost().reap([pid])  # an orphan of the SSH session may come to this process (subreaper)
+            time.sleep(0.05)
+        assert machine.proc_start_time(pid) is None
+        assert machine.own_netns_inode() == os.stat("/proc/self/ns/net").st_ino
+        with machine.lock(run):
+            pass
+        machine.remove(run / "state.json")
+        machine.remove(run.parent)
+        assert not run.parent.exists()
