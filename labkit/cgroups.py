@@ -4,6 +4,10 @@ A pod's ``resources.limits.cpu`` becomes a CFS quota: ``cpu.max`` on cgroup v2,
 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` on v1.  The cgroup is also how the
 lab finds every process of a pod (the server and the children it forks per
 transfer) when it removes the pod.
+
+Every function takes the machine as a :class:`~labkit.host.Host` (this one by
+default): the netns testbed makes its cgroups on the machine it builds on,
+whether this one or one reached over SSH.
 """
 
 from __future__ import annotations
@@ -14,12 +18,20 @@ import signal
 import time
 from pathlib import Path
 
-from labkit.exceptions import TestbedError
+from labkit.exceptions import LabkitError, TestbedError
+from labkit.host import Host, LocalHost
 
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PERIOD_US = 100_000
+
+
+_here = LocalHost("init")
+
+
+def _read(host: Host, path) -> str:
+    return host.read_file(str(path)).decode()
 
 
 def own_cgroup(version: int, proc_cgroup: str | None = None) -> str:
@@ -37,14 +49,15 @@ def own_cgroup(version: int, proc_cgroup: str | None = None) -> str:
     return "/"
 
 
-def _v1_mount() -> Path | None:
+def _v1_mount(host: Host | None = None) -> Path | None:
+    host = host or _here
     for v1 in ("cpu", "cpu,cpuacct"):
-        if (CGROUP_ROOT / v1 / "cpu.cfs_quota_us").exists():
+        if host.exists(CGROUP_ROOT / v1 / "cpu.cfs_quota_us"):
             return CGROUP_ROOT / v1
     return None
 
 
-def cpu_root() -> tuple[Path, int]:
+def cpu_root(host: Host | None = None) -> tuple[Path, int]:
     """Where CPU-controlled cgroups are made, and the cgroup version (2 or 1).
 
     On cgroup v1 that is this process's own ``cpu`` cgroup, so a lab started inside a
@@ -52,22 +65,26 @@ def cpu_root() -> tuple[Path, int]:
     inside that budget; on v2 (where a cgroup with processes may not have
     controlled children) it is the root.
 
+    Args:
+        host: the machine (this one by default).
+
     Raises:
         TestbedError: no cgroup CPU controller is available.
     """
+    host = host or _here
     controllers = CGROUP_ROOT / "cgroup.controllers"
-    if controllers.exists():
-        if "cpu" not in controllers.read_text().split():
+    if host.exists(controllers):
+        if "cpu" not in _read(host, controllers).split():
             raise TestbedError("cgroup v2 without the cpu controller; pods cannot get a CPU limit")
-        subtree = (CGROUP_ROOT / "cgroup.subtree_control").read_text().split()
+        subtree = _read(host, CGROUP_ROOT / "cgroup.subtree_control").split()
         if "cpu" not in subtree:
             raise TestbedError("cgroup v2: the cpu controller is not enabled for child cgroups; "
                                "run: echo +cpu > /sys/fs/cgroup/cgroup.subtree_control")
         return CGROUP_ROOT, 2
-    mount = _v1_mount()
+    mount = _v1_mount(host)
     if mount is not None:
-        own = mount / own_cgroup(1).lstrip("/")
-        return (own if (own / "cpu.cfs_quota_us").exists() else mount), 1
+        own = mount / own_cgroup(1, _read(host, "/proc/self/cgroup")).lstrip("/")
+        return (own if host.exists(own / "cpu.cfs_quota_us") else mount), 1
     raise TestbedError("no cgroup cpu controller mounted (v2 or v1); pods cannot get a CPU limit")
 
 
@@ -105,23 +122,30 @@ def available_cpus() -> float:
         path = path.parent
 
 
-def make_cgroup(name: str, cpu_limit: float | None) -> Path:
+def make_cgroup(name: str, cpu_limit: float | None, host: Host | None = None) -> Path:
     """Make a cgroup ``name`` with a CPU limit of ``cpu_limit`` cores (None: no limit).
 
+    Args:
+        name: its name under :func:`cpu_root`.
+        cpu_limit: cores.
+        host: the machine (this one by default).
+
     Returns:
-        Its directory.
+        Its directory (on that machine).
 
     Raises:
         TestbedError: it exists already, or the limit was refused.
     """
-    root, version = cpu_root()
+    host = host or _here
+    root, version = cpu_root(host)
     path = root / name
-    become_subreaper()
+    if host.is_local:
+        become_subreaper()
     try:
-        path.mkdir()
+        host.makedirs(path, exist_ok=False)
     except FileExistsError:
         raise TestbedError(f"cgroup {path} exists already") from None
-    set_cpu_limit(path, cpu_limit, version)
+    set_cpu_limit(path, cpu_limit, version, host=host)
     return path
 
 
@@ -145,82 +169,74 @@ def become_subreaper() -> None:
         pass
 
 
-def set_cpu_limit(path: Path, cpu_limit: float | None, version: int | None = None) -> None:
-    """Set (or lift, with None) the CPU quota of a cgroup."""
-    version = version or (2 if (path / "cpu.max").exists() else 1)
+def set_cpu_limit(path: Path, cpu_limit: float | None, version: int | None = None, *,
+                  host: Host | None = None) -> None:
+    """Set (or lift, with None) the CPU quota of a cgroup (on ``host``, this machine by default)."""
+    host = host or _here
+    path = Path(path)
+    version = version or (2 if host.exists(path / "cpu.max") else 1)
     quota = -1 if cpu_limit is None else max(1000, round(cpu_limit * PERIOD_US))
     try:
         if version == 2:
-            (path / "cpu.max").write_text(f"{'max' if quota < 0 else quota} {PERIOD_US}\n")
+            host.write_file(str(path / "cpu.max"), f"{'max' if quota < 0 else quota} {PERIOD_US}\n".encode())
         else:
-            (path / "cpu.cfs_period_us").write_text(f"{PERIOD_US}\n")
-            (path / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+            host.write_file(str(path / "cpu.cfs_period_us"), f"{PERIOD_US}\n".encode())
+            host.write_file(str(path / "cpu.cfs_quota_us"), f"{quota}\n".encode())
     except OSError as exc:
         raise TestbedError(f"cgroup {path}: cannot set CPU limit {cpu_limit}: {exc.strerror}") from None
 
 
-def _tasks(path: Path | str) -> list[int]:
-    """The thread ids in a cgroup (v1 ``tasks``; empty where there is no such file)."""
+def _ids(host: Host, path) -> list[int]:
     try:
-        return [int(t) for t in Path(path, "tasks").read_text().split()]
-    except OSError:
+        return [int(t) for t in _read(host, path).split()]
+    except (OSError, LabkitError):
         return []
 
 
-def _zombie_children() -> list[int]:
-    """Our children that have exited and wait to be reaped (orphans we adopted as subreaper among them)."""
-    me, out = str(os.getpid()), []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] == "Z" and fields[1] == me:
-            out.append(int(pid))
-    return out
+def _tasks(path: Path | str, host: Host | None = None) -> list[int]:
+    """The thread ids in a cgroup (v1 ``tasks``; empty where there is no such file)."""
+    return _ids(host or _here, Path(path, "tasks"))
 
 
-def _occupants(path: Path) -> str:
+def _occupants(path: Path, host: Host | None = None) -> str:
     """What still holds a cgroup: its threads and their state, and its child cgroups (for the error)."""
-    try:
-        tasks = Path(path, "tasks").read_text().split()
-    except OSError:
-        tasks = []
+    host = host or _here
     states = []
-    for tid in tasks[:5]:
+    for tid in _tasks(path, host)[:5]:
         try:
-            stat = Path(f"/proc/{tid}/stat").read_text()
-            states.append(f"{tid} {stat.rsplit(')', 1)[1].split()[0]} ppid {stat.rsplit(')', 1)[1].split()[1]}")
-        except OSError:
+            stat = _read(host, f"/proc/{tid}/stat").rsplit(")", 1)[1].split()
+            states.append(f"{tid} {stat[0]} ppid {stat[1]}")
+        except (OSError, LabkitError):
             states.append(f"{tid} gone")
-    children = [p.name for p in Path(path).iterdir() if p.is_dir()] if Path(path).is_dir() else []
+    children = [name for name, is_dir, _ in host.entries(path) if is_dir]
     return f" (threads: {', '.join(states) or 'none'}; child cgroups: {', '.join(children) or 'none'})"
 
 
-def procs(path: Path | str) -> list[int]:
+def procs(path: Path | str, host: Host | None = None) -> list[int]:
     """The pids in a cgroup (empty when it does not exist)."""
-    try:
-        return [int(p) for p in Path(path, "cgroup.procs").read_text().split()]
-    except FileNotFoundError:
-        return []
+    return _ids(host or _here, Path(path, "cgroup.procs"))
 
 
-def remove_cgroup(path: Path | str, timeout: float = 5.0) -> None:
+def remove_cgroup(path: Path | str, timeout: float = 5.0, host: Host | None = None) -> None:
     """Kill every process in a cgroup and remove it; nothing to do when it is gone.
+
+    Args:
+        path: the cgroup's folder.
+        timeout: seconds to wait for its processes to end.
+        host: the machine (this one by default).
 
     Raises:
         TestbedError: it could not be emptied or removed in time.
     """
+    host = host or _here
     path = Path(path)
-    if not path.exists():
+    if not host.exists(path):
         return
     # a killed process needs CPU to exit: a throttled cgroup full of forks would outlast the timeout
     # (a cgroup of another hierarchy, e.g. a notebook kernel's in ``pids`` on v1, has no CPU limit)
-    if (path / "cpu.max").exists() or (path / "cpu.cfs_quota_us").exists():
+    if host.exists(path / "cpu.max") or host.exists(path / "cpu.cfs_quota_us"):
         try:
-            set_cpu_limit(path, None)
+            set_cpu_limit(path, None, host=host)
         except TestbedError as exc:
             log.warning("%s", exc)
     seen: set[int] = set()
@@ -230,35 +246,24 @@ def remove_cgroup(path: Path | str, timeout: float = 5.0) -> None:
         # is no longer in cgroup.procs (cgroup v1) but still holds the cgroup.  Listed again after
         # every refused removal: a process may join late (a loadgen's shell writes itself in just
         # after its start, which a signal can interrupt half way)
-        pids = sorted(set(procs(path)) | set(_tasks(path)))
+        pids = sorted(set(procs(path, host)) | set(_tasks(path, host)))
         seen.update(pids)
         for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        _reap(seen)
+            host.kill(pid, signal.SIGKILL)
+        host.reap(seen)
         if not pids:
             try:
-                path.rmdir()
+                host.rmdir(path)
                 return
             except FileNotFoundError:
                 return
             except OSError as exc:
                 # a child of ours that is dead but not reaped keeps the cgroup busy (cgroup v1) though
                 # it is no longer listed: an orphan we adopted as subreaper among them
-                _reap(_zombie_children())
+                host.reap()
                 if time.monotonic() > deadline:
-                    raise TestbedError(f"cannot remove cgroup {path}: {exc.strerror}{_occupants(path)}") from None
+                    raise TestbedError(f"cannot remove cgroup {path}: {exc.strerror}"
+                                       f"{_occupants(path, host)}") from None
         elif time.monotonic() > deadline:
             raise TestbedError(f"cgroup {path}: processes {pids} did not end")
         time.sleep(0.01)
-
-
-def _reap(pids) -> None:
-    """Reap those of ``pids`` that are our exited children (others are left alone)."""
-    for pid in pids:
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass

@@ -65,9 +65,17 @@ class CleanReport:
 def owner_alive(path: Path) -> dict[str, Any] | None:
     """The owner recorded in ``path`` (``{"pid", "start"}``) when that process still runs."""
     try:
-        info = json.loads(path.read_text())
+        return live_owner(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def live_owner(data: bytes) -> dict[str, Any] | None:
+    """The owner an owner file's text names (``{"pid", "start"}``) when that process runs here."""
+    try:
+        info = json.loads(data)
         pid, start = int(info["pid"]), info.get("start")
-    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
     if pid == os.getpid():
         return None  # this process: not another run's

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from labkit.exceptions import CommandFailed, CommandTimedOut, SysctlError, TestbedError
+from labkit.machine import NETNS_DIR, MachineOps, ThisMachineOps, parse_proc_start  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def sysctl_name(name: str) -> str:
     return ".".join(p.replace(".", "/") for p in path[len(PROC_SYS):].split("/"))
 
 
-class Host(ABC):
+class Host(MachineOps, ABC):
     """A machine or namespace that labkit can run commands on.
 
     Subclasses implement :meth:`_run`, :meth:`_read`, and :meth:`_write`; the rest
@@ -296,11 +297,15 @@ def _argv(cmd: Command) -> list[str]:
     return ["sh", "-c", cmd] if isinstance(cmd, str) else [str(c) for c in cmd]
 
 
-class LocalHost(Host):
+class LocalHost(ThisMachineOps, Host):
     """This machine, in the network namespace labkit runs in."""
 
     def __init__(self, name: str = "local"):
         self.name = name
+
+    def netns(self, name: str, *, host_name: str | None = None) -> "NetnsHost":
+        """A view of this machine inside its named network namespace ``name``."""
+        return NetnsHost(name, name=host_name)
 
     def _run(self, cmd, *, timeout, input, env) -> Result:
         return run_subprocess(_argv(cmd), command_text(cmd), self.name, timeout=timeout,
@@ -328,7 +333,6 @@ def _write_local(path: str, data: bytes, mode: int | None) -> None:
         os.chmod(path, mode)
 
 
-NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -372,7 +376,7 @@ def in_netns(netns: str, fn: Callable[..., T], *args: Any) -> T:
     return box["value"]
 
 
-class NetnsHost(Host):
+class NetnsHost(ThisMachineOps, Host):
     """A named network namespace of this machine (``ip netns`` names, /run/netns).
 
     Commands run through ``ip netns exec``; sysctls are read and written in
@@ -400,9 +404,13 @@ class NetnsHost(Host):
         else:
             _write_local(path, data, mode)
 
-    def exists(self) -> bool:
-        """True when the namespace exists."""
-        return os.path.exists(os.path.join(NETNS_DIR, self.netns))
+    def exists(self, path=None) -> bool:
+        """True when the namespace exists (or, given ``path``, when that file exists)."""
+        return os.path.exists(path if path is not None else os.path.join(NETNS_DIR, self.netns))
+
+    def own_netns_inode(self) -> int:
+        """The inode of this namespace."""
+        return os.stat(os.path.join(NETNS_DIR, self.netns)).st_ino
 
 
 def _read_local(path: str) -> bytes:

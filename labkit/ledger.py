@@ -9,6 +9,11 @@ live resources in reverse order, skipping what no longer exists, so it is exact
 and idempotent: a crash between ``record`` and the creation leaves an entry
 whose removal finds nothing to do.  Nothing that is not in a ledger is ever
 removed: a look-alike namespace or link made by someone else stays.
+
+A ledger lives on the machine whose resources it lists (``host``, this one by
+default): its file is written and its resources are removed through that
+machine's :class:`~labkit.host.Host`, so a testbed built over SSH keeps its
+ledger there too.
 """
 
 from __future__ import annotations
@@ -16,14 +21,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import posixpath
 import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from labkit.exceptions import StateCorrupt, TestbedError
-from labkit.host import NETNS_DIR, LocalHost
+from labkit.host import Host, LocalHost
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +43,24 @@ class Ledger:
         before_record: called before each record (e.g. to act on a pending signal).
         salvage: read a damaged ledger anyway, skipping its unreadable lines (``labkit
             clean``); otherwise a damaged ledger raises :class:`StateCorrupt`.
+        host: the machine the ledger and its resources are on (this one by default).
     """
 
     def __init__(self, directory: str | os.PathLike, before_record: Callable[[], None] | None = None,
-                 *, salvage: bool = False):
+                 *, salvage: bool = False, host: Host | None = None):
         self.dir = Path(directory)
         self.path = self.dir / LEDGER_NAME
         self._before_record = before_record
         self.salvage = salvage
+        self.host = host or _local
         self.damaged: list[int] = []  # line numbers skipped while salvaging
 
     def _append(self, entry: dict[str, Any]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+        if not self.host.is_local:
+            self._append_remote(line)
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             size = os.fstat(fd).st_size
@@ -65,9 +75,19 @@ class Ledger:
         finally:
             os.close(fd)
 
+    def _append_remote(self, line: bytes) -> None:
+        """:meth:`_append` on another machine: a torn last line is cut (rewriting the file) first."""
+        try:
+            data = self.host.read_file(str(self.path))
+        except FileNotFoundError:
+            data = b""
+        if data and not data.endswith(b"\n"):
+            self.host.atomic_write(self.path, data[:data.rfind(b"\n") + 1], mode=0o600)
+        self.host.append_file(self.path, line)
+
     def _lines(self) -> Iterator[dict[str, Any]]:
         try:
-            data = self.path.read_bytes()
+            data = self.host.read_file(str(self.path))
         except FileNotFoundError:
             return
         lines = data.split(b"\n")
@@ -165,9 +185,9 @@ class Ledger:
         """Delete the ledger file and the run directory once nothing is live."""
         if self.entries():
             raise TestbedError(f"{self.path}: resources are still live; undo them first")
-        self.path.unlink(missing_ok=True)
+        self.host.remove(self.path)
         try:
-            self.dir.rmdir()
+            self.host.rmdir(self.dir)
         except OSError:
             pass
 
@@ -181,99 +201,80 @@ def describe(entry: dict[str, Any]) -> str:
 
 
 # --- removers: each checks the resource is there and is ours, then removes it ------
+# Each acts on the ledger's machine (``ledger.host``).
 
 _local = LocalHost("init")
 
 
-def netns_inode(name: str) -> int | None:
-    """The inode of a named network namespace (None when there is none)."""
-    try:
-        return os.stat(os.path.join(NETNS_DIR, name)).st_ino
-    except FileNotFoundError:
-        return None
+def netns_inode(name: str, host: Host | None = None) -> int | None:
+    """The inode of a named network namespace of ``host`` (this machine by default); None when none."""
+    return (host or _local).netns_inode(name)
 
 
 def _remove_netns(entry: dict, ledger: Ledger) -> None:
-    name = entry["name"]
-    inode = netns_inode(name)
+    name, host = entry["name"], ledger.host
+    inode = host.netns_inode(name)
     if inode is None:
         return
     if entry.get("inode") and entry["inode"] != inode:
         log.warning("namespace %s is not the one this run made (inode %s, recorded %s): left alone",
                     name, inode, entry["inode"])
         return
-    _local.run(["ip", "netns", "del", name], timeout=30)
+    host.run(["ip", "netns", "del", name], timeout=30)
 
 
 def _remove_link(entry: dict, ledger: Ledger) -> None:
-    netns = entry["netns"]
-    if netns_inode(netns) is None:
+    netns, host = entry["netns"], ledger.host
+    inode = host.netns_inode(netns)
+    if inode is None:
         return  # gone with its namespace
-    if entry.get("netns_inode") and entry["netns_inode"] != netns_inode(netns):
+    if entry.get("netns_inode") and entry["netns_inode"] != inode:
         return
-    res = _local.run(["ip", "-n", netns, "link", "del", entry["name"]], check=False, timeout=30)
+    res = host.run(["ip", "-n", netns, "link", "del", entry["name"]], check=False, timeout=30)
     if not res.ok and "Cannot find device" not in res.stderr and "does not exist" not in res.stderr:
         res.check()
 
 
-def proc_start_time(pid: int) -> int | None:
+def proc_start_time(pid: int, host: Host | None = None) -> int | None:
     """A live process's start time in clock ticks since boot (/proc/PID/stat field 22).
 
     None when the process is gone or has exited (a zombie nobody reaped yet).
     """
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = text.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
-
-
-def _kill(pid: int, start: int | None) -> None:
-    if start is not None and proc_start_time(pid) != start:
-        return  # gone, or the pid was reused by another process
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    return (host or _local).proc_start_time(pid)
 
 
 def _remove_process(entry: dict, ledger: Ledger) -> None:
-    if entry.get("pid"):
-        _kill(entry["pid"], entry.get("start"))
-        deadline = time.monotonic() + 5
-        while proc_start_time(entry["pid"]) == entry.get("start") and time.monotonic() < deadline:
-            _reap(entry["pid"])
-            time.sleep(0.01)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+    pid, start, host = entry.get("pid"), entry.get("start"), ledger.host
+    if not pid:
+        return
+    if start is not None and host.proc_start_time(pid) != start:
+        return  # gone, or the pid was reused by another process
+    host.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while host.proc_start_time(pid) == start and time.monotonic() < deadline:
+        host.reap([pid])
+        time.sleep(0.01)
+    host.reap([pid])
 
 
 def _remove_cgroup(entry: dict, ledger: Ledger) -> None:
     from labkit.cgroups import remove_cgroup
-    remove_cgroup(entry["path"])
+    remove_cgroup(entry["path"], host=ledger.host)
 
 
 def _remove_path(entry: dict, ledger: Ledger) -> None:
-    path = Path(entry["path"])
-    if not path.resolve().is_relative_to(ledger.dir.resolve()):
-        raise TestbedError(f"refusing to remove {path}: outside the run directory {ledger.dir}")
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    path = posixpath.normpath(entry["path"])
+    base = posixpath.normpath(str(ledger.dir))
+    if ledger.host.is_local:
+        path, base = str(Path(path).resolve()), str(ledger.dir.resolve())
+    if not (path == base or path.startswith(base.rstrip("/") + "/")):
+        raise TestbedError(f"refusing to remove {entry['path']}: outside the run directory {ledger.dir}")
+    ledger.host.remove(entry["path"])
 
 
 def _remove_global_sysctls(entry: dict, ledger: Ledger) -> None:
     from labkit.sysctls import CLAIM_PATH, GlobalSysctls
-    GlobalSysctls(entry.get("owner", "clean"), directory=Path(entry["dir"]),
+    GlobalSysctls(entry.get("owner", "clean"), host=ledger.host, files=ledger.host, directory=Path(entry["dir"]),
                   claim_path=entry.get("claim", CLAIM_PATH)).restore(defaults_if_unreadable=ledger.salvage)
 
 

@@ -9,6 +9,10 @@ not ``/tmp``).  So:
   (:func:`refuse_during_load`); ``labkit down --force`` first ends the loadgen (its
   whole cgroup), and the load's caller then raises: its row is never written as ok;
 - ``labkit clean`` after a crash ends an orphaned loadgen with the rest of the run.
+
+The announcement, the CSV and the cgroup live on the testbed's machine
+(``testbed.machine``); on a machine reached over SSH the loadgen runs without a
+cgroup of its own (its SSH command's ``timeout`` ends it) and its CSV is read back.
 """
 
 from __future__ import annotations
@@ -21,18 +25,26 @@ import sys
 from typing import Any
 
 from labkit import cgroups
-from labkit.cleanup import LOAD_NAME, owner_alive, owner_record
+from labkit.cleanup import LOAD_NAME, live_owner, owner_alive, owner_record
 from labkit.exceptions import LoadUnderWay, TestbedError
-from labkit.util import atomic_write
 
 log = logging.getLogger(__name__)
 
 
 def load_under_way(testbed) -> dict[str, Any] | None:
-    """The load another live process runs on this netns testbed (None when there is none)."""
+    """The load another live process runs on this netns testbed (None when there is none).
+
+    The announcement is read on the testbed's machine; the process it names runs here.
+    """
     if not getattr(testbed, "run_id", None):
         return None
-    return owner_alive(testbed.run_dir / LOAD_NAME)
+    machine = getattr(testbed, "machine", None)
+    if machine is None or machine.is_local:
+        return owner_alive(testbed.run_dir / LOAD_NAME)
+    try:
+        return live_owner(machine.read_file(str(testbed.run_dir / LOAD_NAME)))
+    except FileNotFoundError:
+        return None
 
 
 def refuse_during_load(testbed, action: str, *, force: bool = False) -> None:
@@ -80,29 +92,32 @@ def run_load(testbed, spec, progress=None):
         return run_load_on(testbed.host("client"), spec, transfers=True, progress=progress)
     from labkit.testbed.netns import STATE_NAME, state_lock
 
-    run_dir, run_id = testbed.run_dir, testbed.run_id
-    with state_lock(testbed.state_dir):
-        if not (run_dir / STATE_NAME).exists():
+    run_dir, run_id, machine = testbed.run_dir, testbed.run_id, testbed.machine
+    with state_lock(testbed.state_dir, machine):
+        if not machine.exists(run_dir / STATE_NAME):
             raise TestbedError(f"netns testbed {run_id} was taken down before its load could start")
         refuse_during_load(testbed, "start another load")
         ledger = testbed.ledger
         token = secrets.token_hex(3)
-        root, _ = cgroups.cpu_root()
-        name = f"lk{run_id}-load{token}"
-        ids = [ledger.record("cgroup", path=str(root / name))]
+        ids, cgroup = [], None
+        if machine.is_local:  # a loadgen started over SSH cannot join a cgroup of that machine
+            root, _ = cgroups.cpu_root(machine)
+            name = f"lk{run_id}-load{token}"
+            ids.append(ledger.record("cgroup", path=str(root / name)))
         csv = run_dir / f"load-{token}.csv"
         ids.append(ledger.record("path", path=str(csv)))
         feed = run_dir / f"load-{token}.progress.jsonl" if progress is not None else None
         if feed is not None:
             ids.append(ledger.record("path", path=str(feed)))
         ids.append(ledger.record("path", path=str(run_dir / LOAD_NAME)))
-        cgroup = cgroups.make_cgroup(name, None)
+        if machine.is_local:
+            cgroup = cgroups.make_cgroup(name, None, host=machine)
         command = " ".join(os.path.basename(a) for a in sys.argv[:3]) or "python"
-        atomic_write(run_dir / LOAD_NAME, json.dumps({**owner_record(), "cgroup": str(cgroup),
-                                                      "command": command}).encode(), mode=0o600)
+        machine.atomic_write(run_dir / LOAD_NAME, json.dumps({**owner_record(), "cgroup": cgroup and str(cgroup),
+                                                              "command": command}).encode(), mode=0o600)
     try:
         result = run_load_on(testbed.host("client"), spec, transfers=True, cgroup=cgroup,
-                             transfers_path=str(csv), progress=progress,
+                             transfers_path=str(csv), progress=progress, python=testbed.python,
                              progress_path=str(feed) if feed is not None else None)
     except Exception:
         _check_still_up(testbed, run_dir, run_id)
@@ -116,8 +131,8 @@ def run_load(testbed, spec, progress=None):
 def _check_still_up(testbed, run_dir, run_id) -> None:
     from labkit.testbed.netns import STATE_NAME, state_lock
 
-    with state_lock(testbed.state_dir):  # a `down --force` that ended the load finishes first
-        gone = not (run_dir / STATE_NAME).exists()
+    with state_lock(testbed.state_dir, testbed.machine):  # a `down --force` that ended the load finishes first
+        gone = not testbed.machine.exists(run_dir / STATE_NAME)
     if gone:
         raise TestbedError(f"netns testbed {run_id} was taken down while its load ran "
                            "(`labkit down --force`?): the load was stopped and its numbers are not kept") from None
@@ -127,8 +142,8 @@ def _release(testbed, run_dir, ids: list[int]) -> None:
     """Remove the load's cgroup, CSV and announcement, unless the whole run went meanwhile."""
     from labkit.testbed.netns import STATE_NAME, state_lock
 
-    with state_lock(testbed.state_dir):
-        if not (run_dir / STATE_NAME).exists():
+    with state_lock(testbed.state_dir, testbed.machine):
+        if not testbed.machine.exists(run_dir / STATE_NAME):
             return  # taken down (and its ledger undone) by another process
         entries = {e["id"]: e for e in testbed.ledger.entries()}
         for ident in reversed(ids):

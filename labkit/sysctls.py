@@ -12,7 +12,6 @@ machine never save each other's values as "original".
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -23,7 +22,6 @@ from typing import Iterator, Mapping
 
 from labkit.exceptions import GlobalSysctlsHeld, SavedSysctlsUnreadable, SysctlError, TestbedError
 from labkit.host import Host, LocalHost, sysctl_name
-from labkit.util import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -74,29 +72,31 @@ class GlobalSysctls:
         host: the machine (its initial namespace); this machine by default.
         directory: the state directory; :func:`state_dir` by default.
         claim_path: the machine-wide claim file (tests may point it elsewhere).
+        files: the machine holding the state and claim files (this one by default; the
+            netns testbed passes its machine, so that they live beside the globals).
     """
 
     def __init__(self, owner: str, *, host: Host | None = None, directory: Path | None = None,
-                 claim_path: str = CLAIM_PATH):
+                 claim_path: str = CLAIM_PATH, files: Host | None = None):
         self.owner = owner
         self.host = host or LocalHost()
+        self.files = files or LocalHost()
         self.dir = Path(directory or state_dir())
         self.path = self.dir / STATE_NAME
         self.claim_path = Path(claim_path)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.claim_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(str(self.claim_path) + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        self.files.makedirs(self.claim_path.parent)
+        with self.files.lock(str(self.claim_path) + ".lock"):
+            yield
+
+    def _read(self, path: Path) -> str:
+        return self.files.read_file(str(path)).decode()
 
     def _claimant(self) -> str | None:
         try:
-            return self.claim_path.read_text().strip() or None
+            return self._read(self.claim_path).strip() or None
         except FileNotFoundError:
             return None
 
@@ -114,7 +114,7 @@ class GlobalSysctls:
         problems = []
         for path in (self.path, self.backup_path):
             try:
-                state = json.loads(path.read_text())
+                state = json.loads(self._read(path))
                 if not isinstance(state, dict) or not isinstance(state.get("saved", {}), dict):
                     raise ValueError("not a labkit saved-sysctls document")
             except FileNotFoundError:
@@ -131,12 +131,12 @@ class GlobalSysctls:
 
     def _write_state(self, state: dict) -> None:
         data = json.dumps(state, indent=1).encode()
-        atomic_write(self.backup_path, data)  # the copy first: the main file's old version stays whole
-        atomic_write(self.path, data)
+        self.files.atomic_write(self.backup_path, data)  # the copy first: the main file's old version stays whole
+        self.files.atomic_write(self.path, data)
 
     def _remove_state(self) -> None:
-        self.path.unlink(missing_ok=True)
-        self.backup_path.unlink(missing_ok=True)
+        self.files.remove(self.path)
+        self.files.remove(self.backup_path)
 
     def saved(self) -> dict[str, str]:
         """The original values saved by this state directory (empty when none)."""
@@ -163,7 +163,7 @@ class GlobalSysctls:
         while True:
             with self._locked():
                 claimant = self._claimant()
-                if claimant in (None, str(self.path)) or not Path(claimant).exists():
+                if claimant in (None, str(self.path)) or not self.files.exists(claimant):
                     self._set_locked(names)
                     return
             if time.monotonic() >= deadline:
@@ -176,9 +176,9 @@ class GlobalSysctls:
         for name in names:
             if name not in saved:
                 saved[name] = self.host.read_sysctl(name)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.files.makedirs(self.dir)
         self._write_state(state)
-        atomic_write(self.claim_path, str(self.path).encode())
+        self.files.atomic_write(self.claim_path, str(self.path).encode())
         for name, value in names.items():
             if name.endswith("nf_conntrack_max"):
                 check_max(self.host, value)
@@ -213,12 +213,12 @@ class GlobalSysctls:
                 log.info("restored global %s=%s", name, value)
             self._remove_state()
             if self._claimant() == str(self.path):
-                self.claim_path.unlink(missing_ok=True)
+                self.files.remove(self.claim_path)
             return saved
 
 
 def restore_crashed(directory: Path | None = None, *, host: Host | None = None,
-                    claim_path: str = CLAIM_PATH) -> dict[str, str]:
+                    claim_path: str = CLAIM_PATH, files: Host | None = None) -> dict[str, str]:
     """Give back the globals a crashed run of ``directory`` saved (for ``labkit clean``).
 
     Only the originals saved in that state directory are written back, and only its
@@ -227,8 +227,8 @@ def restore_crashed(directory: Path | None = None, *, host: Host | None = None,
     Returns:
         The values restored (empty when that directory saved none).
     """
-    return GlobalSysctls("clean", host=host, directory=directory,
-                         claim_path=claim_path).restore(defaults_if_unreadable=True)
+    return GlobalSysctls("clean", host=host, directory=directory, claim_path=claim_path,
+                         files=files).restore(defaults_if_unreadable=True)
 
 
 def kernel_defaults(host: Host | None = None) -> dict[str, str]:
