@@ -2,7 +2,7 @@
 
 :class:`Host` is the interface: ``run(cmd) -> Result``, sysctls, and files.
 :class:`LocalHost` runs on this machine, :class:`NetnsHost` inside a named
-network namespace of this machine; :class:`labkit.ssh.SSHHost` (Paramiko) on a
+network namespace of this machine; :class:`labkit.remote.SSHHost` (Paramiko) on a
 remote machine.  Every command returns a :class:`Result` that keeps the exit
 code; ``check=True`` (the default) turns a non-zero exit into
 :class:`~labkit.exceptions.CommandFailed`.

@@ -7,6 +7,10 @@ service managers send SIGTERM or SIGHUP instead, whose default is to die on the
 spot and leave everything behind.  :func:`orderly_signals` makes them raise the
 same exception, so one code path serves all three; :attr:`Caught.signum` says
 which signal it was (the exit code is 128 + its number, as a shell reports).
+
+While a testbed is being built or cleaned, :class:`Interrupts` defers them instead:
+the signal is noted and raised at the next safe point, so cleanup never races a
+child that is still making what it makes.
 """
 
 from __future__ import annotations
@@ -71,3 +75,45 @@ def orderly_signals() -> Iterator[Caught]:
         _active.remove(caught)
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+class Interrupts:
+    """SIGINT/SIGTERM/SIGHUP while building are noted, and raised at the next safe point.
+
+    A signal raised at an arbitrary point could land while a child (``ip netns add``)
+    is still being started, and the cleanup would run before the child made what
+    it makes.  So the handler only notes the signal; :meth:`check` (called before
+    each ledger record and in waits) raises KeyboardInterrupt.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {self.signum}")
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def note(signum, frame):
+            self.signum = signum
+            noted(signum)  # the command's exit code says which signal it was
+
+        old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            yield
+            self.check()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self.signum = None
+
+
+def signals_deferred():
+    """Hold SIGINT/SIGTERM/SIGHUP off while cleaning up (a second signal must not leave half a lab);
+    one that came meanwhile is raised as KeyboardInterrupt once the cleanup is done."""
+    return Interrupts().deferred()

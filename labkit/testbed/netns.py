@@ -25,20 +25,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from labkit.cleanup import OWNER_NAME, owner_record
 from labkit.exceptions import GlobalSysctlsHeld, TestbedError
 from labkit.host import Host, LocalHost
 from labkit.ledger import Ledger
 from labkit.manifests import Manifests, admit_sysctls, check_allowlist
-from labkit.signals import noted
+from labkit.signals import Interrupts, signals_deferred
 from labkit.sysctls import state_dir as default_state_dir
 from labkit.testbed.base import ServedFile, Testbed
 from labkit.testbed.netns_apply import Builder, NodeRules, template_hash
@@ -55,48 +52,6 @@ __all__ = ["CLIENT_IP", "CLUSTER_IP", "LINK_PREFIX", "NODE_IP", "POD_GATEWAY", "
 _here = LocalHost("init")
 
 
-class _Interrupts:
-    """SIGINT/SIGTERM/SIGHUP while building are noted, and raised at the next safe point.
-
-    A signal raised at an arbitrary point could land while a child (``ip netns add``)
-    is still being started, and the cleanup would run before the child made what
-    it makes.  So the handler only notes the signal; :meth:`check` (called before
-    each ledger record and in waits) raises KeyboardInterrupt.
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def check(self) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"signal {self.signum}")
-
-    @contextmanager
-    def deferred(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def note(signum, frame):
-            self.signum = signum
-            noted(signum)  # the command's exit code says which signal it was
-
-        old = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-        try:
-            yield
-            self.check()
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-            self.signum = None
-
-
-def signals_deferred():
-    """Hold SIGINT/SIGTERM/SIGHUP off while cleaning up (a second signal must not leave half a lab);
-    one that came meanwhile is raised as KeyboardInterrupt once the cleanup is done."""
-    return _Interrupts().deferred()
-
-
 class NetnsTestbed(Testbed):
     """The netns testbed of one state directory (one run at a time) on one machine.
 
@@ -109,7 +64,7 @@ class NetnsTestbed(Testbed):
             running testbed's choice (True for a new one).
         global_wait: seconds to wait while another lab run holds the global sysctls.
         host: the machine (default this one, :class:`~labkit.host.LocalHost`); e.g. an
-            :class:`~labkit.ssh.SSHHost` logged in as root on a Linux machine.
+            :class:`~labkit.remote.SSHHost` logged in as root on a Linux machine.
         python: the interpreter on the machine that runs the loadgen (default: this
             one here, ``python3`` on another machine); labkit must be importable by it.
     """
@@ -126,7 +81,7 @@ class NetnsTestbed(Testbed):
         self.global_wait = global_wait
         self.helper_option = helper_rule
         self.state: RunState | None = None
-        self.interrupts = _Interrupts()
+        self.interrupts = Interrupts()
         self.rules = NodeRules(self)
         self.run_id: str | None = None
         self._load()
@@ -369,9 +324,12 @@ class NetnsTestbed(Testbed):
             "endpoints": s.endpoints, "updated": s.updated, "last_up": s.last_up,
         }
 
-    # --- a replay run's testbed (issue 13c: the seam; to be ported into the rewritten class) ---
+    # --- a replay run's testbed ---
 
-    is_local = True  # namespaces of this machine's kernel
+    @property
+    def is_local(self) -> bool:
+        """True when the namespaces are this machine's (background flows run only then)."""
+        return self.machine.is_local
 
     @classmethod
     def for_replay(cls, run_id: str, **options: Any) -> "NetnsTestbed":
@@ -387,8 +345,8 @@ class NetnsTestbed(Testbed):
         Raises:
             TestbedError: something could not be removed (named; the rest was).
         """
-        if self.replay_run_id is None:
-            return super().teardown()
+        if self.replay_run_id is None or not self.machine.is_local:
+            return super().teardown()  # a replay's folder is on this machine; elsewhere down() undoes it
         if not self.state_dir.exists():
             return []
         removed = clean(self.state_dir)
@@ -397,7 +355,7 @@ class NetnsTestbed(Testbed):
                 folder.rmdir()
             except OSError:
                 pass
-        self._state, self.run_id = None, None
+        self.state, self.run_id = None, None
         return removed
 
 
