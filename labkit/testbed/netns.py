@@ -347,14 +347,7 @@ class NetnsTestbed(Testbed):
         """
         if self.replay_run_id is None or not self.machine.is_local:
             return super().teardown()  # a replay's folder is on this machine; elsewhere down() undoes it
-        if not self.state_dir.exists():
-            return []
-        removed = clean(self.state_dir)
-        for folder in sorted(self.state_dir.glob("*"), reverse=True) + [self.state_dir]:
-            try:  # what clean() emptied; anything still holding files stays
-                folder.rmdir()
-            except OSError:
-                pass
+        removed = clean_folder(self.state_dir)
         self.state, self.run_id = None, None
         return removed
 
@@ -377,6 +370,19 @@ def clean(directory: str | os.PathLike | None = None) -> list[str]:
     if report.problems:
         raise TestbedError("clean: " + "; ".join(report.problems))
     return report.removed
+
+
+def clean_folder(directory: Path) -> list[str]:
+    """:func:`clean` a state folder of its own (a replay run's), then remove the folders it emptied."""
+    if not directory.exists():
+        return []
+    removed = clean(directory)
+    for folder in sorted(directory.glob("*"), reverse=True) + [directory]:
+        try:  # what clean() emptied; anything still holding files stays
+            folder.rmdir()
+        except OSError:
+            pass
+    return removed
 
 
 def _discard_run(run: Path, host: Host | None = None) -> list[dict[str, Any]]:
