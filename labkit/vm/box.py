@@ -82,6 +82,8 @@ ExecStartPost=/bin/sh -c 'echo "labkit-host-key: $$(cat /etc/ssh/ssh_host_ed2551
 WantedBy=multi-user.target
 """
 
+# 90-: after Vagrant's 50-vagrant-ethN.network (a private network's static address), as
+# systemd-networkd takes the first file, in name order, that matches an interface
 DHCP_NETWORK = """\
 [Match]
 Name=eth*
@@ -118,7 +120,7 @@ GUEST_FILES: dict[str, tuple[str, int]] = {
     "/etc/hostname": ("labkit\n", 0o644),
     "/etc/hosts": ("127.0.0.1 localhost\n127.0.1.1 labkit\n", 0o644),
     "/etc/fstab": ("/dev/vda / ext4 defaults 0 1\n", 0o644),
-    "/etc/systemd/network/50-dhcp.network": (DHCP_NETWORK, 0o644),
+    "/etc/systemd/network/90-dhcp.network": (DHCP_NETWORK, 0o644),
     "/etc/systemd/system/labkit-ssh-hostkeys.service": (SSH_HOSTKEYS_UNIT, 0o644),
     "/etc/sudoers.d/vagrant": ("vagrant ALL=(ALL) NOPASSWD: ALL\nDefaults:vagrant !requiretty\n", 0o440),
     "/etc/ssh/sshd_config.d/labkit.conf": ("HostKey /etc/ssh/ssh_host_ed25519_key\nUseDNS no\n"

@@ -42,7 +42,7 @@ REAL = ("VMs (QEMU TCG, Debian 12 kernel 6.1), vagrant up/destroy with vagrant-l
         "the monitor's agent on the worker, the loadgen on the client VM, TFTP over the isolated network")
 SETTINGS = {"box_source": "local", "local_box": BOX_NAME, "storage_pool": "labkit",
             "machines": {"control-plane": {"cpus": 1, "memory": 1024}, "worker": {"cpus": 2, "memory": 1024},
-                         "client": {"cpus": 1, "memory": 1024}}}
+                         "client": {"cpus": 1, "memory": 1536}}}
 
 
 def project_copy(dest: Path) -> Path:

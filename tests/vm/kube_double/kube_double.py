@@ -612,6 +612,14 @@ class Kubelet:
             pod.update(phase="Failed", reason="SysctlForbidden",
                        message=f'Pod forbidden sysctl: "{bad}" not allowlisted')
             return pod
+        try:
+            return self._run_pod(pod, container, sysctls, pods)
+        except (RuntimeError, StopIteration) as exc:  # as the kubelet reports a sandbox it could not make
+            self.stop_pod(pod)
+            pod.update(phase="Failed", reason="CreatePodSandboxError", message=str(exc), unit=None)
+            return pod
+
+    def _run_pod(self, pod: dict, container: dict, sysctls: dict[str, str], pods: list[dict]) -> dict:
         self._bridge()
         used = {p["ip"] for p in pods if p.get("ip")}
         ip = next(f"{self.prefix}.{i}" for i in range(2, 255) if f"{self.prefix}.{i}" not in used)
@@ -740,8 +748,8 @@ def kubelet(args: list[str]) -> None:
             if first:  # healthy once it synced with the API server
                 threading.Thread(target=health.serve_forever, daemon=True).start()
                 first = False
-        except (ConnectionError, RuntimeError) as exc:
-            sys.stderr.write(f"E kubelet.go] sync failed: {exc}\n")
+        except Exception as exc:  # the kubelet retries its sync loop; the journal shows why
+            sys.stderr.write(f"E kubelet.go] sync failed: {type(exc).__name__}: {exc}\n")
         time.sleep(1)
 
 
