@@ -90,6 +90,8 @@ Name=eth*
 
 [Network]
 DHCP=ipv4
+# no route from router advertisements either (QEMU's user network sends them)
+IPv6AcceptRA=no
 
 [DHCPv4]
 # every VM of one box starts with the same machine-id-derived DUID otherwise

@@ -75,7 +75,7 @@ def qemu_argv(box_dir: Path, disk: Path, console: Path, pidfile: Path, port: int
             "-kernel", str(box_dir / "vmlinuz"), "-initrd", str(box_dir / "initrd.img"),
             "-append", KERNEL_CMDLINE,
             "-drive", f"file={disk},if=virtio,format=qcow2",
-            "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22",
+            "-netdev", f"user,id=net0,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{port}-:22",
             "-device", "virtio-net-pci,netdev=net0"]
 
 

@@ -57,7 +57,7 @@ def test_the_kube_box_holds_every_double_and_the_served_file_of_the_quick_profil
 
 def test_plain_qemu_runs_with_restricted_user_networking_and_tcg(tmp_path):
     argv = qemu_argv(tmp_path, tmp_path / "d.qcow2", tmp_path / "c.log", tmp_path / "p", 2222)
-    assert argv[argv.index("-netdev") + 1] == "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22"
+    assert argv[argv.index("-netdev") + 1] == "user,id=net0,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:2222-:22"
     assert argv[argv.index("-accel") + 1] == "tcg" and "-nodefaults" in argv
     assert "restrict=off" not in " ".join(argv)
 

@@ -41,7 +41,7 @@ def guest(machine_before, built_box):
 def test_qemu_runs_the_guest_with_restricted_user_networking(guest):
     cmdline = open(f"/proc/{guest.pid}/cmdline", "rb").read().split(b"\0")
     netdev = cmdline[cmdline.index(b"-netdev") + 1].decode()
-    assert netdev == f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{guest.port}-:22"
+    assert netdev == f"user,id=net0,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{guest.port}-:22"
     assert guest.host().run(["uname", "-r"], timeout=60).stdout.startswith("6.1.")
 
 
