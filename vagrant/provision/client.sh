@@ -10,7 +10,9 @@ if [ "${LOCAL_BOX:-}" = 1 ]; then
     cp -a /tmp/labkit-src /opt/labkit/src
     site=$(/opt/labkit/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     echo /opt/labkit/src > "$site/labkit-src.pth"
-    ln -sf /opt/labkit/venv/bin/python3 /usr/local/bin/python3
+    # a wrapper, not a symlink: Python finds its venv (pyvenv.cfg) beside the path it was started as
+    printf '#!/bin/sh\nexec /opt/labkit/venv/bin/python3 "$@"\n' > /usr/local/bin/python3
+    chmod 755 /usr/local/bin/python3
     python3 -m labkit --version
     exit 0
 fi

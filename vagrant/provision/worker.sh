@@ -59,4 +59,8 @@ CONFIG
     kubeadm join --config "$config"
     rm -f "$config"
 fi
-echo "${NODE_NAME}: joined; image ${image} loaded"
+if [ "${LOCAL_BOX:-}" = 1 ]; then
+    echo "${NODE_NAME}: joined; the served file is in the box"
+else
+    echo "${NODE_NAME}: joined; image ${image} loaded"
+fi
