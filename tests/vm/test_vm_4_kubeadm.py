@@ -31,7 +31,7 @@ from labkit.vm.libvirtd import LibvirtLab
 from tests.vm.conftest import NOTES, VM_WORK, assert_machine_as_before, timed
 from tests.vm.kube_box import BOX_NAME, DOUBLES, build_kube_box
 
-pytestmark = pytest.mark.vm
+pytestmark = [pytest.mark.vm, pytest.mark.vm_cluster]
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL = ("VMs (QEMU TCG, Debian 12 kernel 6.1), vagrant up/destroy with vagrant-libvirt, the Vagrantfile "
