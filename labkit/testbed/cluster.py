@@ -71,7 +71,11 @@ class InventoryHost:
 
 @dataclass
 class Inventory:
-    """The machines of a cluster and their roles."""
+    """The machines of a cluster and their roles.
+
+    ``via_netns``: connect from inside this network namespace of the local machine
+    (VMs of the lab's own libvirt, :mod:`labkit.vm.libvirtd`, are reachable only there).
+    """
 
     hosts: dict[str, InventoryHost]
     kubectl: str
@@ -82,6 +86,7 @@ class Inventory:
     ready_timeout: float = 120.0
     rollout_timeout: float = 180.0
     source: str = "inventory"
+    via_netns: str | None = None
     _ssh: dict[str, SSHHost] = field(default_factory=dict, repr=False)
 
     def ssh(self, name: str) -> SSHHost:
@@ -91,7 +96,7 @@ class Inventory:
             self._ssh[name] = SSHHost(
                 h.address, port=h.port, username=h.user, key_filename=list(h.keys) or None,
                 known_hosts=self.known_hosts, trust_on_first_use=self.trust_on_first_use,
-                name=name, sudo=h.sudo)
+                name=name, sudo=h.sudo, via_netns=self.via_netns)
         return self._ssh[name]
 
     def close(self) -> None:

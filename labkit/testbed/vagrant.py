@@ -121,7 +121,7 @@ def machine_addresses(settings: dict[str, Any]) -> dict[str, str]:
 
 
 def inventory_from_ssh_config(entries: dict[str, SSHLogin], settings: dict[str, Any], *,
-                              node: str, known_hosts: Path) -> Inventory:
+                              node: str, known_hosts: Path, via_netns: str | None = None) -> Inventory:
     """The cluster's :class:`Inventory` from ``vagrant ssh-config`` and the settings.
 
     Logins come from ssh-config (address, port, user, keys); the node's service
@@ -144,7 +144,7 @@ def inventory_from_ssh_config(entries: dict[str, SSHLogin], settings: dict[str, 
     if node not in hosts:
         raise TestbedError(f"no machine {node!r} to measure; machines: {', '.join(hosts)}")
     return Inventory(hosts, kubectl=CONTROL_PLANE, node=node, client=CLIENT, known_hosts=known_hosts,
-                     trust_on_first_use=False, source="vagrant ssh-config")
+                     trust_on_first_use=False, source="vagrant ssh-config", via_netns=via_netns)
 
 
 def parse_host_key(text: str, where: str) -> paramiko.PKey:
@@ -169,6 +169,8 @@ class VagrantTestbed(ClusterTestbed):
         node: the worker to measure (default ``worker-1``).
         settings: the settings file (default as the Vagrantfile reads it).
         vagrant: a python-vagrant ``Vagrant`` object (made for ``root`` by default).
+        via_netns: reach the VMs from inside this network namespace (the lab's own
+            libvirt runs its guests in one: :mod:`labkit.vm.libvirtd`).
         driver_options: passed to :class:`~labkit.testbed.kubeadm.KubeadmDriver`.
     """
 
@@ -176,7 +178,8 @@ class VagrantTestbed(ClusterTestbed):
 
     def __init__(self, *, root: str | os.PathLike | None = None, node: str = "worker-1",
                  settings: str | os.PathLike | None = None, vagrant: Any = None,
-                 helper_rule: bool = True, **ignored: Any):
+                 helper_rule: bool = True, via_netns: str | None = None, **ignored: Any):
+        self.via_netns = via_netns
         self.root = Path(root or os.environ.get("LABKIT_VAGRANT_DIR") or PROJECT_DIR)
         self.settings = load_settings(settings)
         self.node_machine = node
@@ -243,7 +246,8 @@ class VagrantTestbed(ClusterTestbed):
             raise TestbedError(f"vagrant ssh-config failed in {self.root} ({exc}); are the VMs up? "
                                "`labkit up --testbed vagrant` brings them up") from None
         return inventory_from_ssh_config(entries, self.settings,
-                                         node=self.node_machine, known_hosts=self.known_hosts)
+                                         node=self.node_machine, known_hosts=self.known_hosts,
+                                         via_netns=self.via_netns)
 
     def up(self, iteration) -> None:
         """Bring the VMs up if needed, then apply ``iteration`` over SSH."""

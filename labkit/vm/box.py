@@ -59,7 +59,7 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 PACKAGES = (
     "linux-image-amd64", "systemd-sysv", "udev", "dbus", "openssh-server", "sudo",
-    "iproute2", "iptables", "conntrack", "kmod", "procps", "netbase", "iputils-ping",
+    "iproute2", "iptables", "conntrack", "kmod", "procps", "netbase", "iputils-ping", "curl",
     "tftpd-hpa", "tftp-hpa", "atftp", "python3", "python3-venv",
 )
 # not needed in a guest that is driven over SSH and serves no notebook itself
@@ -75,21 +75,30 @@ ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
 Type=oneshot
 # ed25519 only: `ssh-keygen -A` (RSA 3072 too) takes ~55 s under TCG emulation
 ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
+# on the VM's own console: whoever booted it (labkit.vm.qemu) pins the key from there
+ExecStartPost=/bin/sh -c 'echo "labkit-host-key: $$(cat /etc/ssh/ssh_host_ed25519_key.pub)" > /dev/console'
 
 [Install]
 WantedBy=multi-user.target
 """
 
+# 90-: after Vagrant's 50-vagrant-ethN.network (a private network's static address), as
+# systemd-networkd takes the first file, in name order, that matches an interface
 DHCP_NETWORK = """\
 [Match]
 Name=eth*
 
 [Network]
 DHCP=ipv4
+# no route from router advertisements either (QEMU's user network sends them)
+IPv6AcceptRA=no
 
 [DHCPv4]
 # every VM of one box starts with the same machine-id-derived DUID otherwise
 ClientIdentifier=mac
+# no default route, whatever the DHCP server offers (QEMU's user network offers one):
+# a lab VM talks to its own network only
+UseGateway=no
 """
 
 BOX_VAGRANTFILE = """\
@@ -113,7 +122,7 @@ GUEST_FILES: dict[str, tuple[str, int]] = {
     "/etc/hostname": ("labkit\n", 0o644),
     "/etc/hosts": ("127.0.0.1 localhost\n127.0.1.1 labkit\n", 0o644),
     "/etc/fstab": ("/dev/vda / ext4 defaults 0 1\n", 0o644),
-    "/etc/systemd/network/50-dhcp.network": (DHCP_NETWORK, 0o644),
+    "/etc/systemd/network/90-dhcp.network": (DHCP_NETWORK, 0o644),
     "/etc/systemd/system/labkit-ssh-hostkeys.service": (SSH_HOSTKEYS_UNIT, 0o644),
     "/etc/sudoers.d/vagrant": ("vagrant ALL=(ALL) NOPASSWD: ALL\nDefaults:vagrant !requiretty\n", 0o440),
     "/etc/ssh/sshd_config.d/labkit.conf": ("HostKey /etc/ssh/ssh_host_ed25519_key\nUseDNS no\n"
@@ -295,6 +304,7 @@ class BoxBuilder:
         self.base = Path(cache) / f"base-{hashlib.sha256(base).hexdigest()[:16]}"
         self.rootfs = self.dir / "rootfs"
         self.box = self.dir / "labkit-debian12.box"
+        self.name = BOX_NAME
         self.seconds: dict[str, float] = {}
 
     def _step(self, name: str, done: Path, fn) -> None:
@@ -460,13 +470,91 @@ rm -f /var/lib/apt/lists/*_Packages /var/log/*.log
         (self.dir / "metadata.json").write_text(json.dumps(meta) + "\n")
         (self.dir / "Vagrantfile").write_text(BOX_VAGRANTFILE)
         (self.dir / "info.json").write_text(json.dumps(
-            {"name": BOX_NAME, "recipe": self.key, "suite": self.recipe.suite,
+            {"name": self.name, "recipe": self.key, "suite": self.recipe.suite,
              "mirror": self.recipe.mirror}, indent=1) + "\n")
         tmp = self.box.with_suffix(".box.tmp")
         with tarfile.open(tmp, "w") as tar:  # uncompressed: quick to make, quick to add
             for name in ("metadata.json", "Vagrantfile", "info.json", "box.img", "vmlinuz", "initrd.img"):
                 tar.add(self.dir / name, arcname=name)
         os.replace(tmp, self.box)
+
+
+class DerivedBoxBuilder(BoxBuilder):
+    """A box of its own name: a built box's system plus some files, e.g. test doubles.
+
+    The files are written into a copy of the base box's root file system before the
+    disk image is made (nothing is installed into a running guest).  Cached in
+    ``cache/derived/<slug>-<key[:16]>/`` by the base box's key and the files' bytes;
+    older builds of the same name are removed.
+
+    Args:
+        base: the built box (:func:`build_box`) whose ``rootfs`` is copied.
+        name: the Vagrant box name, e.g. ``labkit/debian12-kube``.
+        files: guest path -> (content, mode).
+        cache: the cache folder (the one of ``base`` by default).
+    """
+
+    def __init__(self, base: "BoxBuild", name: str, files: dict[str, tuple[bytes | str, int]],
+                 cache: Path | None = None):
+        self.recipe = Recipe(**json.loads((base.directory / "recipe.json").read_text()))
+        self.base_build = base
+        self.files = {k: (v.encode() if isinstance(v, str) else v, mode) for k, (v, mode) in sorted(files.items())}
+        digest = hashlib.sha256(base.key.encode())
+        for path, (content, mode) in self.files.items():
+            digest.update(f"\0{path}\0{mode:o}\0".encode() + hashlib.sha256(content).digest())
+        self.key = digest.hexdigest()
+        self.name = name
+        self.slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+        self.parent = Path(cache or base.directory.parent) / "derived"
+        self.dir = self.parent / f"{self.slug}-{self.key[:16]}"
+        self.rootfs = self.dir / "rootfs"
+        self.box = self.dir / f"{self.slug}.box"
+        self.seconds = {}
+
+    def build(self) -> "BoxBuild":
+        """Copy the base system, write the files, make the disk and the box (each step
+        skipped when done).
+
+        Raises:
+            VMError: not root, the base box has no root file system, or a step failed.
+        """
+        if os.geteuid() != 0:
+            raise VMError("building a box needs root (mkfs, files owned by root)")
+        if not (self.base_build.directory / "rootfs").is_dir():
+            raise VMError(f"the base box has no root file system in {self.base_build.directory}; "
+                          "build it again (scripts/build-box.sh --force)")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._step("derive", self.dir / "derive.done", self._derive)
+        self._step("disk", self.dir / "disk.done", self._disk)
+        self._step("box", self.box, self._package)
+        for other in self.parent.glob(f"{self.slug}-*"):
+            if other != self.dir:
+                log.info("box: removing an older build of %s: %s", self.name, other)
+                _rmtree(other)
+        return BoxBuild(self.box, self.dir, self.key, dict(self.seconds))
+
+    def _derive(self) -> None:
+        tmp = self.dir / "rootfs.tmp"
+        _rmtree(tmp)
+        _rmtree(self.rootfs)
+        _run(["cp", "-a", "--reflink=auto", str(self.base_build.directory / "rootfs"), str(tmp)],
+             "copying the base box's system")
+        for path, (content, mode) in self.files.items():
+            target = tmp / path.lstrip("/")
+            if target.is_symlink():
+                target.unlink()
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(content)
+            os.chmod(target, mode)
+        tmp.rename(self.rootfs)
+        (self.dir / "derive.done").touch()
+
+
+def derive_box(base: "BoxBuild", name: str, files: dict[str, tuple[bytes | str, int]],
+               cache: str | os.PathLike | None = None) -> "BoxBuild":
+    """Build (or find) the box ``name``: ``base``'s system plus ``files``; see
+    :class:`DerivedBoxBuilder`."""
+    return DerivedBoxBuilder(base, name, files, Path(cache) if cache else None).build()
 
 
 def wheels_refusing(folder: Path, python: str) -> list[tuple[Path, str, str]]:

@@ -89,18 +89,32 @@ class VagrantLab:
             raise VMError(f"vagrant {' '.join(args)} failed (exit {proc.returncode}) in {self.root}:\n{tail}")
         return result
 
-    def add_box(self, box: str | os.PathLike, key: str) -> bool:
-        """``vagrant box add`` labkit's box unless this recipe's box is there already.
+    def add_box(self, box: str | os.PathLike, key: str, name: str = BOX_NAME) -> bool:
+        """``vagrant box add`` a box as ``name`` (labkit's by default) unless this build
+        of it is there already.
 
         Returns:
             True when it was added now.
         """
-        marker = self.work / "home" / "labkit-box.key"
-        if marker.exists() and marker.read_text() == key and BOX_NAME in self.vagrant("box", "list").stdout:
+        marker = self.work / "home" / f"{name.replace('/', '_')}.key"
+        if marker.exists() and marker.read_text() == key and name in self.vagrant("box", "list").stdout:
             return False
-        self.vagrant("box", "add", "--force", "--name", BOX_NAME, str(box), timeout=600)
+        self.vagrant("box", "add", "--force", "--name", name, str(box), timeout=600)
         marker.write_text(key)
         return True
+
+    def python_vagrant(self):
+        """A python-vagrant ``Vagrant`` (what the ``vagrant`` testbed uses) that runs
+        ``vagrant`` inside the lab's namespace with this lab's environment."""
+        import vagrant as python_vagrant
+
+        wrapper = self.work / "vagrant-in-netns"
+        wrapper.write_text("#!/bin/sh\n# vagrant where the lab's guests are (labkit.vm.guest)\n"
+                           f"exec {shlex.join(self.libvirt.exec_prefix())} vagrant \"$@\"\n")
+        wrapper.chmod(0o755)
+        v = python_vagrant.Vagrant(root=str(self.root), env=self.env(), quiet_stdout=False, quiet_stderr=False)
+        v._vagrant_exe = str(wrapper)  # python-vagrant's executable (found on PATH otherwise)
+        return v
 
     def up(self, *machines: str) -> Result:
         """``vagrant up MACHINES`` (libvirt provider)."""

@@ -89,7 +89,8 @@ def test_the_box_vagrantfile_boots_the_kernel_directly_under_tcg():
 
 
 def test_each_vm_gets_its_own_machine_id_dhcp_id_and_host_keys():
-    assert "ClientIdentifier=mac" in box.GUEST_FILES["/etc/systemd/network/50-dhcp.network"][0]
+    assert "ClientIdentifier=mac" in box.GUEST_FILES["/etc/systemd/network/90-dhcp.network"][0]
+    assert "UseGateway=no" in box.GUEST_FILES["/etc/systemd/network/90-dhcp.network"][0]  # no route off
     unit = box.GUEST_FILES["/etc/systemd/system/labkit-ssh-hostkeys.service"][0]
     assert "ssh-keygen" in unit and "ssh_host_ed25519_key" in unit and "Before=ssh.service" in unit
     assert "labkit-ssh-hostkeys" in box.ENABLE and "tftpd-hpa" in box.DISABLE

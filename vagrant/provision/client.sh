@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
 # The client VM: labkit itself (the load generator runs here as
 # `python3 -m labkit loadgen`), installed from the uploaded source.
+# LOCAL_BOX=1 with labkit's own box: its venv at /opt/labkit/venv holds labkit's Python
+# dependencies; the uploaded source goes beside it and `python3` is that venv's.
 set -euo pipefail
+
+if [ "${LOCAL_BOX:-}" = 1 ]; then
+    rm -rf /opt/labkit/src
+    cp -a /tmp/labkit-src /opt/labkit/src
+    site=$(/opt/labkit/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo /opt/labkit/src > "$site/labkit-src.pth"
+    # a wrapper, not a symlink: Python finds its venv (pyvenv.cfg) beside the path it was started as
+    printf '#!/bin/sh\nexec /opt/labkit/venv/bin/python3 "$@"\n' > /usr/local/bin/python3
+    chmod 755 /usr/local/bin/python3
+    python3 -m labkit --version
+    exit 0
+fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q

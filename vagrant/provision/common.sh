@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every Kubernetes VM: kernel modules and sysctls, containerd, and a pinned
 # kubeadm/kubelet/kubectl from the Kubernetes package repository (pkgs.k8s.io).
-# Env: K8S_VERSION (1.31.4), K8S_PKG_REVISION (1.1), NODE_IP.
+# Env: K8S_VERSION (1.31.4), K8S_PKG_REVISION (1.1), NODE_IP; LOCAL_BOX=1 with labkit's own
+# box, which holds everything (nothing is downloaded: the VMs have no route off the machine).
 set -euo pipefail
 
 : "${K8S_VERSION:?}" "${K8S_PKG_REVISION:?}" "${NODE_IP:?}"
@@ -29,6 +30,15 @@ net.bridge.bridge-nf-call-ip6tables = 1
 net.ipv4.ip_forward = 1
 SYSCTLS
 sysctl --system >/dev/null
+
+if [ "${LOCAL_BOX:-}" = 1 ]; then
+    for tool in kubeadm kubelet kubectl crictl; do
+        command -v "$tool" >/dev/null || { echo "common: the local box has no $tool" >&2; exit 1; }
+    done
+    echo "KUBELET_EXTRA_ARGS=--node-ip=${NODE_IP}" > /etc/default/kubelet
+    systemctl enable kubelet
+    exit 0
+fi
 
 apt-get update -q
 apt-get install -y -q --no-install-recommends \

@@ -2,7 +2,8 @@
 # The control plane: kubeadm init with the CA made by the Vagrantfile, a pod CIDR
 # and the lab's kube-proxy settings, then the CNI (flannel on the private network).
 # Env: NODE_IP, NODE_NAME, K8S_VERSION, CA_CERT_B64, CA_KEY_B64, JOIN_TOKEN,
-#      JOIN_TOKEN_TTL, POD_CIDR, SERVICE_CIDR, CNI_MANIFEST, NETWORK_REGEX.
+#      JOIN_TOKEN_TTL, POD_CIDR, SERVICE_CIDR, CNI_MANIFEST, NETWORK_REGEX; LOCAL_BOX=1 with
+#      labkit's own box (no CNI is downloaded: its pods are on the node's own bridge).
 set -euo pipefail
 
 : "${NODE_IP:?}" "${NODE_NAME:?}" "${K8S_VERSION:?}" "${CA_CERT_B64:?}" "${CA_KEY_B64:?}"
@@ -60,6 +61,12 @@ cp /etc/kubernetes/admin.conf /root/.kube/config
 install -d -m 0700 -o vagrant -g vagrant /home/vagrant/.kube
 install -m 0600 -o vagrant -g vagrant /etc/kubernetes/admin.conf /home/vagrant/.kube/config
 export KUBECONFIG=/etc/kubernetes/admin.conf
+
+if [ "${LOCAL_BOX:-}" = 1 ]; then
+    kubectl wait --for=condition=Ready "node/${NODE_NAME}" --timeout=300s
+    echo "control-plane: ready at https://${NODE_IP}:6443 (local box: no CNI downloaded)"
+    exit 0
+fi
 
 # flannel, on the interface whose address is on the private network
 cni=$(mktemp /tmp/cni.XXXXXX.yaml)

@@ -3,7 +3,8 @@
 # build the TFTP server image from k8s-manifests/image into containerd, and
 # install what the lab runs on the node itself (the plain server of iteration 1,
 # python3 for the monitor's agent).
-# Env: NODE_IP, NODE_NAME, CONTROL_PLANE_IP, CA_CERT_B64, JOIN_TOKEN, CA_CERT_HASH, FILE_SIZE.
+# Env: NODE_IP, NODE_NAME, CONTROL_PLANE_IP, CA_CERT_B64, JOIN_TOKEN, CA_CERT_HASH, FILE_SIZE;
+# LOCAL_BOX=1 with labkit's own box, which holds the served file (nothing is downloaded or built).
 set -euo pipefail
 
 : "${NODE_IP:?}" "${NODE_NAME:?}" "${CONTROL_PLANE_IP:?}" "${CA_CERT_B64:?}"
@@ -11,12 +12,16 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 image=localhost/labkit/tftp-server:latest
 
-apt-get install -y -q --no-install-recommends buildah tftpd-hpa python3
+if [ "${LOCAL_BOX:-}" = 1 ]; then
+    [ -s "/srv/tftp/file-${FILE_SIZE}.bin" ] || { echo "worker: the local box has no /srv/tftp/file-${FILE_SIZE}.bin" >&2; exit 1; }
+else
+    apt-get install -y -q --no-install-recommends buildah tftpd-hpa python3
+fi
 # the plain server (iteration 1) is started by labkit on the node's address only
 systemctl disable --now tftpd-hpa
 
 # the TFTP server image, built here and handed to containerd (nothing is pulled)
-if ! ctr -n k8s.io images ls -q | grep -qx "$image"; then
+if [ "${LOCAL_BOX:-}" != 1 ] && ! ctr -n k8s.io images ls -q | grep -qx "$image"; then
     archive=$(mktemp /tmp/tftp-server.XXXXXX.tar)
     rm -f "$archive"
     buildah build --layers -t "$image" \
@@ -54,4 +59,8 @@ CONFIG
     kubeadm join --config "$config"
     rm -f "$config"
 fi
-echo "${NODE_NAME}: joined; image ${image} loaded"
+if [ "${LOCAL_BOX:-}" = 1 ]; then
+    echo "${NODE_NAME}: joined; the served file is in the box"
+else
+    echo "${NODE_NAME}: joined; image ${image} loaded"
+fi
