@@ -29,7 +29,7 @@ from pathlib import Path
 
 from labkit.exceptions import VMError
 from labkit.hostkeys import known_hosts_name, pin_host_key
-from labkit.ssh import SSHHost
+from labkit.remote import SSHHost
 from labkit.testbed.vagrant import parse_host_key
 from labkit.vm.box import KERNEL_CMDLINE
 
