@@ -21,6 +21,9 @@ read in a transcript:
 5. the explicit TFTP conntrack helper rule on the node (kernels >= 6.0 attach no
    helper on their own).
 
+Steps 1 and 2 are :class:`~labkit.testbed.node_config.NodeConfig`'s (the
+driver's ``node_config``), sharing the driver's state file.
+
 Failures raise with what was expected and what was seen: :class:`SysctlError`
 (the kernel's message), :class:`PodRejected` (``SysctlForbidden``, as the kubelet
 says), :class:`TestbedError` (kubelet not Ready in time, rollout stuck: with
@@ -37,28 +40,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
-from labkit.exceptions import PodRejected, SSHError, SysctlError, TestbedError
+from labkit.exceptions import PodRejected, SSHError, TestbedError
 from labkit.host import Host, Result, sysctl_name
 from labkit.manifests import SYSCTL_FORBIDDEN, Manifests, admit_sysctls, check_allowlist, dump_yaml
 from labkit.testbed.base import ServedFile
+# The node's files and the file-writing script live with NodeConfig; named here too, as before.
+from labkit.testbed.node_config import KUBELET_BACKUP, KUBELET_CONFIG, SYSCTL_FILE, WRITE_FILE, NodeConfig
 from labkit.util import atomic_write
 
 log = logging.getLogger(__name__)
 
-KUBELET_CONFIG = "/var/lib/kubelet/config.yaml"
-KUBELET_BACKUP = KUBELET_CONFIG + ".labkit-orig"
-SYSCTL_FILE = "/etc/sysctl.d/90-labkit.conf"
 PLAIN_UNIT = "labkit-tftp-plain"
 PLAIN_DIR = "/srv/labkit-tftp"
 POD_FILES = "/srv/tftp"
-KUBELET_HEALTHZ = "http://127.0.0.1:10248/healthz"
-# Replace a file in one step: write a sibling, then rename it over the original.
-WRITE_FILE = 'cat > "$1.labkit-new" && mv "$1.labkit-new" "$1"'
 LIST_FILES = ('cd "$1" && for f in *; do [ -f "$f" ] || continue; '
               'printf "%s %s " "$(stat -c %s "$f")" "$f"; sha256sum < "$f" | cut -d" " -f1; done')
-READY = '{.status.conditions[?(@.type=="Ready")].status}'
 
 
 def parse_file_list(text: str, where: str) -> list[ServedFile]:
@@ -141,6 +137,8 @@ class KubeadmDriver:
         self.template = self.manifests.pod_template()
         self.port = self.manifests.service_port()
         self.state = self._load()
+        self.node_config = NodeConfig(node, kubectl, node_name=node_name, state=self.state, save=self._save,
+                                      ready_timeout=ready_timeout, poll=poll, sleep=sleep, clock=clock)
 
     # --- state -----------------------------------------------------------------------
 
@@ -204,85 +202,18 @@ class KubeadmDriver:
         self.state["iteration"] = iteration.to_dict()
         self._save()
 
-    # 1. node sysctls
+    # 1. node sysctls and 2. kubelet: see NodeConfig
     def apply_node_sysctls(self, wanted: dict[str, int]) -> None:
-        """Set the node's sysctls (and put back the originals of the ones not wanted now)."""
-        originals = self.state["originals"]
-        new = [n for n in wanted if n not in originals]
-        if new:
-            values = self.node.run(["sysctl", "-n", *new]).stdout.splitlines()
-            if len(values) != len(new):
-                raise TestbedError(f"{self.node.name}: sysctl -n {' '.join(new)} printed "
-                                   f"{len(values)} values for {len(new)} names")
-            originals.update({n: " ".join(v.split()) for n, v in zip(new, values)})
-            self._save()
-        target = {n: str(v) for n, v in wanted.items()}
-        target.update({n: v for n, v in originals.items() if n not in wanted})
-        for name, value in target.items():
-            self._sysctl_w(name, value)
-        lines = ["# written by labkit for iteration settings; removed by labkit down"]
-        lines += [f"{n} = {v}" for n, v in wanted.items()]
-        if wanted:
-            self._write(self.node, SYSCTL_FILE, "\n".join(lines) + "\n")
-        else:
-            self.node.run(["rm", "-f", SYSCTL_FILE])
-        if target:
-            names = list(target)
-            seen = self.node.run(["sysctl", "-n", *names]).stdout.splitlines()
-            for name, got in zip(names, seen):
-                if " ".join(got.split()) != " ".join(target[name].split()):
-                    raise TestbedError(f"{self.node.name}: {name} reads {got!r} after setting "
-                                       f"{target[name]!r}")
+        """Set the node's sysctls (see :meth:`NodeConfig.apply_node_sysctls`)."""
+        self.node_config.apply_node_sysctls(wanted)
 
-    def _sysctl_w(self, name: str, value: str, host: Host | None = None) -> None:
-        host = host or self.node
-        r = host.run(["sysctl", "-w", f"{name}={value}"], check=False)
-        if not r.ok:
-            reason = (r.stderr.strip() or f"exit code {r.exit_code}").replace("sysctl: ", "")
-            raise SysctlError(name, host.name, reason, value=value)
-
-    def _write(self, host: Host, path: str, text: str) -> None:
-        host.run(["sh", "-c", WRITE_FILE, "sh", path], input=text)
-
-    # 2. kubelet
     def apply_kubelet(self, allowed: list[str]) -> None:
-        """Set ``allowedUnsafeSysctls``; restart the kubelet and wait for Ready if it changed."""
-        config = yaml.safe_load(self.node.run(["cat", KUBELET_CONFIG]).stdout) or {}
-        if not isinstance(config, dict) or config.get("kind") != "KubeletConfiguration":
-            raise TestbedError(f"{self.node.name}: {KUBELET_CONFIG} is not a KubeletConfiguration")
-        if list(config.get("allowedUnsafeSysctls") or []) == allowed:
-            return
-        if not self.state["kubelet_backup"]:
-            self.node.run(["cp", "-p", "-n", KUBELET_CONFIG, KUBELET_BACKUP])
-            self.state["kubelet_backup"] = True
-            self._save()
-        if allowed:
-            config["allowedUnsafeSysctls"] = allowed
-        else:
-            config.pop("allowedUnsafeSysctls", None)
-        self._write(self.node, KUBELET_CONFIG, yaml.safe_dump(config, sort_keys=False))
-        self.restart_kubelet()
+        """Set the kubelet's allowlist (see :meth:`NodeConfig.apply_kubelet`)."""
+        self.node_config.apply_kubelet(allowed)
 
     def restart_kubelet(self) -> None:
-        """Restart the kubelet and wait until it is healthy and the node Ready."""
-        self.node.run(["systemctl", "restart", "kubelet"])
-        deadline = self.clock() + self.ready_timeout
-        while True:
-            healthy = self.node.run(["curl", "-sf", "--max-time", "5", KUBELET_HEALTHZ],
-                                    check=False).ok
-            if healthy:
-                ready = self._k("get", "node", self.node_name, "-o", f"jsonpath={READY}",
-                                check=False)
-                if ready.ok and ready.stdout.strip() == "True":
-                    return
-            if self.clock() >= deadline:
-                journal = self.node.run(["journalctl", "-u", "kubelet", "-n", "15", "--no-pager"],
-                                        check=False).stdout.strip().splitlines()[-15:]
-                raise TestbedError(
-                    f"{self.node.name}: the kubelet is not Ready {self.ready_timeout:g} s after its "
-                    f"restart (healthz {'ok' if healthy else 'failing'}); its last log lines:\n  "
-                    + "\n  ".join(journal))
-            self.sleep(self.poll)
+        """Restart the kubelet and wait until the node is Ready (see :meth:`NodeConfig.restart_kubelet`)."""
+        self.node_config.restart_kubelet()
 
     # 3. workload
     def deployment_doc(self, iteration) -> dict[str, Any]:
@@ -447,16 +378,7 @@ class KubeadmDriver:
             self.node.run(["iptables", "-t", "raw", "-D", *self.helper_rule()], check=False)
             self.state["helper_rule"] = False
             self._save()
-        if self.state["kubelet_backup"]:
-            self.node.run(["mv", KUBELET_BACKUP, KUBELET_CONFIG])
-            self.state["kubelet_backup"] = False
-            self._save()
-            self.restart_kubelet()
-        if self.state["originals"]:
-            for name, value in self.state["originals"].items():
-                self._sysctl_w(name, value)
-            self.node.run(["rm", "-f", SYSCTL_FILE])
-            self.state["originals"] = {}
+        self.node_config.restore()
         self.state.update(file=None, iteration=None)
         self._save()
         self.state_path.unlink(missing_ok=True)

@@ -197,3 +197,30 @@ def test_parsers_refuse_what_they_do_not_know():
             {"ready": False, "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "no image"}}}]}},
     ]}))
     assert [(p["name"], p["reason"], p["container_id"]) for p in pods] == [("a", "ErrImageNeverPull", None)]
+
+
+def test_node_config_alone_records_each_original_before_changing_it_and_restores_the_node(tmp_path):
+    from labkit.testbed.node_config import KUBELET_CONFIG, SYSCTL_FILE, NodeConfig
+
+    sim = FakeCluster()
+    now, sleep = clock()
+    state: dict = {"originals": {}, "kubelet_backup": False}
+    saved: list[tuple[int, dict]] = []  # (commands sent so far, the state saved)
+    config = NodeConfig(sim.host("node"), sim.host("control"), node_name="worker-1", state=state,
+                        save=lambda: saved.append((len(sim.steps), json.loads(json.dumps(state)))),
+                        ready_timeout=30, poll=2, sleep=sleep, clock=now)
+    it = iteration(8)
+    config.apply_node_sysctls(dict(it.node_sysctls))
+    config.apply_kubelet(list(it.allowed_unsafe_sysctls))
+    assert sim.sysctls == {**DEFAULTS, **{k: str(v) for k, v in it.node_sysctls.items()}}
+    assert sim.kubelet_allowed == list(it.allowed_unsafe_sysctls) and SYSCTL_FILE in sim.files
+    first_write = next(i for i, s in enumerate(sim.steps) if s["cmd"][:2] == ["sysctl", "-w"])
+    first_backup = next(i for i, s in enumerate(sim.steps) if s["cmd"][0] == "cp")
+    # a connection lost at the first change still leaves the originals on disk for `labkit down`
+    assert any(n <= first_write and s["originals"] == {k: DEFAULTS[k] for k in it.node_sysctls}
+               for n, s in saved)
+    assert any(first_backup < n <= first_backup + 1 and s["kubelet_backup"] for n, s in saved)
+    config.restore()
+    assert sim.sysctls == DEFAULTS and SYSCTL_FILE not in sim.files and sim.kubelet_allowed == []
+    assert yaml.safe_load(sim.files[KUBELET_CONFIG]) == yaml.safe_load((DATA / "kubelet-config.yaml").read_text())
+    assert state == {"originals": {}, "kubelet_backup": False}
