@@ -32,7 +32,7 @@ from labkit.exceptions import LoadgenError
 from labkit.loadgen import packet
 from labkit.loadgen.spec import LoadSpec
 from labkit.loadgen.tally import HIST_SCALE, OK, TRANSFER_COLUMNS, Tally  # noqa: F401 (re-exported)
-from labkit.loadgen.transfer_state import Transfer, TransferProtocol, bind_next
+from labkit.loadgen.transfer_state import FATAL_SEND, Transfer, TransferProtocol, bind_next
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,6 @@ FAILURE_REASONS = {
     "local_error": "the client could not open a socket or send (e.g. too many open files)",
     "aborted": "the run was interrupted while the transfer was in flight",
 }
-_FATAL_SEND = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.EINVAL,
-               errno.EACCES, errno.EBADF}
 
 
 def run_engine(spec: LoadSpec, *, t0: float | None = None, worker: int = 0,
@@ -153,19 +151,18 @@ class _Engine:
         ep = self.ep
         poll = ep.poll
         series_started = tally.series["started"]
-        heappush, heappop = heapq.heappush, heapq.heappop
+        heappush = heapq.heappush
         acks = packet._ACKS
         build_ack = packet.build_ack
         finish = self.finish
         handle_other = self.protocol.handle_other
         abandon = self.protocol.abandon
+        expire = self.protocol.expire
         negotiate = bool(spec.options)
         hashing = spec.sha256 is not None or self.capture
         capture = self.capture
         expected = spec.expected_size if spec.expected_size is not None else float("inf")
         timeout = float(spec.timeout)
-        deadline = float(spec.deadline)
-        retries = spec.retries
         server = (spec.host, spec.port)
         rrq = packet.build_rrq(spec.filename, "octet", spec.options)
         bufsize = max(spec.blksize or 0, packet.DEFAULT_BLKSIZE) + 5   # +1: see an oversized packet
@@ -233,7 +230,7 @@ class _Engine:
                             ep.register(t.fd, epollin)
                             sock.sendto(rrq, server)
                         except OSError as exc:
-                            if exc.errno in _FATAL_SEND or exc.errno in (errno.EMFILE,
+                            if exc.errno in FATAL_SEND or exc.errno in (errno.EMFILE,
                                                                          errno.EADDRINUSE):
                                 finish(t, "local_error", now)
                                 continue
@@ -326,31 +323,7 @@ class _Engine:
                 handle_other(t, data, addr, now)
 
             if timers and timers[0][0] <= now:
-                while timers and timers[0][0] <= now:
-                    _exp, key, t = heappop(timers)
-                    if t.sock is None:
-                        continue
-                    end = t.start + deadline
-                    if now >= end:
-                        abandon(t, "deadline", now)
-                        continue
-                    due = t.last + timeout
-                    if now >= due:
-                        if t.tries >= retries:
-                            abandon(t, "timeout", now)
-                            continue
-                        t.tries += 1
-                        t.retransmits += 1
-                        counts["retransmits"] += 1
-                        t.last = now
-                        due = now + timeout
-                        try:
-                            t.sock.sendto(t.pkt, t.tid or server)
-                        except OSError as exc:
-                            if exc.errno in _FATAL_SEND:
-                                finish(t, "local_error", now)
-                                continue
-                    heappush(timers, (min(due, end), key, t))
+                expire(timers, now)
 
     def finish(self, t: Transfer, outcome: str, now: float) -> None:
         """Record exactly one outcome for ``t`` and release its socket."""

@@ -5,13 +5,15 @@ for every in-order DATA packet (the hot path stays in
 :mod:`labkit.loadgen.engine`).  :class:`TransferProtocol` handles the rest of
 RFC 1350/2347/7440 for a reader: OACK negotiation, ERROR, a DATA 1 when the
 server ignored our options, stray ACKs, malformed or unexpected packets, and
-ending a transfer on our side with an ERROR to the server.
+ending a transfer on our side with an ERROR to the server; and the timers that
+resend the last packet or end a transfer (timeout, deadline).
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import heapq
 import logging
 from typing import Callable
 
@@ -21,6 +23,10 @@ from labkit.loadgen.spec import LoadSpec
 from labkit.loadgen.tally import OK
 
 log = logging.getLogger(__name__)
+
+# send errors that no resend can cure: the transfer ends as local_error
+FATAL_SEND = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.EINVAL,
+              errno.EACCES, errno.EBADF}
 
 
 class Transfer:
@@ -52,7 +58,7 @@ class Transfer:
 
 
 class TransferProtocol:
-    """The reader's side of a transfer for every packet but an expected DATA.
+    """The reader's side of a transfer for every packet but an expected DATA, and its timers.
 
     Args:
         spec: the load (its options, expected size).
@@ -68,6 +74,47 @@ class TransferProtocol:
         self.capture = capture
         self.counts = counts
         self.finish = finish
+        self.timeout = float(spec.timeout)
+        self.deadline = float(spec.deadline)
+        self.retries = spec.retries
+        self.server = (spec.host, spec.port)
+
+    def expire(self, timers: list, now: float) -> None:
+        """Act on every timer of the heap ``timers`` due by ``now``: resend, or end its transfer.
+
+        A timer is ``(when, key, transfer)``; one of an ended transfer is dropped,
+        one of a transfer past its deadline or out of resends ends it, one of a
+        transfer that heard from the server since comes back for its new due time.
+        """
+        heappush, heappop = heapq.heappush, heapq.heappop
+        counts = self.counts
+        timeout = self.timeout
+        deadline = self.deadline
+        while timers and timers[0][0] <= now:
+            _exp, key, t = heappop(timers)
+            if t.sock is None:
+                continue
+            end = t.start + deadline
+            if now >= end:
+                self.abandon(t, "deadline", now)
+                continue
+            due = t.last + timeout
+            if now >= due:
+                if t.tries >= self.retries:
+                    self.abandon(t, "timeout", now)
+                    continue
+                t.tries += 1
+                t.retransmits += 1
+                counts["retransmits"] += 1
+                t.last = now
+                due = now + timeout
+                try:
+                    t.sock.sendto(t.pkt, t.tid or self.server)
+                except OSError as exc:
+                    if exc.errno in FATAL_SEND:
+                        self.finish(t, "local_error", now)
+                        continue
+            heappush(timers, (min(due, end), key, t))
 
     def handle_other(self, t: Transfer, data: bytes, addr, now: float) -> None:
         """Everything but an in-order-or-duplicate DATA packet once options are settled."""
