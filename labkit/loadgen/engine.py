@@ -16,13 +16,10 @@ almost all of the traffic, is decoded inline (by the same rules as
 
 from __future__ import annotations
 
-import csv
 import errno
-import hashlib
 import heapq
 import logging
 import math
-import os
 import resource
 import select
 import socket
@@ -31,13 +28,14 @@ import time
 import _socket
 from typing import Callable
 
-from labkit.exceptions import LoadgenError, MalformedPacket
+from labkit.exceptions import LoadgenError
 from labkit.loadgen import packet
 from labkit.loadgen.spec import LoadSpec
+from labkit.loadgen.tally import HIST_SCALE, OK, TRANSFER_COLUMNS, Tally  # noqa: F401 (re-exported)
+from labkit.loadgen.transfer_state import FATAL_SEND, Transfer, TransferProtocol, bind_next
 
 log = logging.getLogger(__name__)
 
-OK = "ok"
 # Every way a transfer can end other than ok.  ``error_<code>`` for an ERROR packet.
 FAILURE_REASONS = {
     "timeout": "no answer after the last resend",
@@ -51,20 +49,6 @@ FAILURE_REASONS = {
     "local_error": "the client could not open a socket or send (e.g. too many open files)",
     "aborted": "the run was interrupted while the transfer was in flight",
 }
-HIST_SCALE = 100          # latency histogram: bucket = int(ln(microseconds) * HIST_SCALE), ~1 %
-HIST_BUCKETS = 2400       # up to e**24 us: far beyond any deadline
-TRANSFER_COLUMNS = ["worker", "transfer", "start_s", "end_s", "latency_ms", "outcome", "bytes",
-                    "retransmits", "client_port", "server_port"]
-_FATAL_SEND = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.EINVAL,
-               errno.EACCES, errno.EBADF}
-
-
-class _Transfer:
-    """One transfer in flight (slots: millions are made in a long run)."""
-
-    __slots__ = ("id", "sock", "fd", "start", "last", "tid", "block", "nbytes", "tries", "pkt",
-                 "hasher", "blksize", "window", "unacked", "gap", "negotiated", "retransmits",
-                 "buf")
 
 
 def run_engine(spec: LoadSpec, *, t0: float | None = None, worker: int = 0,
@@ -94,6 +78,12 @@ def run_engine(spec: LoadSpec, *, t0: float | None = None, worker: int = 0,
 
 
 class _Engine:
+    """One worker's run: the epoll loop over the transfers in flight and their timers.
+
+    The loop keeps the per-DATA path inline; :class:`~labkit.loadgen.transfer_state.TransferProtocol`
+    takes every other packet, :class:`~labkit.loadgen.tally.Tally` counts what ends.
+    """
+
     def __init__(self, spec, t0, worker, transfers_path, capture, progress):
         if spec.expected_size is None and not capture:
             raise LoadgenError("load spec: expected_size is needed to verify transfers "
@@ -107,27 +97,16 @@ class _Engine:
         _raise_file_limit(spec.concurrency or spec.max_in_flight)
 
     def run(self) -> dict:
+        """Run the load to its end (or an interrupt) and return the worker's record."""
         spec = self.spec
-        self.counts = {"started": 0, OK: 0, "ok_in_window": 0, "skipped": 0, "retransmits": 0,
-                       "duplicates": 0, "wrong_sender": 0, "ignored": 0}
-        self.failed: dict[str, int] = {}
-        self.series = {"started": [0], "completed": [0], "in_flight": [0], "rss_bytes": [0]}
-        self.failed_series: dict[str, list] = {}
-        self.hist = [0] * HIST_BUCKETS
-        self.content = None
-        self.end = None
-        self._closed = 0
         self.stop_at = self.t0 + spec.duration if spec.duration is not None else math.inf
         self.interrupted = False
-        self.table: dict[int, _Transfer] = {}
+        self.table: dict[int, Transfer] = {}
         self.timers: list = []
         self.ep = select.epoll()
-        self.out = None
-        self.writer = None
-        if self.transfers_path:
-            self.out = open(self.transfers_path, "w", newline="")
-            self.writer = csv.writer(self.out)
-            self.writer.writerow(TRANSFER_COLUMNS)
+        self.tally = tally = Tally(self.t0, self.worker, self.stop_at, self.capture,
+                                   self.transfers_path)
+        self.protocol = TransferProtocol(spec, self.capture, tally.counts, self.finish)
         usage = _usage()
         wall = time.time() - (time.monotonic() - self.t0)
         try:
@@ -141,31 +120,22 @@ class _Engine:
         finally:
             now = time.monotonic()
             for t in list(self.table.values()):
-                self._finish(t, "aborted", now)
-            self._close_seconds(int((self.end or now) - self.t0) + 1)
-            for series in (self.series, self.failed_series):
-                for bins in series.values():
-                    del bins[self._closed:]
+                self.finish(t, "aborted", now)
             self.ep.close()
-            if self.out:
-                self.out.close()
+            tally.close(now)
         used = _usage()
-        end = self.end if self.end is not None else time.monotonic()
+        end = tally.end if tally.end is not None else time.monotonic()
         return {
             "worker": self.worker,
             "spec": _spec_dict(spec),
             "t0_wall": wall,
             "duration_s": max(end - self.t0, 1e-9),
-            "counts": self.counts,
-            "failed": self.failed,
-            "series": self.series,
-            "failed_series": self.failed_series,
-            "latency_hist": {str(i): n for i, n in enumerate(self.hist) if n},
+            **tally.record_parts(),
             "cpu_user_s": used[0] - usage[0],
             "cpu_sys_s": used[1] - usage[1],
             "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "interrupted": self.interrupted,
-            "content": self.content,
+            "content": tally.content,
         }
 
     # -- the loop ---------------------------------------------------------------
@@ -176,22 +146,23 @@ class _Engine:
         t0 = self.t0
         table = self.table
         timers = self.timers
-        counts = self.counts
+        tally = self.tally
+        counts = tally.counts
         ep = self.ep
         poll = ep.poll
-        series_started = self.series["started"]
-        heappush, heappop = heapq.heappush, heapq.heappop
+        series_started = tally.series["started"]
+        heappush = heapq.heappush
         acks = packet._ACKS
         build_ack = packet.build_ack
-        finish = self._finish
-        handle_other = self._handle_other
+        finish = self.finish
+        handle_other = self.protocol.handle_other
+        abandon = self.protocol.abandon
+        expire = self.protocol.expire
         negotiate = bool(spec.options)
         hashing = spec.sha256 is not None or self.capture
         capture = self.capture
         expected = spec.expected_size if spec.expected_size is not None else float("inf")
         timeout = float(spec.timeout)
-        deadline = float(spec.deadline)
-        retries = spec.retries
         server = (spec.host, spec.port)
         rrq = packet.build_rrq(spec.filename, "octet", spec.options)
         bufsize = max(spec.blksize or 0, packet.DEFAULT_BLKSIZE) + 5   # +1: see an oversized packet
@@ -245,39 +216,21 @@ class _Engine:
                         try:
                             sock = new_socket(family, kind)
                         except OSError as exc:
-                            self._local_failure(now, exc)
+                            tally.local_failure(now, exc)
                             continue
-                        t = _Transfer()
-                        t.id = next_id
-                        t.sock = sock
-                        t.fd = fd = sock.fileno()
-                        t.start = t.last = now
-                        t.tid = None
-                        t.block = 1
-                        t.nbytes = 0
-                        t.tries = 0
-                        t.pkt = rrq
-                        t.hasher = hashlib.sha256() if hashing else None
-                        t.buf = bytearray() if capture else None
-                        t.blksize = packet.DEFAULT_BLKSIZE
-                        t.window = 1
-                        t.unacked = 0
-                        t.gap = False
-                        t.negotiated = not negotiate
-                        t.retransmits = 0
-                        table[fd] = t
+                        t = Transfer(next_id, sock, now, rrq, hashing, capture, negotiate)
+                        table[t.fd] = t
                         counts["started"] += 1
                         series_started[sec] += 1
                         try:
                             if port_low:
-                                port = self._bind_next(sock, bind or "0.0.0.0", port, port_low,
-                                                       port_high)
+                                port = bind_next(sock, bind or "0.0.0.0", port, port_low, port_high)
                             elif bind:
                                 sock.bind((bind, 0))
-                            ep.register(fd, epollin)
+                            ep.register(t.fd, epollin)
                             sock.sendto(rrq, server)
                         except OSError as exc:
-                            if exc.errno in _FATAL_SEND or exc.errno in (errno.EMFILE,
+                            if exc.errno in FATAL_SEND or exc.errno in (errno.EMFILE,
                                                                          errno.EADDRINUSE):
                                 finish(t, "local_error", now)
                                 continue
@@ -322,7 +275,7 @@ class _Engine:
                         size = len(data) - 4
                         nbytes = t.nbytes + size
                         if size > t.blksize or nbytes > expected:
-                            self._abandon(t, "oversized", now)
+                            abandon(t, "oversized", now)
                             continue
                         t.nbytes = nbytes
                         if t.hasher is not None:
@@ -370,126 +323,9 @@ class _Engine:
                 handle_other(t, data, addr, now)
 
             if timers and timers[0][0] <= now:
-                while timers and timers[0][0] <= now:
-                    _exp, key, t = heappop(timers)
-                    if t.sock is None:
-                        continue
-                    end = t.start + deadline
-                    if now >= end:
-                        self._abandon(t, "deadline", now)
-                        continue
-                    due = t.last + timeout
-                    if now >= due:
-                        if t.tries >= retries:
-                            self._abandon(t, "timeout", now)
-                            continue
-                        t.tries += 1
-                        t.retransmits += 1
-                        counts["retransmits"] += 1
-                        t.last = now
-                        due = now + timeout
-                        try:
-                            t.sock.sendto(t.pkt, t.tid or server)
-                        except OSError as exc:
-                            if exc.errno in _FATAL_SEND:
-                                finish(t, "local_error", now)
-                                continue
-                    heappush(timers, (min(due, end), key, t))
+                expire(timers, now)
 
-    # -- the rest of the protocol (not on the per-DATA path) ---------------------
-
-    def _handle_other(self, t: _Transfer, data: bytes, addr, now: float) -> None:
-        """Everything but an in-order-or-duplicate DATA packet once options are settled."""
-        try:
-            pkt = packet.parse_packet(data)
-        except MalformedPacket as exc:
-            log.debug("transfer %d: %s", t.id, exc.reason)
-            self._abandon(t, "malformed", now)
-            return
-        if isinstance(pkt, packet.Error):
-            self._finish(t, f"error_{pkt.code}", now)
-        elif isinstance(pkt, packet.Ack):
-            self.counts["ignored"] += 1      # a reader has nothing to resend for an ACK
-        elif isinstance(pkt, packet.OAck) and self.spec.options and t.block == 1:
-            if t.negotiated:                 # the OACK again: our ACK 0 was lost
-                self.counts["duplicates"] += 1
-                self._send(t, t.pkt, addr)
-                return
-            try:
-                agreed = packet.check_oack(self.spec.options, pkt.options)
-            except MalformedPacket as exc:
-                log.debug("transfer %d: %s", t.id, exc.reason)
-                self._send(t, packet.build_error(packet.OPTION_REFUSED, exc.reason), addr)
-                self._finish(t, "protocol", now)
-                return
-            t.blksize = agreed["blksize"]
-            t.window = agreed["windowsize"]
-            t.negotiated = True
-            t.pkt = packet.build_ack(0)
-            t.last = now
-            t.tries = 0
-            self._send(t, t.pkt, addr)
-        elif isinstance(pkt, packet.Data) and not t.negotiated and pkt.block == 1:
-            # the server ignored our options (RFC 2347 allows it): plain transfer
-            t.negotiated = True
-            self._take_first_data(t, data, addr, now)
-        elif isinstance(pkt, packet.Data):
-            self.counts["ignored"] += 1
-        else:
-            self._abandon(t, "protocol", now)
-
-    def _take_first_data(self, t: _Transfer, data: bytes, addr, now: float) -> None:
-        """DATA 1 when options were asked for and the server ignored them: a plain transfer."""
-        size = len(data) - 4
-        t.nbytes += size
-        if size > t.blksize or t.nbytes > (self.spec.expected_size or t.nbytes):
-            self._abandon(t, "oversized", now)
-            return
-        if t.hasher is not None:
-            t.hasher.update(data[4:])
-            if self.capture:
-                t.buf += data[4:]
-        t.pkt = packet.build_ack(1)
-        t.block = 2
-        t.last = now
-        t.tries = 0
-        t.unacked = 0
-        self._send(t, t.pkt, addr)
-        if size < t.blksize:
-            self._finish(t, OK, now)
-
-    @staticmethod
-    def _bind_next(sock, address: str, port: int, low: int, high: int) -> int:
-        """Bind to the next free port of low..high from ``port`` on; return the one after it.
-
-        Raises:
-            OSError: every port of the range is taken (EADDRINUSE).
-        """
-        for _ in range(high - low + 1):
-            try:
-                sock.bind((address, port))
-                return port + 1 if port < high else low
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    raise
-                port = port + 1 if port < high else low
-        raise OSError(errno.EADDRINUSE, f"every client port {low}-{high} is in use")
-
-    def _send(self, t: _Transfer, data: bytes, addr) -> None:
-        try:
-            t.sock.sendto(data, addr)
-        except OSError:
-            pass
-
-    def _abandon(self, t: _Transfer, reason: str, now: float) -> None:
-        """End a transfer on our side and tell the server (never for a timeout's silence)."""
-        if t.tid is not None and reason not in ("timeout", "deadline"):
-            self._send(t, packet.build_error(packet.ILLEGAL_OPERATION
-                                             if reason in ("malformed", "protocol") else 0,
-                                             f"labkit loadgen: {reason}"), t.tid)
-        self._finish(t, reason, now)
-
-    def _finish(self, t: _Transfer, outcome: str, now: float) -> None:
+    def finish(self, t: Transfer, outcome: str, now: float) -> None:
         """Record exactly one outcome for ``t`` and release its socket."""
         sock = t.sock
         if sock is None:
@@ -503,72 +339,22 @@ class _Engine:
         t.sock = None
         del self.table[t.fd]
         client_port = server_port = None
-        if self.writer is not None:
+        if self.tally.wants_ports:
             try:
                 client_port = sock.getsockname()[1]
             except OSError:
                 pass
             server_port = t.tid[1] if t.tid else None
         sock.close()
-        sec = int(now - self.t0)
-        self.end = now
-        latency = now - t.start
-        if outcome == OK:
-            self.counts[OK] += 1
-            if now <= self.stop_at:
-                self.counts["ok_in_window"] += 1
-            self._bin(self.series["completed"], sec)
-            micros = latency * 1e6
-            bucket = int(math.log(micros) * HIST_SCALE) if micros > 1 else 0
-            self.hist[min(bucket, HIST_BUCKETS - 1)] += 1
-            if self.capture and self.content is None:
-                self.content = bytes(t.buf).hex()
-        else:
-            self.failed[outcome] = self.failed.get(outcome, 0) + 1
-            bins = self.failed_series.get(outcome)
-            if bins is None:
-                bins = self.failed_series[outcome] = [0] * len(self.series["started"])
-            self._bin(bins, sec)
-        if self.writer is not None:
-            self.writer.writerow([self.worker, t.id, round(t.start - self.t0, 6),
-                                  round(now - self.t0, 6), round(latency * 1000, 3), outcome,
-                                  t.nbytes, t.retransmits, client_port, server_port])
-
-    def _local_failure(self, now: float, exc: OSError) -> None:
-        log.debug("cannot open a socket: %s", exc)
-        self.counts["started"] += 1
-        self._bin(self.series["started"], int(now - self.t0))
-        self.failed["local_error"] = self.failed.get("local_error", 0) + 1
-        bins = self.failed_series.setdefault("local_error", [0] * len(self.series["started"]))
-        self._bin(bins, int(now - self.t0))
-
-    @staticmethod
-    def _bin(bins: list, sec: int) -> None:
-        if sec >= len(bins):
-            bins.extend([0] * (sec + 1 - len(bins)))
-        bins[sec] += 1
+        self.tally.record(t, outcome, now, client_port, server_port)
 
     def _tick(self, now: float) -> int:
         """Close the seconds that passed (in flight and resident memory at their end)."""
         sec = int(now - self.t0)
-        self._close_seconds(sec)
+        self.tally.close_seconds(sec, len(self.table))
         if self.progress is not None:
-            self.progress({"worker": self.worker, "elapsed_s": now - self.t0,
-                           "started": self.counts["started"], "ok": self.counts[OK],
-                           "failed": sum(self.failed.values()), "in_flight": len(self.table)})
+            self.progress(self.tally.progress(now, len(self.table)))
         return sec
-
-    def _close_seconds(self, sec: int) -> None:
-        """Extend every series to second ``sec``; sample the seconds before it."""
-        series = self.series
-        for bins in (*series.values(), *self.failed_series.values()):
-            if len(bins) <= sec:
-                bins.extend([0] * (sec + 1 - len(bins)))
-        in_flight, rss = len(self.table), _rss_bytes()
-        for i in range(self._closed, sec):
-            series["in_flight"][i] = in_flight
-            series["rss_bytes"][i] = rss
-        self._closed = max(self._closed, sec)
 
 
 def _spec_dict(spec: LoadSpec) -> dict:
@@ -581,17 +367,6 @@ def _usage() -> tuple[float, float]:
     who = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
     usage = resource.getrusage(who)
     return usage.ru_utime, usage.ru_stime
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _raise_file_limit(sockets: int) -> None:
