@@ -76,7 +76,8 @@ def render(run_dir: Path, manifest: dict[str, Any]) -> str:
         rows.append(
             f"<tr><td>{number}</td><td>{html.escape(str(row.get('title', '')))}</td>"
             f"{_status_cell(entry.get('status', '?'), entry.get('error'))}"
-            f"{_num(row.get('transfers_per_s'))}{_num(row.get('article_transfers_per_s'))}"
+            f"{_num(row.get('transfers_per_s'))}"
+            f"{_num(row.get('article_transfers_per_s') if int(number) <= 9 else None)}"  # none past the article
             f"<td>{links}</td><td class='small'>{data}</td></tr>")
     summary = manifest.get("summary") or {}
     summary_html = ""

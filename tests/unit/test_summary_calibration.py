@@ -50,3 +50,17 @@ def test_the_index_says_which_profile_and_why_and_that_flows_failed(tmp_path):
     assert "profile-lab.yaml" in html and "served 151 transfers/s" in html
     assert "differs from the committed lab profile" in html
     assert "OSError: [Errno 5] boom" in html and html.count("failed</span>") == 1
+
+
+def test_the_index_gives_no_article_rate_past_the_article(tmp_path):
+    """Iterations 10-12 have no article numbers: the index says '-', not a rate of 0."""
+    manifest = {"profile": "lab", "iterations_requested": [9, 10], "iterations": {
+        "9": {"status": "ok", "row": {"title": "two pods", "transfers_per_s": 459.0, "article_transfers_per_s": 5800}},
+        "10": {"status": "ok", "row": {"title": "untracked pods", "transfers_per_s": 225.0,
+                                       "article_transfers_per_s": 0}}}}
+    html = index_page.render(tmp_path, manifest)
+    row9 = html.split("<td>9</td>")[1].split("</tr>")[0]
+    row10 = html.split("<td>10</td>")[1].split("</tr>")[0]
+    assert '<td class="num">5800</td>' in row9
+    assert '<td class="num">225</td>' in row10 and '<td class="num">-</td>' in row10
+    assert '<td class="num">0</td>' not in row10
