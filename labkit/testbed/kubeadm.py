@@ -45,7 +45,8 @@ from labkit.host import Host, Result, sysctl_name
 from labkit.manifests import SYSCTL_FORBIDDEN, Manifests, admit_sysctls, check_allowlist, dump_yaml
 from labkit.testbed.base import ServedFile
 # The node's files and the file-writing script live with NodeConfig; named here too, as before.
-from labkit.testbed.node_config import KUBELET_BACKUP, KUBELET_CONFIG, SYSCTL_FILE, WRITE_FILE, NodeConfig
+from labkit.testbed.node_config import KUBELET_CONFIG, SYSCTL_FILE, WRITE_FILE  # noqa: F401 (re-exported)
+from labkit.testbed.node_config import NodeConfig, kubectl
 from labkit.util import atomic_write
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class KubeadmDriver:
 
     def _k(self, *args: str, check: bool = True, input: str | None = None,
            timeout: float = 60.0) -> Result:
-        return self.kubectl.run(["kubectl", *args], check=check, input=input, timeout=timeout)
+        return kubectl(self.kubectl, *args, check=check, input=input, timeout=timeout)
 
     # --- the iteration ---------------------------------------------------------------
 
@@ -182,8 +183,8 @@ class KubeadmDriver:
                            "`labkit down` undoes it once the host answers again") from exc
 
     def _apply(self, iteration, allowed: tuple[str, ...]) -> None:
-        self.apply_node_sysctls({sysctl_name(k): v for k, v in iteration.node_sysctls.items()})
-        self.apply_kubelet(list(allowed))
+        self.node_config.apply_node_sysctls({sysctl_name(k): v for k, v in iteration.node_sysctls.items()})
+        self.node_config.apply_kubelet(list(allowed))
         if iteration.setup == "plain":
             self.scale_down()
             self.start_plain(iteration)
@@ -203,18 +204,6 @@ class KubeadmDriver:
         self._save()
 
     # 1. node sysctls and 2. kubelet: see NodeConfig
-    def apply_node_sysctls(self, wanted: dict[str, int]) -> None:
-        """Set the node's sysctls (see :meth:`NodeConfig.apply_node_sysctls`)."""
-        self.node_config.apply_node_sysctls(wanted)
-
-    def apply_kubelet(self, allowed: list[str]) -> None:
-        """Set the kubelet's allowlist (see :meth:`NodeConfig.apply_kubelet`)."""
-        self.node_config.apply_kubelet(allowed)
-
-    def restart_kubelet(self) -> None:
-        """Restart the kubelet and wait until the node is Ready (see :meth:`NodeConfig.restart_kubelet`)."""
-        self.node_config.restart_kubelet()
-
     # 3. workload
     def deployment_doc(self, iteration) -> dict[str, Any]:
         """The Deployment for ``iteration``, pinned to the node under test."""

@@ -32,6 +32,12 @@ WRITE_FILE = 'cat > "$1.labkit-new" && mv "$1.labkit-new" "$1"'
 READY = '{.status.conditions[?(@.type=="Ready")].status}'
 
 
+def kubectl(host: Host, *args: str, check: bool = True, input: str | None = None,
+            timeout: float = 60.0) -> Result:
+    """Run ``kubectl ARGS`` on the machine that has the cluster's kubeconfig."""
+    return host.run(["kubectl", *args], check=check, input=input, timeout=timeout)
+
+
 class NodeConfig:
     """The node's sysctls (persisted in ``/etc/sysctl.d``) and its kubelet's allowlist.
 
@@ -61,7 +67,7 @@ class NodeConfig:
 
     def _k(self, *args: str, check: bool = True, input: str | None = None,
            timeout: float = 60.0) -> Result:
-        return self.kubectl.run(["kubectl", *args], check=check, input=input, timeout=timeout)
+        return kubectl(self.kubectl, *args, check=check, input=input, timeout=timeout)
 
     # 1. node sysctls
     def apply_node_sysctls(self, wanted: dict[str, int]) -> None:
