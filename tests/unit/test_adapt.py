@@ -131,3 +131,53 @@ def test_an_iteration_run_with_a_derived_profile_is_predicted_from_that_profile(
     life = capacity.lifetime_from_profile(cal)
     assert dict(life.measured)[30.0] == pytest.approx(doc["calibration"]["basis"]["lifetime_entry_s"][30])
     assert dict(life.measured)[30.0] > BASIS.lifetimes[30]  # the longer reaping lag of this machine
+
+
+class _FakeTestbed:
+    def down(self):
+        pass
+
+
+def _slow_machine(monkeypatch, serves: float):
+    """run_iteration on a machine that serves ``serves``/s: more in flight than it serves in
+    the basis's transfer time queue into the client's retries and fail."""
+    from labkit import run
+
+    loads = []
+
+    def fake_run(testbed, it, out_dir, **kw):
+        loads.append(it.concurrency)
+        fits = serves * 64 / BASIS.check_capacity  # in flight it serves in a basis transfer's time
+        ok = int(serves * it.duration_s)
+        failed = 0 if it.concurrency <= max(2, fits * 1.5) else int(it.concurrency * it.duration_s)
+        return {"transfers_per_s": serves, "transfers_ok": ok, "transfers_failed": failed,
+                "peak_node_count": int(serves * 7), "mean_node_count": serves * 7.0, "replicas": 1}
+
+    monkeypatch.setattr(run, "run_iteration", fake_run)
+    return loads
+
+
+def test_a_machine_the_check_overwhelms_is_checked_again_with_fewer_in_flight(monkeypatch):
+    """A VM under emulation serves a few transfers/s: the first load (64 in flight) loses most of its
+    transfers; the check comes down to what it serves in a transfer's time, and the profile keeps that."""
+    loads = _slow_machine(monkeypatch, serves=6.0)
+    lines = []
+    result = adapt.check(_FakeTestbed(), SCENARIO, LAB, cores=2.0, on_step=lines.append)
+    assert loads[0] == 64 and loads[-1] < 8 and len(loads) == 2
+    assert any("failed with 64 in flight" in line for line in lines)
+    assert result.concurrency == loads[-1] and result.profile["run"]["concurrency"] == loads[-1]
+    rows = {r["sysctl"]: r for r in result.profile["calibration"]["derivation"]}
+    assert "kept in flight" in rows["transfers in flight"]["why"]
+
+
+def test_a_machine_that_loses_transfers_at_any_concurrency_is_refused(monkeypatch):
+    from labkit import run
+    from labkit.exceptions import ReplayError
+
+    monkeypatch.setattr(run, "run_iteration", lambda *a, **kw: {
+        "transfers_per_s": 150.0, "transfers_ok": 3000, "transfers_failed": 900, "peak_node_count": 900,
+        "mean_node_count": 800.0, "replicas": 1})
+    lines = []
+    with pytest.raises(ReplayError, match=r"900 of 3900 transfers failed with 48 in flight.*--no-recalibrate"):
+        adapt.check(_FakeTestbed(), SCENARIO, LAB, cores=2.0, on_step=lines.append)
+    assert any("again with 48" in line for line in lines)  # fewer in flight once; it lost as many
