@@ -283,14 +283,15 @@ def check(testbed: Any, scenario: Any, committed: Any, *, cores: float | None = 
         # Overwhelmed: a machine much slower than the profile's (a VM under emulation) served
         # m.transfers_per_s while the rest queued into the client's 1 s retries.  As many in
         # flight as it serves in the time a transfer takes on the profile's machine.
-        fewer = max(MIN_IN_FLIGHT, int(m.transfers_per_s * per_transfer_s))
-        if attempt == CHECK_ATTEMPTS or m.transfers_per_s <= 0 or fewer > 0.8 * it.concurrency:
+        served = max(m.transfers_per_s, float(row.get("transfers_per_s_whole_load") or 0.0))
+        fewer = max(MIN_IN_FLIGHT, int(served * per_transfer_s))
+        if attempt == CHECK_ATTEMPTS or served <= 0 or fewer > 0.8 * it.concurrency:
             raise ReplayError(f"machine check: {m.failed} of {row['transfers_ok'] + m.failed} transfers failed "
                               f"with {it.concurrency} in flight, so something other than the pod's CPU limited "
                               "the load (a busy machine?); run again when it is quiet, or keep the committed "
                               "profile with --no-recalibrate")
         step(f"machine check: {m.failed} of {row['transfers_ok'] + m.failed} transfers failed with "
-             f"{it.concurrency} in flight; this machine served {m.transfers_per_s:.1f}/s, so again with {fewer}")
+             f"{it.concurrency} in flight; this machine served {served:.1f}/s, so again with {fewer}")
         it = dataclasses.replace(it, concurrency=fewer)
     reasons = compare(basis, cores, cpu, m, tolerance)
     result = Check(cores, cpu, m, basis, reasons, concurrency=it.concurrency)

@@ -17,11 +17,13 @@ netns testbed's life from ``up`` to ``down``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from labkit.exceptions import TestbedError
 from labkit.results import single_iteration_dir
 
 GLOBAL_WAIT_S = 300.0  # another lab run may hold the global sysctls for a while
@@ -38,12 +40,17 @@ def build_testbed(name: str = "netns", run_id: str | None = None, **options: Any
         options: the backend's options; default :data:`TESTBED_OPTIONS`.
 
     Raises:
-        TestbedError: no such testbed, or its backend is not available.
+        TestbedError: no such testbed, or its backend is not available, or ``on`` is
+            given to a testbed that does not run on a machine one names.
     """
     from labkit.testbed import testbed_class
 
     cls = testbed_class(name)
     options = {**TESTBED_OPTIONS, **options}
+    if options.get("on") and "on" not in inspect.signature(cls.__init__).parameters:
+        raise TestbedError(f"--on runs the netns testbed on another machine; the {name} testbed names its "
+                           "machines itself (its inventory or Vagrantfile)")
+    options = {k: v for k, v in options.items() if not (k in ("on", "inventory") and v is None)}
     return cls.for_replay(run_id, **options) if run_id else cls(**options)
 
 

@@ -35,6 +35,8 @@ class IterationSession:
         iteration: the iteration number (1..9).
         profile: ``article``, ``lab``, ``quick`` or a profile file.
         testbed: the testbed backend name (``netns``).
+        on: the machine the netns testbed runs on: None for this one, ``vagrant:lab`` (the
+            lab VM), an inventory host or ``[user@]host[:port]`` (over SSH).
         out_dir: the iteration's folder; ``results/notebook-<profile>/iteration-<N>`` when None
             (``$LABKIT_RESULTS_DIR`` instead of ``results/`` when set).
         run_id: the replay run's id (set by ``labkit replay``); the testbed then keeps its
@@ -45,11 +47,12 @@ class IterationSession:
     """
 
     def __init__(self, iteration: int, profile: str = "lab", *, testbed: str = "netns",
-                 out_dir: str | os.PathLike | None = None, run_id: str | None = None,
+                 on: str | None = None, out_dir: str | os.PathLike | None = None, run_id: str | None = None,
                  duration: float | None = None, cooldown: float | None = None,
                  scenario: str | None = None, compress: bool = False):
         self.prepared = prepare(iteration, profile, testbed, out_dir, run_id, duration=duration,
-                                cooldown=cooldown, scenario=scenario)
+                                cooldown=cooldown, scenario=scenario,
+                                testbed_options={"on": on} if on else None)
         self.scenario = self.prepared.scenario
         self.iteration = self.prepared.iteration
         self.article = self.prepared.article
@@ -66,7 +69,9 @@ class IterationSession:
         """The heading: iteration number and title."""
         it = self.iteration
         return markdown(f"# Iteration {it.number}: {it.title}\n\n*Profile `{it.profile}` on the "
-                        f"`{self.testbed_name}` testbed.*")
+                        f"`{self.testbed_name}` testbed"
+                        + (f" on `{self.prepared.testbed_options['on']}`" if self.prepared.testbed_options.get("on")
+                           else "") + ".*")
 
     def story(self):
         """What this iteration changes and what the kernel does (Markdown)."""

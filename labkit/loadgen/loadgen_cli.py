@@ -101,7 +101,7 @@ def _loadgen(args: argparse.Namespace) -> int:
     feed = open(args.progress, "a", buffering=1) if args.progress else None
     progress = _fan_out(line, feed)
     try:
-        result = run_load(spec, transfers=args.transfers or keep, progress=progress)
+        result = run_load(spec, transfers=args.transfers or keep, progress=progress, keep_table=bool(args.out))
     finally:
         if line:
             line.clear()

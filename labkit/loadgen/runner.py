@@ -9,7 +9,9 @@ a remote client) and parses what it prints.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -59,15 +61,16 @@ def probe_file(spec: LoadSpec) -> dict:
 
 
 def run_load(spec: LoadSpec, *, transfers: bool | str = False,
-             progress: Progress | None = None) -> LoadResult:
+             progress: Progress | None = None, keep_table: bool = False) -> LoadResult:
     """Run a load from this process (and its network namespace) and return its result.
 
     Args:
         spec: the load.  With ``expected_size`` None, one first transfer learns
             the size (reported as ``summary["probe"]``) and every transfer is
             checked against it.
-        transfers: keep the per-transfer table (True), or also write it as CSV
-            to this path (atomically).
+        transfers: keep the per-transfer table (True), or write it as CSV to this
+            path (atomically; no pandas needed: a lab machine's plain ``python3`` runs this).
+        keep_table: keep the table in the result also when ``transfers`` is a path.
         progress: called about once a second with the running totals
             (elapsed_s, started, ok, failed, in_flight).
 
@@ -95,27 +98,43 @@ def run_load(spec: LoadSpec, *, transfers: bool | str = False,
             records = _run_workers(spec, paths, progress)
         table = None
         if tmpdir:
-            table = _concat_tables(paths)
+            text = _concat_tables(paths)
             if isinstance(transfers, (str, os.PathLike)):
-                atomic_write(transfers, table.to_csv(index=False).encode())
+                atomic_write(transfers, text.encode())
+            if transfers is True or keep_table:
+                table = read_transfers(text)
     finally:
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
     return merge_records(records, table, probe)
 
 
-def _concat_tables(paths: list[str | None]):
-    import pandas as pd
+def _concat_tables(paths: list[str | None]) -> str:
+    """The workers' CSV tables as one, ordered by start time, worker and transfer (stdlib only).
 
-    frames = []
+    Raises:
+        LoadgenError: a table's columns are not the loadgen's.
+    """
+    rows = []
     for path in paths:
-        if path and os.path.exists(path):
-            with open(path) as f:
-                frames.append(read_transfers(f.read()))
-    if not frames:
-        return pd.DataFrame(columns=TRANSFER_COLUMNS)
-    return pd.concat(frames, ignore_index=True).sort_values(["start_s", "worker", "transfer"],
-                                                            ignore_index=True)
+        if not path or not os.path.exists(path):
+            continue
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None:
+                continue
+            if header != TRANSFER_COLUMNS:
+                raise LoadgenError(f"not a loadgen transfers table: {path} has columns {header}, "
+                                   f"expected {TRANSFER_COLUMNS}")
+            rows.extend(reader)
+    start, worker, transfer = (TRANSFER_COLUMNS.index(c) for c in ("start_s", "worker", "transfer"))
+    rows.sort(key=lambda r: (float(r[start]), int(r[worker]), int(r[transfer])))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(TRANSFER_COLUMNS)
+    writer.writerows(rows)
+    return out.getvalue()
 
 
 def _run_workers(spec: LoadSpec, paths: list, progress: Progress | None) -> list[dict]:

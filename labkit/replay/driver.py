@@ -61,6 +61,8 @@ class ReplayOptions:
             :func:`labkit.results.replay_run_dir`).
         resume: continue the run in ``out`` (or the newest run of this profile).
         testbed: testbed backend name passed to the notebooks.
+        on: the machine the netns testbed runs on (``--on``: ``vagrant:lab``, an inventory
+            host, ``[user@]host[:port]``), passed to the notebooks; None: this one.
         kernel: Jupyter kernel name; registered for this Python when missing.
         cell_timeout: seconds one cell may run; None lets the notebook decide nothing
             (no deadline).
@@ -82,6 +84,7 @@ class ReplayOptions:
     out: Path | None = None
     resume: bool = False
     testbed: str = "netns"
+    on: str | None = None
     kernel: str = KERNEL_NAME
     cell_timeout: float | None = None
     notebook: Path = ITERATION_NOTEBOOK
@@ -205,9 +208,14 @@ def _completed(manifest: Manifest, run_dir: Path, number: int) -> bool:
                 and (iteration_dir(run_dir, number) / "iteration.ipynb").exists())
 
 
-def _testbed_teardown(testbed: str, run_id: str, number: int) -> None:
+def _testbed(options: ReplayOptions, run_id: str):
+    """The replay run's testbed, as :func:`build_testbed` makes it for the notebooks."""
+    return build_testbed(options.testbed, run_id, **({"on": options.on} if options.on else {}))
+
+
+def _testbed_teardown(options: ReplayOptions, run_id: str, number: int) -> None:
     """Tear down the testbed the replay run's notebooks use (the one :func:`build_testbed` makes them)."""
-    removed = build_testbed(testbed, run_id).teardown()
+    removed = _testbed(options, run_id).teardown()
     if removed:
         log.warning("teardown after iteration %s removed %d leftovers: %s", number, len(removed),
                     "; ".join(removed[:5]))
@@ -223,7 +231,7 @@ def run_iteration_notebook(options: ReplayOptions, run_dir: Path, manifest: Mani
     folder.mkdir(parents=True)
     run_id = manifest.data["run_id"]
     params = {"iteration": number, "profile": options.profile, "testbed": options.testbed,
-              "out_dir": str(folder.resolve()), "run_id": run_id,
+              **({"on": options.on} if options.on else {}), "out_dir": str(folder.resolve()), "run_id": run_id,
               "live": False,  # no chart redrawn each second beside a measured load; drawn once at its end
               **options.parameters}
     entry: dict[str, Any] = {"iteration": number, "status": "running", "started": now(),
@@ -267,7 +275,7 @@ def _teardown(options: ReplayOptions, run_id: str, number: int) -> str | None:
         if options.teardown is not None:
             options.teardown(run_id, number)
         else:
-            _testbed_teardown(options.testbed, run_id, number)
+            _testbed_teardown(options, run_id, number)
     except Exception as exc:  # recorded in the manifest; the batch goes on with the next one
         log.error("iteration %s: teardown failed: %s", number, exc)
         return f"{type(exc).__name__}: {exc}"
@@ -354,7 +362,7 @@ def _background_flows(options: ReplayOptions, run_id: str) -> int:
     busiest = max(its, key=lambda it: it.background_flows, default=None)
     if busiest is None or not busiest.background_flows:
         return 0
-    return background_flows(build_testbed(options.testbed, run_id), busiest)
+    return background_flows(_testbed(options, run_id), busiest)
 
 
 class _Flows:
@@ -411,7 +419,7 @@ def _check_machine(options: ReplayOptions, run_dir: Path, manifest: Manifest) ->
         return manifest.data["profile_used"]
     used = options.profile
     run_id = manifest.data["run_id"]
-    testbed = build_testbed(options.testbed, run_id) if options.profile == "lab" else None
+    testbed = _testbed(options, run_id) if options.profile == "lab" else None
     if testbed is not None and testbed.is_local and options.recalibrate:
         scenario = load_scenario()
         try:

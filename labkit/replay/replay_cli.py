@@ -72,6 +72,8 @@ def _positive_seconds(text: str) -> float:
 def _profile_and_testbed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", default=DEFAULT_PROFILE, help="article | lab | quick | a profile file (default lab)")
     p.add_argument("--testbed", default="netns", help="testbed backend (default netns)")
+    p.add_argument("--on", metavar="MACHINE", help="run the netns testbed on another Linux machine over SSH: "
+                   "vagrant:NAME (e.g. vagrant:lab), a host of $LABKIT_INVENTORY, or [user@]host[:port]")
 
 
 def _step(line: str) -> None:
@@ -86,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     out = args.out or single_iteration_dir("run", Path(str(args.profile)).stem, args.iteration)
     prepared = prepare(args.iteration, args.profile, args.testbed, out, duration=args.duration,
-                       cooldown=args.cooldown)
+                       cooldown=args.cooldown, testbed_options={"on": args.on} if args.on else None)
     try:
         row = run_iteration(prepared.testbed, prepared.iteration, prepared.out_dir, on_step=_step,
                             calibration=prepared.calibration)
@@ -107,7 +109,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     tty = sys.stderr.isatty()
     options = ReplayOptions(profile=args.profile, iterations=parse_iterations(args.iterations),
-                            out=args.out, resume=args.resume, testbed=args.testbed,
+                            out=args.out, resume=args.resume, testbed=args.testbed, on=args.on,
                             cell_timeout=args.cell_timeout, report=_step, progress_bar=tty,
                             show_code=args.show_code, recalibrate=args.recalibrate,
                             parameters={"compress": True} if args.compress else {})

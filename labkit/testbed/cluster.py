@@ -105,15 +105,23 @@ class Inventory:
             host.close()
 
 
-def parse_inventory(doc: Any, source: str = "inventory") -> Inventory:
-    """Check an inventory document and return the :class:`Inventory`.
+def _failer(source: str):
+    def fail(where: str, message: str) -> ScenarioError:
+        return ScenarioError(message, path=source, field=where)
+    return fail
+
+
+def parse_hosts(doc: Any, source: str = "inventory") -> tuple[dict[str, InventoryHost], dict[str, Any]]:
+    """Check an inventory document's ``hosts`` and its host-key settings (the roles may be absent).
+
+    Returns:
+        ``(hosts, settings)``: the :class:`InventoryHost` of each name, and
+        ``{"known_hosts": Path, "trust_on_first_use": bool}``.
 
     Raises:
         ScenarioError: naming the file (``source``), the field, and what is allowed.
     """
-    def fail(where: str, message: str) -> ScenarioError:
-        return ScenarioError(message, path=source, field=where)
-
+    fail = _failer(source)
     if not isinstance(doc, dict):
         raise fail("(top)", "must be a mapping with hosts, kubectl, node, client")
     unknown = sorted(set(doc) - TOP_FIELDS)
@@ -155,26 +163,56 @@ def parse_inventory(doc: Any, source: str = "inventory") -> Inventory:
                 raise fail(f"{where}.{opt}", f"must be text, got {spec[opt]!r}")
         hosts[str(name)] = InventoryHost(str(name), address.strip(), port, user, tuple(keys), sudo,
                                          spec.get("node_name"), spec.get("node_ip"))
+    tofu = doc.get("trust_on_first_use", False)
+    if not isinstance(tofu, bool):
+        raise fail("trust_on_first_use", f"must be true or false, got {tofu!r}")
+    known = doc.get("known_hosts")
+    if known is not None and (not isinstance(known, str) or not known):
+        raise fail("known_hosts", f"must be a file path, got {known!r}")
+    return hosts, {"known_hosts": Path(os.path.expanduser(known)) if known else DEFAULT_KNOWN_HOSTS,
+                   "trust_on_first_use": tofu}
+
+
+def load_machines(path: str | os.PathLike) -> tuple[dict[str, InventoryHost], dict[str, Any]]:
+    """The hosts of an inventory file and its host-key settings (see :func:`parse_hosts`).
+
+    Raises:
+        ScenarioError: unreadable, not YAML, or a field is wrong (named).
+    """
+    return parse_hosts(_read_yaml(path), str(path))
+
+
+def parse_inventory(doc: Any, source: str = "inventory") -> Inventory:
+    """Check an inventory document and return the :class:`Inventory`.
+
+    Raises:
+        ScenarioError: naming the file (``source``), the field, and what is allowed.
+    """
+    fail = _failer(source)
+    hosts, keys = parse_hosts(doc, source)
     roles = {}
     for role in ("kubectl", "node", "client"):
         value = doc.get(role)
         if value not in hosts:
             raise fail(role, f"must name one of the hosts ({', '.join(hosts)}), got {value!r}")
         roles[role] = value
-    tofu = doc.get("trust_on_first_use", False)
-    if not isinstance(tofu, bool):
-        raise fail("trust_on_first_use", f"must be true or false, got {tofu!r}")
     timeouts = {}
     for name in ("ready_timeout", "rollout_timeout"):
         value = doc.get(name, 120.0 if name == "ready_timeout" else 180.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise fail(name, f"must be a positive number of seconds, got {value!r}")
         timeouts[name] = float(value)
-    known = doc.get("known_hosts")
-    if known is not None and (not isinstance(known, str) or not known):
-        raise fail("known_hosts", f"must be a file path, got {known!r}")
-    return Inventory(hosts, known_hosts=Path(os.path.expanduser(known)) if known else DEFAULT_KNOWN_HOSTS,
-                     trust_on_first_use=tofu, source=source, **roles, **timeouts)
+    return Inventory(hosts, known_hosts=keys["known_hosts"], trust_on_first_use=keys["trust_on_first_use"],
+                     source=source, **roles, **timeouts)
+
+
+def _read_yaml(path: str | os.PathLike) -> Any:
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ScenarioError(f"cannot read: {exc.strerror}", path=str(path)) from None
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"not valid YAML: {exc}", path=str(path)) from None
 
 
 def load_inventory(path: str | os.PathLike) -> Inventory:
@@ -183,13 +221,7 @@ def load_inventory(path: str | os.PathLike) -> Inventory:
     Raises:
         ScenarioError: unreadable, not YAML, or a field is wrong (named).
     """
-    try:
-        doc = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ScenarioError(f"cannot read: {exc.strerror}", path=str(path)) from None
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"not valid YAML: {exc}", path=str(path)) from None
-    return parse_inventory(doc, str(path))
+    return parse_inventory(_read_yaml(path), str(path))
 
 
 class ClusterTestbed(Testbed):

@@ -66,16 +66,28 @@ class NetnsTestbed(Testbed):
         host: the machine (default this one, :class:`~labkit.host.LocalHost`); e.g. an
             :class:`~labkit.remote.SSHHost` logged in as root on a Linux machine.
         python: the interpreter on the machine that runs the loadgen (default: this
-            one here, ``python3`` on another machine); labkit must be importable by it.
+            one here; on another machine, labkit's own source copied there on first use
+            by :func:`~labkit.remote.deploy.deploy_labkit`); labkit must be importable by it.
+        on: the machine as ``--on`` names it (``vagrant:lab``, an inventory host,
+            ``[user@]host[:port]``; see :mod:`labkit.remote.targets`), instead of ``host``;
+            ``inventory`` is the file for host names.
     """
 
     name = "netns"
 
     def __init__(self, *, state_dir: str | os.PathLike | None = None,
                  manifests_dir: str | os.PathLike | None = None, helper_rule: bool | None = None,
-                 global_wait: float = 0.0, host: Host | None = None, python: str | None = None):
+                 global_wait: float = 0.0, host: Host | None = None, python: str | None = None,
+                 on: str | None = None, inventory: str | os.PathLike | None = None):
+        if on and host is not None:
+            raise TestbedError("give the netns testbed's machine once: host= or on=, not both")
+        if on:
+            from labkit.remote.targets import machine_for
+
+            host = machine_for(on, inventory=inventory)
+        self.on = on
         self.machine = host or LocalHost("init")
-        self.python = python or (sys.executable if self.machine.is_local else "python3")
+        self._python = python or (sys.executable if self.machine.is_local else None)
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         self.manifests = Manifests(manifests_dir)
         self.global_wait = global_wait
@@ -85,6 +97,15 @@ class NetnsTestbed(Testbed):
         self.rules = NodeRules(self)
         self.run_id: str | None = None
         self._load()
+
+    @property
+    def python(self) -> str:
+        """The interpreter that runs labkit's Python parts on the machine (copied there on first use)."""
+        if self._python is None:
+            from labkit.remote.deploy import deploy_labkit
+
+            self._python = deploy_labkit(self.machine)
+        return self._python
 
     def _load(self) -> None:
         """Attach to the run recorded in the state directory (the newest), if any."""

@@ -11,20 +11,26 @@ import time
 
 from labkit.exceptions import TestbedError
 from labkit.host import LocalHost, NetnsHost
-from labkit.testbed import TESTBEDS, get_testbed
+from labkit.testbed import TESTBEDS
 
 
 def _testbed(args):
+    from labkit.prepare import build_testbed  # (not at import: `python -m labkit loadgen` stays light)
+
     options = {}
     if getattr(args, "no_helper_rule", False):
         options["helper_rule"] = False
     if getattr(args, "wait", None):
         options["global_wait"] = args.wait
-    if getattr(args, "inventory", None):
+    if getattr(args, "on", None):
+        options["on"] = args.on
+        if args.inventory:
+            options["inventory"] = args.inventory
+    elif getattr(args, "inventory", None):
         if args.testbed != "ssh":
-            raise TestbedError("--inventory is for --testbed ssh")
+            raise TestbedError("--inventory is for --testbed ssh (with --on it names the machine's inventory)")
         options["inventory"] = args.inventory
-    return get_testbed(args.testbed, **options)
+    return build_testbed(args.testbed, **options)
 
 
 def _cmd_up(args) -> int:
@@ -62,7 +68,13 @@ def _cmd_down(args) -> int:
 
 def _cmd_clean(args) -> int:
     from labkit.cleanup import clean
-    report = clean()
+    if args.on:
+        from labkit.remote.targets import machine_for
+
+        with machine_for(args.on, inventory=args.inventory) as machine:
+            report = clean(host=machine)
+    else:
+        report = clean()
     for line in report.removed:
         print(f"removed {line}")
     for line in report.kept:
@@ -130,8 +142,13 @@ def register(sub) -> None:
     def testbed_arg(p):
         p.add_argument("--testbed", default="netns", choices=sorted(TESTBEDS),
                        help="which testbed (default: netns, the embedded one)")
-        p.add_argument("--inventory", help="the ssh testbed's inventory file "
-                       "(default: $LABKIT_INVENTORY or ./inventory.yaml)")
+        on_arg(p)
+
+    def on_arg(p):
+        p.add_argument("--on", metavar="MACHINE", help="run the netns testbed on another Linux machine over "
+                       "SSH: vagrant:NAME (e.g. vagrant:lab), a host of the inventory, or [user@]host[:port]")
+        p.add_argument("--inventory", help="the inventory file (the ssh testbed's, or the hosts --on names; "
+                       "default: $LABKIT_INVENTORY or ./inventory.yaml)")
 
     p = sub.add_parser("up", help="build the testbed for an iteration, or reconfigure the running one")
     testbed_arg(p)
@@ -153,6 +170,7 @@ def register(sub) -> None:
     p.set_defaults(func=_cmd_down)
 
     p = sub.add_parser("clean", help="remove every labkit resource of crashed runs too, restore sysctls")
+    on_arg(p)
     p.set_defaults(func=_cmd_clean)
 
     p = sub.add_parser("status", help="what is up: service, file, hosts")

@@ -160,6 +160,62 @@ def parse_host_key(text: str, where: str) -> paramiko.PKey:
         raise HostKeyError(f"{where}: not a public host key line ({exc}): {text.strip()[:80]!r}") from None
 
 
+def pin_machine_key(vagrant: Any, entry: SSHLogin, known_hosts: Path) -> None:
+    """Pin a machine's host key, read through ``vagrant ssh`` (the channel Vagrant trusts),
+    in ``known_hosts``, unless a key is pinned for its address already (a changed key is
+    then refused when labkit connects).
+
+    Raises:
+        TestbedError: the key file's line is not a host key.
+    """
+    label = known_hosts_name(entry.hostname, entry.port)
+    pinned = paramiko.HostKeys(str(known_hosts)) if known_hosts.exists() else paramiko.HostKeys()
+    if pinned.lookup(label):
+        return
+    line = vagrant.ssh(vm_name=entry.machine, command=shlex.join(["cat", HOST_KEY_FILE]))
+    pin_host_key(known_hosts, label, parse_host_key(line, f"{entry.machine}:{HOST_KEY_FILE}"))
+
+
+def vagrant_machine_host(machine: str, *, root: str | os.PathLike | None = None, vagrant: Any = None,
+                         via_netns: str | None = None, known_hosts: str | os.PathLike | None = None):
+    """A machine of a Vagrantfile (``--on vagrant:lab``) as an :class:`~labkit.remote.SSHHost`
+    logged in as Vagrant's user, privileged through ``sudo -n``, its host key pinned.
+
+    The key is pinned in ``labkit_known_hosts`` of the Vagrant folder
+    (``$VAGRANT_DOTFILE_PATH`` or ``ROOT/.vagrant``), so ``vagrant destroy`` + ``up``
+    of the machine is refused until that line is removed.
+
+    Args:
+        machine: the Vagrant machine (``lab``).
+        root: the directory of the ``Vagrantfile`` ($LABKIT_VAGRANT_DIR, else labkit's project).
+        vagrant: a python-vagrant ``Vagrant`` (made for ``root`` by default).
+        via_netns: connect from inside this network namespace of this machine.
+        known_hosts: where the key is pinned (default as above).
+
+    Raises:
+        TestbedError: Vagrant failed (is the machine up?) or said nothing usable.
+    """
+    from labkit.remote import SSHHost
+
+    root = Path(root or os.environ.get("LABKIT_VAGRANT_DIR") or PROJECT_DIR)
+    if vagrant is None:
+        import vagrant as python_vagrant
+
+        vagrant = python_vagrant.Vagrant(root=str(root), quiet_stdout=False, quiet_stderr=False)
+    try:
+        entry = ssh_login(vagrant.ssh_config(vm_name=machine), machine)
+    except TestbedError:
+        raise
+    except Exception as exc:  # python-vagrant raises CalledProcessError
+        raise TestbedError(f"vagrant ssh-config {machine} failed in {root} ({exc}); is it up? "
+                           f"`vagrant up {machine}` there brings it up (docs/vagrant.md)") from None
+    known_hosts = Path(known_hosts or Path(os.environ.get("VAGRANT_DOTFILE_PATH") or root / ".vagrant")
+                       / "labkit_known_hosts")
+    pin_machine_key(vagrant, entry, known_hosts)
+    return SSHHost(entry.hostname, port=entry.port, username=entry.user, key_filename=list(entry.identity_files),
+                   known_hosts=known_hosts, name=f"vagrant:{machine}", sudo=True, via_netns=via_netns)
+
+
 class VagrantTestbed(ClusterTestbed):
     """labkit's Vagrant cluster as a testbed.
 
@@ -228,14 +284,8 @@ class VagrantTestbed(ClusterTestbed):
         Raises:
             HostKeyError: a machine now has a different key than the pinned one.
         """
-        entries = self.ssh_entries()
-        pinned = paramiko.HostKeys(str(self.known_hosts)) if self.known_hosts.exists() else paramiko.HostKeys()
-        for name, entry in entries.items():
-            label = known_hosts_name(entry.hostname, entry.port)
-            if pinned.lookup(label):
-                continue  # already pinned: a changed key is refused when labkit connects
-            line = self.vagrant.ssh(vm_name=name, command=shlex.join(["cat", HOST_KEY_FILE]))
-            pin_host_key(self.known_hosts, label, parse_host_key(line, f"{name}:{HOST_KEY_FILE}"))
+        for name, entry in self.ssh_entries().items():
+            pin_machine_key(self.vagrant, entry, self.known_hosts)
 
     def _inventory_from_vagrant(self) -> Inventory:
         try:

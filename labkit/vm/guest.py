@@ -16,23 +16,20 @@ inside a lab VM until the testbed itself runs on any Host (issue 13).
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shlex
 import subprocess
-import tarfile
 import time
 from pathlib import Path
 from typing import Sequence
 
-import paramiko
 
 from labkit.exceptions import TestbedError, VMError
 from labkit.host import Result
-from labkit.hostkeys import known_hosts_name, pin_host_key
 from labkit.remote import SSHHost
-from labkit.testbed.vagrant import HOST_KEY_FILE, SSHLogin, parse_host_key, ssh_login
+from labkit.remote.deploy import source_tarball
+from labkit.testbed.vagrant import SSHLogin, ssh_login, vagrant_machine_host
 from labkit.vm.box import BOX_NAME
 from labkit.vm.libvirtd import LibvirtLab
 
@@ -137,40 +134,12 @@ class VagrantLab:
         except TestbedError as exc:
             raise VMError(str(exc)) from None
 
-    def pin_host_key(self, machine: str) -> None:
-        """Pin ``machine``'s host key (read through ``vagrant ssh``) unless a key is pinned.
-
-        A VM re-created behind the lab's back keeps its old pin, and is refused.
-        """
-        entry = self.ssh_config(machine)
-        label = known_hosts_name(entry.hostname, entry.port)
-        pinned = paramiko.HostKeys(str(self.known_hosts)) if self.known_hosts.exists() else paramiko.HostKeys()
-        if pinned.lookup(label):
-            return
-        line = self.vagrant("ssh", machine, "-c", shlex.join(["cat", HOST_KEY_FILE]), timeout=120).stdout
-        pin_host_key(self.known_hosts, label, parse_host_key(line, f"{machine}:{HOST_KEY_FILE}"))
-
-    def host(self, machine: str, *, sudo: bool = True) -> SSHHost:
-        """``machine`` as an :class:`SSHHost` (Paramiko), reached inside the lab's namespace,
-        its host key pinned in ``known_hosts`` and checked."""
-        self.pin_host_key(machine)
-        entry = self.ssh_config(machine)
-        return SSHHost(entry.hostname, port=entry.port, username=entry.user,
-                       key_filename=list(entry.identity_files), known_hosts=self.known_hosts, name=f"vagrant:{machine}",
-                       sudo=sudo, via_netns=self.libvirt.netns)
-
-
-def source_tarball(root: Path = PROJECT_DIR) -> bytes:
-    """labkit's package, ``k8s-manifests/`` and ``pyproject.toml`` as a tar (no caches)."""
-    buf = io.BytesIO()
-    skip = ("__pycache__", ".pyc")
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name in ("labkit", "k8s-manifests", "notebooks", "pyproject.toml", "README.md"):
-            if (root / name).exists():
-                tar.add(root / name, arcname=name,
-                        filter=lambda info: None if info.name.endswith(skip) or "/__pycache__" in info.name
-                        else info)
-    return buf.getvalue()
+    def host(self, machine: str) -> SSHHost:
+        """``machine`` as an :class:`SSHHost` (Paramiko, ``sudo -n``), reached inside the lab's
+        namespace, its host key (read through ``vagrant ssh``) pinned in ``known_hosts`` and checked
+        (:func:`~labkit.testbed.vagrant.vagrant_machine_host`)."""
+        return vagrant_machine_host(machine, root=self.root, vagrant=self.python_vagrant(),
+                                    via_netns=self.libvirt.netns, known_hosts=self.known_hosts)
 
 
 def upload_labkit(host: SSHHost, root: Path = PROJECT_DIR) -> None:

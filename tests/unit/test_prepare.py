@@ -39,7 +39,7 @@ def test_the_cli_and_the_notebook_get_the_same_testbed_and_their_default_folders
                 "pod_drops": 0, "node_early_drops": 0, "pod_early_drops": 0}
 
     monkeypatch.setattr(run, "run_iteration", fake_run_iteration)
-    args = argparse.Namespace(iteration=4, profile="quick", testbed="netns", out=None, duration=7.0,
+    args = argparse.Namespace(iteration=4, profile="quick", testbed="netns", on=None, out=None, duration=7.0,
                               cooldown=None, keep_up=False)
     assert cmd_run(args) == 0
     session = IterationSession(4, "quick", duration=7.0)
@@ -120,3 +120,22 @@ def test_behaviour_follows_where_the_testbed_runs_not_its_name():
         name = "netns"
 
     assert background_flows(NamedNetns.__new__(NamedNetns), it) == 0
+
+
+def test_a_replay_on_another_machine_gives_its_notebooks_and_teardown_that_machine(tmp_path, monkeypatch):
+    """``labkit replay --on bench``: each notebook's session and the driver's teardown build the netns
+    testbed of the same machine (named by the same inventory host)."""
+    from labkit.replay import driver
+    from labkit.session import IterationSession
+
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text("hosts:\n  bench: {address: 198.51.100.4, user: lab, sudo: true}\n")
+    monkeypatch.setenv("LABKIT_INVENTORY", str(inventory))
+    monkeypatch.setattr(NetnsTestbed, "_load", lambda self: None)  # (no connection: nothing to attach to)
+    torn = []
+    monkeypatch.setattr(NetnsTestbed, "teardown", lambda self: torn.append(self.machine.name) or [])
+    options = driver.ReplayOptions(testbed="netns", on="bench")
+    assert driver._teardown(options, "20261201-120000-lab", 4) is None and torn == ["bench"]
+    session = IterationSession(4, "quick", on="bench", run_id="20261201-120000-lab", out_dir=tmp_path / "it-4")
+    assert session.testbed.machine.name == "bench" and not session.testbed.is_local
+    assert "on `bench`" in session.title().data

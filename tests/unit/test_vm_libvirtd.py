@@ -10,7 +10,7 @@ import pytest
 
 from labkit.exceptions import VMError
 from labkit.vm import libvirtd
-from labkit.vm.guest import source_tarball
+from labkit.remote.deploy import source_tarball
 from labkit.vm.libvirtd import LibvirtLab, parse_virsh_list
 
 
