@@ -45,6 +45,9 @@ def test_a_user_runs_the_netns_testbed_on_an_inventory_machine_from_the_cli(sshd
     env = dict(os.environ, LABKIT_STATE_DIR=str(tmp_path / "state"), LABKIT_DEPLOY_DIR=str(tmp_path / "deploy"),
                LABKIT_INVENTORY=str(inventory), MPLBACKEND="Agg")
     iteration = load_scenario().iteration(2, "quick")
+    doctor = _labkit(env, "doctor", "--on", "bench")
+    assert "labkit's Python parts" in doctor.stdout and "can run on bench" in doctor.stdout
+    assert (tmp_path / "deploy").is_dir()  # the doctor copied labkit there (and the run reuses it)
     try:
         up = _labkit(env, "up", "--on", "bench", "--iteration", "2", "--profile", "quick", "--wait", "300", "--json")
         status = json.loads(up.stdout)

@@ -25,7 +25,7 @@ def test_doctor_exits_non_zero_naming_what_is_missing(monkeypatch, capsys):
         Check("root", True, "uid 0"), Check("program in.tftpd", False, "not found", "apt-get install tftpd-hpa")])
     assert main(["doctor"]) == 1
     out = capsys.readouterr().out
-    assert "1 required item(s) missing: program in.tftpd" in out
+    assert "1 required item(s) missing on this machine: program in.tftpd" in out
 
 
 def test_doctor_exits_zero_when_all_is_there(monkeypatch, capsys):

@@ -2,8 +2,8 @@
 
 One module-scoped VM (2 CPUs, 2 GB, QEMU TCG): it boots from the box, answers over
 Paramiko with its host key pinned, has no route off its isolated network, and runs
-the netns testbed (labkit's CLI from the uploaded source, as root) for iterations 2
-and 8 of the quick profile.  Last, the VM is re-created: its new host key is refused.
+the netns testbed driven from the host (``labkit up/status/down --on vagrant:lab`` and
+``labkit replay --on vagrant:lab`` of quick iterations 2 and 8).  Last, the VM is re-created: its new host key is refused.
 At the end the VM, the daemons and the namespace are gone and the machine's own
 tables are as before.
 """
@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from labkit.exceptions import HostKeyError
-from labkit.vm.guest import VagrantLab, labkit_in_guest, upload_labkit
+from labkit.vm.guest import VagrantLab
 from labkit.vm.libvirtd import LibvirtLab
 from tests.vm.conftest import NOTES, VM_WORK, assert_machine_as_before, timed
 
@@ -79,32 +81,51 @@ def test_the_guest_has_no_route_off_its_isolated_network(lab):
         assert "<forward" not in libvirt.network_xml(net), net
 
 
-def test_the_netns_testbed_runs_inside_the_lab_vm(lab):
-    _, _, host = lab
-    with timed("tests: upload labkit"):
-        upload_labkit(host)
-    with timed("tests: iteration 2 and 8"):
-        doctor = labkit_in_guest(host, ["doctor"], timeout=300, check=False)
-        assert doctor.ok, doctor.stdout + doctor.stderr
-        labkit_in_guest(host, ["up", "--iteration", "8", "--profile", "quick"], timeout=600)
-        status = json.loads(labkit_in_guest(host, ["status", "--json"], timeout=300).stdout)
-        assert status["state"] == "up" and status["iteration"] == 8
+def _labkit_on_host(libvirt, vagrant, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``labkit ARGS`` run on the host, where the lab's guests are reachable (the lab's namespace),
+    with the lab's Vagrant environment: as a participant runs it on a laptop beside ``vagrant up lab``."""
+    env = dict(vagrant.env(), MPLBACKEND="Agg", LABKIT_DEPLOY_DIR="/var/lib/labkit/src")
+    done = subprocess.run(libvirt.exec_prefix() + [sys.executable, "-m", "labkit", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"labkit {' '.join(args)} (exit {done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def test_the_host_drives_the_netns_testbed_in_the_lab_vm_with_on(lab, tmp_path):
+    """``labkit up/status/down --on vagrant:lab`` and ``labkit replay --on vagrant:lab`` of quick
+    iterations 2 and 8: the notebooks run on the host, every command of the testbed goes to the
+    guest over Paramiko (its host key pinned through ``vagrant ssh``), the load runs in the guest
+    from the labkit copied there."""
+    libvirt, vagrant, host = lab
+    with timed("tests: up/status/down --on"):
+        up = _labkit_on_host(libvirt, vagrant, "up", "--on", "vagrant:lab", "--iteration", "8",
+                             "--profile", "quick", "--json", timeout=900)
+        status = json.loads(up.stdout)
+        assert status["state"] == "up" and status["iteration"] == 8 and status["machine"] == "vagrant:lab"
         pod = next(h for h in status["hosts"] if h["role"] == "pod")
         # iteration 8's pod sysctls, admitted and set inside the pod namespace of the guest's kernel
         assert host.run(["ip", "netns", "exec", pod["netns"], "cat",
                          "/proc/sys/net/netfilter/nf_conntrack_udp_timeout"], timeout=60).stdout.strip() == "10"
-        labkit_in_guest(host, ["down"], timeout=300)
-        for iteration in ("2", "8"):
-            run = labkit_in_guest(host, ["run", "--iteration", iteration, "--profile", "quick",
-                                         "--out", f"/tmp/labkit-run-{iteration}"], timeout=900)
-            assert f"iteration {iteration}:" in run.stdout and "transfers/s" in run.stdout, run.stdout
-            row = json.loads(host.read_file(f"/tmp/labkit-run-{iteration}/summary-row.json"))
-            NOTES.append(f"guest iteration {iteration} (quick): {row['transfers_per_s']} transfers/s, "
-                         f"{row['transfers_ok']} ok, {row['transfers_failed']} failed")
-            assert row["transfers_ok"] > 0  # real TFTP transfers through the NodePort in the guest
-            samples = host.read_file(f"/tmp/labkit-run-{iteration}/samples.csv").decode()
-            assert "nf_conntrack_count" in samples
-    # the run took its testbed down: no namespace, no server left in the guest
+        shown = _labkit_on_host(libvirt, vagrant, "status", "--on", "vagrant:lab")
+        assert "iteration 8" in shown.stdout
+        _labkit_on_host(libvirt, vagrant, "down", "--on", "vagrant:lab")
+        assert host.run(["ip", "netns", "list"], timeout=60).stdout.strip() == ""
+    with timed("tests: replay 2,8 --on"):
+        out = tmp_path / "replay"
+        _labkit_on_host(libvirt, vagrant, "replay", "--on", "vagrant:lab", "--profile", "quick",
+                        "--iterations", "2,8", "--out", str(out), timeout=2400)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete", manifest
+    for number in (2, 8):
+        row = json.loads((out / f"iteration-{number}" / "summary-row.json").read_text())
+        NOTES.append(f"replay --on vagrant:lab, iteration {number} (quick): {row['transfers_per_s']} transfers/s, "
+                     f"{row['transfers_ok']} ok, {row['transfers_failed']} failed, node peak "
+                     f"{row['peak_node_count']} of {row['conntrack_max']}")
+        assert row["transfers_ok"] > 0  # real TFTP transfers through the NodePort in the guest
+        samples = (out / f"iteration-{number}" / "samples.csv")
+        assert samples.exists() and "nf_conntrack_count" in samples.read_text()
+    assert (out / "index.html").exists()
+    # the replay took its testbeds down: no namespace, no server left in the guest
     assert host.run(["ip", "netns", "list"], timeout=60).stdout.strip() == ""
     assert not host.run(["pgrep", "-x", "in.tftpd"], timeout=60, check=False).ok
 
