@@ -182,3 +182,23 @@ def test_a_machine_that_loses_transfers_at_any_concurrency_is_refused(monkeypatc
     with pytest.raises(ReplayError, match=rf"900 of 3900 transfers failed with {fewer} in flight.*--no-recalibrate"):
         adapt.check(_FakeTestbed(), SCENARIO, LAB, cores=2.0, on_step=lines.append)
     assert any(f"again with {fewer}" in line for line in lines)  # fewer in flight once; it lost as many
+
+
+def test_a_check_that_served_nothing_in_its_steady_half_comes_down_by_its_whole_load_rate(monkeypatch):
+    """In the lab VM the first load's steady rate was 0 (every late transfer failed) while 36 of 352
+    had completed: the whole load's rate decides how many go in flight next."""
+    from labkit import run
+
+    loads = []
+
+    def fake_run(testbed, it, out_dir, **kw):
+        loads.append(it.concurrency)
+        if it.concurrency > 4:
+            return {"transfers_per_s": 0.0, "transfers_per_s_whole_load": 1.8, "transfers_ok": 36,
+                    "transfers_failed": 316, "peak_node_count": 20, "mean_node_count": 10.0, "replicas": 1}
+        return {"transfers_per_s": 4.0, "transfers_ok": 80, "transfers_failed": 0, "peak_node_count": 40,
+                "mean_node_count": 36.0, "replicas": 1}
+
+    monkeypatch.setattr(run, "run_iteration", fake_run)
+    result = adapt.check(_FakeTestbed(), SCENARIO, LAB, cores=2.0)
+    assert loads == [64, adapt.MIN_IN_FLIGHT] and result.concurrency == adapt.MIN_IN_FLIGHT
