@@ -23,7 +23,9 @@ article's kernel (3.10, a timer per entry) did; ``conntrack -L`` and ``-D`` on a
 node do the same.  The flows are spread over namespaces of at most
 :data:`PER_NAMESPACE` each: one worker scans every namespace's entries, but each
 namespace's count is held against the global ``nf_conntrack_max`` on its own,
-and a small lab max (a slow machine's) must stay far from full in these.  A
+and a small lab max (a slow machine's, 64 in the lab VM) must stay far from full in
+these: each second a namespace gets at most :data:`MAX_SHARE` of the max in force
+then (:func:`per_namespace`), fewer flows rather than a full table.  A
 table is emptied with one netlink message (``IPCTNL_MSG_CT_DELETE`` with no
 tuple: what ``conntrack -F`` sends), so no entry can vanish between a listing and
 its deletion, and no process is started per second.  They never leave their
@@ -70,6 +72,8 @@ log = logging.getLogger(__name__)
 WARM_S = 61.0  # GC_SCAN_INTERVAL_MAX (60 s) and a second: the worker has seen the flows by then
 UDP_TIMEOUT_S = 2  # in the flows' own namespaces: longer than the 1 s between flushes
 PER_NAMESPACE = 250  # flows per namespace: far below any lab max (early eviction starts at 95 %)
+MAX_SHARE = 0.4  # ... and never more than this share of the global max in force (a slow machine's is small)
+MAX_PATH = "/proc/sys/net/netfilter/nf_conntrack_max"
 MARKER_NAME = "background-flows.json"
 DIR_PREFIX = "netns-bg-"  # ``labkit clean`` undoes the ledgers of netns-* state folders
 WATCH_EVERY_S = 0.25
@@ -172,6 +176,16 @@ def dump_table(sock: socket.socket) -> int:
             offset += (length + 3) & ~3
 
 
+def per_namespace(share: int, global_max: int) -> int:
+    """How many of its ``share`` of flows a namespace sends this second under ``global_max`` (pure)."""
+    return max(1, min(share, int(global_max * MAX_SHARE)))
+
+
+def _global_max() -> int:
+    with open(MAX_PATH) as f:
+        return int(f.read())
+
+
 def _netlink_socket() -> socket.socket:
     return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
 
@@ -267,7 +281,9 @@ class BackgroundFlows:
         try:
             while not self._stop.is_set():
                 began = time.monotonic()
+                limit = _global_max()  # the lab sets it per iteration; the flows run across iterations
                 for k, ((udp, netlink), batch) in enumerate(zip(senders, targets)):
+                    batch = batch[:per_namespace(len(batch), limit)]
                     # last second's flows go, so a namespace never holds more than its share
                     flush_table(netlink)
                     self.flushes += 1

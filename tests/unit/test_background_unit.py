@@ -121,3 +121,14 @@ def test_flush_sends_one_ctnetlink_delete_and_raises_the_kernels_refusal():
     assert (length, kind, flags) == (20, 0x102, 5) and len(ok.sent[0]) == 20
     with pytest.raises(OSError, match="Operation not permitted"):
         background.flush_table(_Netlink(-1))
+
+
+def test_a_namespace_never_sends_more_than_a_share_of_the_global_max_in_force():
+    """The lab VM's derived profile sets nf_conntrack_max 64: 250 flows in one namespace filled its
+    table and the sender died on EPERM (iterations 3 and 4 failed). Fewer flows, never a full table."""
+    from labkit.background import MAX_SHARE, PER_NAMESPACE, per_namespace
+
+    assert per_namespace(PER_NAMESPACE, 262144) == PER_NAMESPACE
+    assert per_namespace(PER_NAMESPACE, 64) == int(64 * MAX_SHARE) < 64
+    assert per_namespace(PER_NAMESPACE, 1) == 1  # at least one: the listing still runs
+    assert per_namespace(7, 64) == 7
