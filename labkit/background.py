@@ -25,7 +25,9 @@ node do the same.  The flows are spread over namespaces of at most
 namespace's count is held against the global ``nf_conntrack_max`` on its own,
 and a small lab max (a slow machine's, 64 in the lab VM) must stay far from full in
 these: each second a namespace gets at most :data:`MAX_SHARE` of the max in force
-then (:func:`per_namespace`), fewer flows rather than a full table.  A
+then (:func:`per_namespace`), fewer flows rather than a full table; when the lab
+lowers the max in the middle of a second's burst, the rest of that burst is
+dropped (``EPERM``, table full) and the flows go on.  A
 table is emptied with one netlink message (``IPCTNL_MSG_CT_DELETE`` with no
 tuple: what ``conntrack -F`` sends), so no entry can vanish between a listing and
 its deletion, and no process is started per second.  They never leave their
@@ -289,9 +291,14 @@ class BackgroundFlows:
                     self.flushes += 1
                     if k == 0:  # the (now empty) listing reaps the machine's expired entries
                         dump_table(netlink)
-                    for target in batch:
-                        udp.sendto(b"\0", target)
-                    self.sent += len(batch)
+                    for sent, target in enumerate(batch):
+                        try:
+                            udp.sendto(b"\0", target)
+                        except PermissionError:  # its table is full: the max was lowered meanwhile
+                            break  # (the lab sets it between two reads): fewer flows this second
+                    else:
+                        sent = len(batch)
+                    self.sent += sent
                 self._stop.wait(max(0.0, 1.0 - (time.monotonic() - began)))
         except Exception as exc:  # the thread's end: said in the marker, raised by whoever relies on it
             self.error = f"{type(exc).__name__}: {exc}"

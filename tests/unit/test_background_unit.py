@@ -132,3 +132,32 @@ def test_a_namespace_never_sends_more_than_a_share_of_the_global_max_in_force():
     assert per_namespace(PER_NAMESPACE, 64) == int(64 * MAX_SHARE) < 64
     assert per_namespace(PER_NAMESPACE, 1) == 1  # at least one: the listing still runs
     assert per_namespace(7, 64) == 7
+
+
+def test_a_table_filled_by_a_max_lowered_mid_burst_drops_the_rest_of_that_burst_not_the_flows(monkeypatch, tmp_path):
+    """The lab sets the global max per iteration while the flows run: a burst sent under the old max
+    meets a full table (EPERM). Seen in the lab VM, where it failed iterations 3-5: now the sender
+    goes on with the next second."""
+    class FullAfter:
+        def __init__(self, room):
+            self.room, self.sent = room, 0
+
+        def sendto(self, data, target):
+            if self.sent >= self.room:
+                raise PermissionError(1, "Operation not permitted")
+            self.sent += 1
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(background, "flush_table", lambda sock: None)
+    monkeypatch.setattr(background, "dump_table", lambda sock: 0)
+    monkeypatch.setattr(background, "_global_max", lambda: 262144)
+    flows = BackgroundFlows(40, directory=tmp_path)
+    udp = FullAfter(room=3)
+    thread = threading.Thread(target=flows._loop, args=([(udp, FullAfter(0))],))
+    thread.start()
+    time.sleep(0.3)
+    flows._stop.set()
+    thread.join(5)
+    assert flows.error is None and flows.sent == 3 and flows.flushes >= 1
