@@ -1,4 +1,7 @@
-"""The ``lab`` profile for the machine it runs on: check this machine, derive its own values.
+"""The ``lab`` profile for the machine it runs on: check that machine, derive its own values.
+
+The machine is the netns testbed's (this one, or one reached over SSH: its
+:meth:`~labkit.testbed.base.Testbed.node_machine`); "this machine" below is that one.
 
 The committed ``lab`` profile was derived by ``labkit calibrate`` on one machine
 (its ``calibration.basis``: the CPUs the lab had, one pod's capacity, the

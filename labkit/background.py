@@ -185,7 +185,7 @@ def failure(flows, host: Host | None = None) -> str | None:
 
 
 def find(directory: str | os.PathLike, host: Host | None = None) -> Path | None:
-    """The folder of the flows kept in a state directory of their owner's (a replay's), newest first.
+    """The folder of the flows kept in a state directory of their owner's (a replay's); the newest set.
 
     A replay keeps its flows in its own state folder, so its notebooks find exactly
     them here; None when there are none.
@@ -284,7 +284,11 @@ class _Sender:
                 while not self.halt.wait(1.0) and self._lease_left() > 0:
                     pass
         finally:
-            self.ledger.undo()
+            try:
+                self.ledger.undo()
+            except TestbedError as exc:  # what is left stays listed in the folder: `labkit clean` removes it
+                log.error("background flows: %s", exc)
+                raise
             shutil.rmtree(self.folder, ignore_errors=True)
         return 0 if self.error is None else 1
 

@@ -400,7 +400,7 @@ class _Flows:
 
 
 def _check_machine(options: ReplayOptions, run_dir: Path, manifest: Manifest, flows: Any = None) -> str:
-    """The profile the notebooks get: the lab profile checked (and derived) for this machine.
+    """The profile the notebooks get: the lab profile checked (and derived) for the testbed's machine.
 
     On ``--resume`` the run's recorded choice is kept.  Otherwise, for the ``lab``
     profile on a testbed whose node's machine labkit drives (the netns testbed, on this
@@ -431,7 +431,8 @@ def _check_machine(options: ReplayOptions, run_dir: Path, manifest: Manifest, fl
         if result.profile is not None:
             path = write_profile(result.profile, run_dir / adapt.PROFILE_FILE)
             used = str(path.resolve())
-            _say(options, "machine check: this machine differs from the lab profile's ("
+            _say(options, f"machine check: the testbed's machine ({testbed.node_machine().host.name}) differs "
+                 "from the lab profile's ("
                  + "; ".join(result.reasons) + f"): using the profile derived for it, {path.name}")
         else:
             _say(options, "machine check: within the calibration's tolerance: the committed lab profile is used")
