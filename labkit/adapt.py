@@ -1,4 +1,7 @@
-"""The ``lab`` profile for the machine it runs on: check this machine, derive its own values.
+"""The ``lab`` profile for the machine it runs on: check that machine, derive its own values.
+
+The machine is the netns testbed's (this one, or one reached over SSH: its
+:meth:`~labkit.testbed.base.Testbed.node_machine`); "this machine" below is that one.
 
 The committed ``lab`` profile was derived by ``labkit calibrate`` on one machine
 (its ``calibration.basis``: the CPUs the lab had, one pod's capacity, the
@@ -231,20 +234,26 @@ def adapt(basis: Basis, committed: Any, measured: Measurement, cores: float, cpu
 
 
 def check(testbed: Any, scenario: Any, committed: Any, *, cores: float | None = None,
-          tolerance: float = TOLERANCE, on_step: Callable[[str], None] | None = None) -> Check:
-    """Measure this machine with one short load and compare it with ``committed``'s basis.
+          tolerance: float = TOLERANCE, on_step: Callable[[str], None] | None = None,
+          flows: Any = None) -> Check:
+    """Measure the testbed's machine with one short load and compare it with ``committed``'s basis.
 
-    The background flows must be running (the caller's), as in the lab's loads; the
-    check does not wait for them to be warm (see :func:`labkit.run.run_iteration`).
+    The machine measured is the one the netns testbed runs on (its
+    :meth:`~labkit.testbed.base.Testbed.node_machine`: this one, or one reached over
+    SSH).  The background flows should be running (the caller's, ``flows``), as in the
+    lab's loads; the check does not wait for them to be warm (see
+    :func:`labkit.run.run_iteration`).
 
     Args:
         testbed: the netns testbed to measure on (brought down afterwards).
         scenario: the :class:`~labkit.scenario.Scenario`.
         committed: the lab :class:`~labkit.scenario.Profile` to check.
-        cores: CPUs this machine gives the lab (measured with
+        cores: CPUs that machine gives the lab (measured there with
             :func:`labkit.cgroups.available_cpus` when None).
         tolerance: how far capacity and lifetime may be from the basis.
         on_step: receives progress lines.
+        flows: the caller's background flows (see :func:`labkit.run.run_iteration`); None:
+            the check's load starts its own.
 
     Returns:
         The :class:`Check`; its ``profile`` is the derived document when the machine differs.
@@ -259,7 +268,10 @@ def check(testbed: Any, scenario: Any, committed: Any, *, cores: float | None = 
 
     step = on_step or (lambda line: log.info("%s", line))
     basis = Basis.of(committed)
-    cores = round(available_cpus() if cores is None else cores, 2)
+    where = testbed.node_machine()
+    if cores is None:
+        cores = available_cpus(where.host if where is not None else None)
+    cores = round(cores, 2)
     cpu = pod_cpu(cores, basis)
     base = scenario.iteration(8, committed)
     it = dataclasses.replace(measurement_iteration(base, "check", udp_timeout=CHECK_TIMEOUT, replicas=1,
@@ -274,7 +286,7 @@ def check(testbed: Any, scenario: Any, committed: Any, *, cores: float | None = 
                 testbed.down()
                 # no wait for the collector's cycle: the tables never fill, and the flows' listing
                 # reaps expired entries from their first second
-                row = run_iteration(testbed, it, Path(tmp), wait_warm=False)
+                row = run_iteration(testbed, it, Path(tmp), wait_warm=False, flows=flows)
             finally:
                 testbed.down()
         m = measurement(f"check-T{CHECK_TIMEOUT}", row, udp_timeout=CHECK_TIMEOUT)

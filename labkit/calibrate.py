@@ -106,7 +106,8 @@ def measurement(name: str, row: dict[str, Any], samples: pd.DataFrame | None = N
 
 
 def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limit: float,
-           run: dict[str, Any] | None = None, background_flows: int = 0) -> dict[str, Any]:
+           run: dict[str, Any] | None = None, background_flows: int = 0,
+           cores: float | None = None) -> dict[str, Any]:
     """Derive the ``lab`` profile from measurements (pure).
 
     Args:
@@ -115,6 +116,8 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
         cpu_limit: CPU cores per pod used in the measurements.
         run: the profile's run settings (duration, cool-down, concurrency, file size).
         background_flows: the background flows per second the measurements ran beside.
+        cores: CPUs the measured machine gave the lab (default: this machine's, see
+            :func:`labkit.cgroups.available_cpus`).
 
     Returns:
         A profile document (the shape ``labkit/data/iterations.yaml`` uses), with a
@@ -127,7 +130,7 @@ def derive(measurements: list[Measurement], article: dict[int, int], *, cpu_limi
     profile = derive_from(t10.transfers_per_s, lifetimes, t10.peak_node_count, article,
                           cpu_limit=cpu_limit, run=run, background_flows=background_flows)
     profile["calibration"]["measurements"] = [dataclasses.asdict(m) for m in measurements]
-    profile["calibration"]["basis"] = basis_of(measurements, cpu_limit)
+    profile["calibration"]["basis"] = basis_of(measurements, cpu_limit, cores)
     return profile
 
 
@@ -233,20 +236,24 @@ def measurement_iteration(base, name: str, *, udp_timeout: int | None, replicas:
 
 
 def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bool = False,
-              on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+              on_step: Callable[[str], None] | None = None, testbed: Any = None) -> dict[str, Any]:
     """Measure capacity and entry lifetimes on the testbed; return the derived profile.
 
     Each load runs long enough for the garbage collector to reap expired
     entries a few times (the UDP timeout plus 30 s, and the mean is taken over
-    its second half).
+    its second half).  The background flows run on the testbed's machine, and the
+    basis records the CPUs of that machine (this one, or one reached over SSH).
+
+    Args:
+        testbed: the testbed to measure on (default ``get_testbed(testbed_name)``).
 
     Raises:
         TestbedError, MonitorError, LoadgenError: a part failed.
         ReplayError: a calibration load had failed transfers (something else limited it).
     """
     from labkit.exceptions import ReplayError
-    from labkit import background
-    from labkit.run import background_flows, run_iteration
+    from labkit.cgroups import available_cpus
+    from labkit.run import background_flows, flows_for, run_iteration
     from labkit.scenario import load_scenario
     from labkit.testbed import get_testbed
 
@@ -259,10 +266,12 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
         plan.append((f"nodeport-T{t}", scenario.iteration(8, "lab"), t, 1, t + extra + 5))
     plan.append(("nodeport-T10-2pods", scenario.iteration(9, "lab"), 10, 2, 15 if quick else 20))
     results = []
-    testbed = get_testbed(testbed_name, global_wait=120)
+    testbed = testbed if testbed is not None else get_testbed(testbed_name, global_wait=120)
+    where = testbed.node_machine()
+    cores = available_cpus(where.host if where is not None else None)
     flows = background_flows(testbed, scenario.iteration(8, "lab"))
     with tempfile.TemporaryDirectory(prefix="labkit-calibrate-") as tmp, \
-            background.ensure(flows, on_wait=step):
+            flows_for(testbed, scenario.iteration(8, "lab"), on_wait=step) as in_use:
         try:
             for name, base, timeout, replicas, duration in plan:
                 it = dataclasses.replace(measurement_iteration(base, name, udp_timeout=timeout,
@@ -271,7 +280,7 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
                 step(f"calibrate: {name}, {duration:g} s")
                 # a fresh testbed each time: entries left by the previous load would count
                 testbed.down()
-                row = run_iteration(testbed, it, Path(tmp) / name)
+                row = run_iteration(testbed, it, Path(tmp) / name, flows=in_use)
                 m = measurement(name, row, udp_timeout=timeout)
                 if m.failed > MAX_FAILED_SHARE * max(1, row["transfers_ok"]):
                     raise ReplayError(f"calibration load {name} had {m.failed} failed transfers of "
@@ -282,7 +291,7 @@ def calibrate(*, testbed_name: str = "netns", cpu_limit: float = 0.35, quick: bo
                 results.append(m)
         finally:
             testbed.down()
-    return derive(results, article, cpu_limit=cpu_limit, background_flows=flows)
+    return derive(results, article, cpu_limit=cpu_limit, background_flows=flows, cores=cores)
 
 
 def write_profile(profile: dict[str, Any], path: str | Path) -> Path:

@@ -88,33 +88,41 @@ def cpu_root(host: Host | None = None) -> tuple[Path, int]:
     raise TestbedError("no cgroup cpu controller mounted (v2 or v1); pods cannot get a CPU limit")
 
 
-def quota_cores(path: Path, version: int) -> float | None:
-    """The CPU quota of one cgroup in cores (None: no quota or not readable)."""
+def quota_cores(path: Path, version: int, host: Host | None = None) -> float | None:
+    """The CPU quota of one cgroup in cores (None: no quota or not readable) (on ``host``, this machine by default)."""
+    host = host or _here
     try:
         if version == 2:
-            quota, period = (path / "cpu.max").read_text().split()[:2]
+            quota, period = _read(host, path / "cpu.max").split()[:2]
             return None if quota == "max" else int(quota) / int(period)
-        quota = int((path / "cpu.cfs_quota_us").read_text())
-        return None if quota < 0 else quota / int((path / "cpu.cfs_period_us").read_text())
-    except (OSError, ValueError):
+        quota = int(_read(host, path / "cpu.cfs_quota_us"))
+        return None if quota < 0 else quota / int(_read(host, path / "cpu.cfs_period_us"))
+    except (OSError, LabkitError, ValueError):
         return None
 
 
-def available_cpus() -> float:
-    """The CPU this process and its children may use: its CPUs, less any cgroup quota above it.
+def available_cpus(host: Host | None = None) -> float:
+    """The CPU the lab's processes may use on a machine: its CPUs, less any cgroup quota above them.
 
-    The smaller of the CPUs it may run on (``sched_getaffinity``) and the
-    tightest CPU quota of its cgroup and every cgroup above it.
+    The smaller of the CPUs a process may run on (``sched_getaffinity``; ``nproc`` on
+    another machine) and the tightest CPU quota of its cgroup and every cgroup above it.
+    On this machine that process is this one; on another (``host``) it is a command
+    started there as the lab's servers are.
     """
-    cpus = float(len(os.sched_getaffinity(0)))
+    host = host or _here
+    if host.is_local:
+        cpus, proc_cgroup = float(len(os.sched_getaffinity(0))), None
+    else:
+        cpus = float(host.run(["nproc"], timeout=30).stdout.strip())
+        proc_cgroup = host.run(["cat", "/proc/self/cgroup"], timeout=30).stdout
     try:
-        root, version = cpu_root()
+        root, version = cpu_root(host)
     except TestbedError:
         return cpus
-    base = CGROUP_ROOT if version == 2 else _v1_mount()
-    path = base / own_cgroup(version).lstrip("/")
+    base = CGROUP_ROOT if version == 2 else _v1_mount(host)
+    path = base / own_cgroup(version, proc_cgroup).lstrip("/")
     while True:
-        quota = quota_cores(path, version)
+        quota = quota_cores(path, version, host)
         if quota is not None:
             cpus = min(cpus, quota)
         if path == base or path.parent == path:

@@ -161,11 +161,12 @@ def _clean_tree(directory: Path, report: CleanReport) -> None:
 
 def _live_reason(directory: Path, run: Path) -> str | None:
     """Why a run must be left alone (its process is alive), or None."""
-    if run.name.startswith(BG_PREFIX):
-        owner = owner_alive(directory / BG_MARKER)
+    if run.name.startswith(BG_PREFIX):  # their process's marker is in their folder (older ones: beside it)
         token = run.name[len(BG_PREFIX):]
-        if owner and str(owner.get("netns", "")).startswith(f"lkbg{token}"):
-            return f"background flows lkbg{token} are running (pid {owner['pid']}): left alone"
+        for owner in (owner_alive(run / BG_MARKER), owner_alive(directory / BG_MARKER)):
+            if owner and str(owner.get("netns", "")).startswith(f"lkbg{token}"):
+                return (f"background flows lkbg{token} are running (pid {owner['pid']}; they end by themselves "
+                        "once their owner is gone): left alone")
         return None
     load = owner_alive(run / LOAD_NAME)
     if load:

@@ -11,8 +11,9 @@ not ``/tmp``).  So:
 - ``labkit clean`` after a crash ends an orphaned loadgen with the rest of the run.
 
 The announcement, the CSV and the cgroup live on the testbed's machine
-(``testbed.machine``); on a machine reached over SSH the loadgen runs without a
-cgroup of its own (its SSH command's ``timeout`` ends it) and its CSV is read back.
+(``testbed.machine``, this one or one reached over SSH): there the loadgen's shell
+writes itself into the cgroup before it becomes the loadgen (and enters the client's
+namespace), and its CSV is read back through the machine's Host.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def run_load(testbed, spec, progress=None):
     """Run an iteration's load from the testbed's client and return the :class:`LoadResult`.
 
     On the netns testbed the load is announced (``load.json``), its loadgen runs in a
-    cgroup the run's ledger lists, and its per-transfer CSV (and its progress file, with
+    cgroup of the testbed's machine that the run's ledger lists, and its per-transfer CSV (and its progress file, with
     ``progress``: see :func:`labkit.loadgen.run_load_on`) lives in the run's state
     folder; other testbeds just run it on their client.
 
@@ -99,21 +100,18 @@ def run_load(testbed, spec, progress=None):
         refuse_during_load(testbed, "start another load")
         ledger = testbed.ledger
         token = secrets.token_hex(3)
-        ids, cgroup = [], None
-        if machine.is_local:  # a loadgen started over SSH cannot join a cgroup of that machine
-            root, _ = cgroups.cpu_root(machine)
-            name = f"lk{run_id}-load{token}"
-            ids.append(ledger.record("cgroup", path=str(root / name)))
+        root, _ = cgroups.cpu_root(machine)
+        name = f"lk{run_id}-load{token}"
+        ids = [ledger.record("cgroup", path=str(root / name))]
         csv = run_dir / f"load-{token}.csv"
         ids.append(ledger.record("path", path=str(csv)))
         feed = run_dir / f"load-{token}.progress.jsonl" if progress is not None else None
         if feed is not None:
             ids.append(ledger.record("path", path=str(feed)))
         ids.append(ledger.record("path", path=str(run_dir / LOAD_NAME)))
-        if machine.is_local:
-            cgroup = cgroups.make_cgroup(name, None, host=machine)
+        cgroup = cgroups.make_cgroup(name, None, host=machine)
         command = " ".join(os.path.basename(a) for a in sys.argv[:3]) or "python"
-        machine.atomic_write(run_dir / LOAD_NAME, json.dumps({**owner_record(), "cgroup": cgroup and str(cgroup),
+        machine.atomic_write(run_dir / LOAD_NAME, json.dumps({**owner_record(), "cgroup": str(cgroup),
                                                               "command": command}).encode(), mode=0o600)
     try:
         result = run_load_on(testbed.host("client"), spec, transfers=True, cgroup=cgroup,

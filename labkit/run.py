@@ -20,8 +20,9 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import pandas as pd
 
@@ -40,20 +41,41 @@ TRANSFER_DEADLINE_S = 6.0
 
 
 def background_flows(testbed: Any, iteration: Any) -> int:
-    """The iteration's background flows where they can run: beside a testbed on this machine.
+    """The iteration's background flows where they can run: on the machine whose kernel is the node.
 
-    The flows run in a namespace of this machine, so they share the conntrack garbage
-    collector only of a testbed whose node is this machine's kernel
-    (:attr:`~labkit.testbed.base.Testbed.is_local`); on a remote node they would have to
-    run there.  The article profile, whose loads last ten minutes, needs none, and a lab
-    profile on a cluster runs without them (logged).
+    The flows must share the node's conntrack garbage collector, so they run on the
+    testbed's :meth:`~labkit.testbed.base.Testbed.node_machine` (this machine or one
+    reached over SSH).  The article profile, whose loads last ten minutes, needs none,
+    and a lab profile on a cluster, whose node labkit does not drive, runs without them
+    (logged).
     """
     flows = int(getattr(iteration, "background_flows", 0) or 0)
-    if flows and not testbed.is_local:
-        log.warning("background flows run beside a testbed on this machine only; %s runs without them",
+    if flows and testbed.node_machine() is None:
+        log.warning("background flows run on a netns testbed's machine only; %s runs without them",
                     testbed.name)
         return 0
     return flows
+
+
+@contextmanager
+def flows_for(testbed: Any, iteration: Any, *, use: Any = None, on_wait: Callable[[str], None] | None = None,
+              wait: bool = True) -> Iterator[dict | None]:
+    """The iteration's background flows on the testbed's machine for the block (see :func:`background.ensure`).
+
+    Args:
+        use: flows the caller owns (a replay's, a notebook session's), used instead of new ones.
+
+    Yields:
+        Their marker (None: the iteration runs without).
+    """
+    count = background_flows(testbed, iteration)
+    where = testbed.node_machine() if count else None
+    if where is None:
+        yield None
+        return
+    with background.ensure(count, host=where.host, directory=where.state_dir, python=where.python, use=use,
+                           on_wait=on_wait, wait=wait) as info:
+        yield info
 
 
 def _lab_roles(names) -> list[str]:
@@ -243,7 +265,7 @@ def load_spec(testbed, iteration):
 def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float = MONITOR_HZ,
                   compress: bool = False, on_step: Callable[[str], None] | None = None,
                   wait_warm: bool | None = None, live: Any = None,
-                  calibration: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  calibration: Mapping[str, Any] | None = None, flows: Any = None) -> dict[str, Any]:
     """Run one iteration end to end and write its tidy data into ``out_dir``.
 
     Args:
@@ -265,6 +287,10 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
             sampling ends.
         calibration: the profile's ``calibration`` block for the model's columns
             (see :func:`summarize`).
+        flows: background flows the caller keeps (a replay's, a notebook session's; their
+            folder, marker or :class:`~labkit.background.BackgroundFlows`); None starts the
+            iteration's own on the testbed's machine for the run.  Flows of another run are
+            never used.
 
     Returns:
         The summary.csv row (also written to ``summary-row.json``).
@@ -282,14 +308,14 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
     testbed.up(iteration)
     spec = load_spec(testbed, iteration)
     warm = iteration.setup != "plain" if wait_warm is None else wait_warm
-    with background.ensure(background_flows(testbed, iteration), on_wait=step, wait=warm) as flows:
+    with flows_for(testbed, iteration, use=flows, on_wait=step, wait=warm) as in_use:
         monitor = Monitor(testbed.monitor_targets(), hz=hz, netns_roles=testbed.netns_roles())
         monitor.start()
         try:
             if live is not None:
                 live.start(monitor)
             # the flows' failure ends the load at once: the cycle would no longer be the declared one
-            with background.watch(flows):
+            with background.watch(in_use, host=testbed.node_machine().host if in_use else None):
                 step(f"iteration {iteration.number}: load for {iteration.duration_s:g} s at concurrency "
                      f"{iteration.concurrency}")
                 # `down` refuses meanwhile; `clean` can end it
@@ -312,7 +338,7 @@ def run_iteration(testbed, iteration, out_dir: str | os.PathLike, *, hz: float =
     row = summarize(iteration, result.summary, samples, events, load_start=load_start,
                     load_stop=load_stop, load=result.timeseries, testbed=testbed.name,
                     calibration=calibration)
-    row["background_flows"] = int(flows["flows"]) if flows else 0
+    row["background_flows"] = int(in_use["flows"]) if in_use else 0
     row["node_nodeport_entries"] = nodeport_entries
     fmt = "%Y-%m-%dT%H:%M:%S.%fZ"
     for name, frame in (("samples", samples), ("events", events)):

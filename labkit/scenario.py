@@ -53,8 +53,8 @@ class Iteration:
         observed: what the article saw.
         duration_s, cooldown_s, concurrency, file_size: run settings of the profile.
         profile: the profile's name.
-        background_flows: short-lived flows per second the local testbed keeps going in a
-            namespace of their own, so that the kernel's conntrack garbage collector runs on
+        background_flows: short-lived flows per second the netns testbed's machine keeps going
+            in namespaces of their own, so that the kernel's conntrack garbage collector runs on
             a busy node's cycle (:mod:`labkit.background`); 0 for none.
         node_notrack: a raw-table NOTRACK rule for the NodePort traffic on the node (iteration 11).
         proxy_mode: the node's rules as kube-proxy renders them in ``iptables`` or

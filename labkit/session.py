@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from labkit import charts
+from labkit import background, charts
 from labkit.prepare import prepare
 from labkit.results import ROW_FILE, read_json, read_table
 from labkit.story import iteration_text, load_story, markdown
@@ -149,24 +149,32 @@ class IterationSession:
                         f"service `{svc.get('node_ip')}:{svc.get('node_port')}/udp`, pods: {pods}.{self._warm_ahead()}")
 
     def _warm_ahead(self) -> str:
-        """Start the iteration's background flows when none run; a sentence on them (or "")."""
-        from labkit import background
+        """Start the iteration's background flows when this session has none running; a sentence on them (or "")."""
         from labkit.run import background_flows
 
         flows = background_flows(self.testbed, self.iteration)
         if not flows or self.run_id is not None:
             return ""
-        info = background.running()
+        info = self._flows.info if self._flows is not None else None
         if info is None:
             if self._flows is not None:  # ours stopped (their error is in their marker): fresh ones
                 self._flows.stop()
-                self._flows = None
-            self._flows = background.BackgroundFlows(flows).start()
-            info = background.running() or {"warm_at": self._flows.started + self._flows.warm_s}
+            where = self.testbed.node_machine()
+            self._flows = background.BackgroundFlows(flows, host=where.host, directory=where.state_dir,
+                                                     python=where.python).start()
+            info = {"warm_at": self._flows.started + self._flows.warm_s}
         left = float(info["warm_at"]) - time.time()
         when = (f"the kernel's garbage collector takes up their cycle within {left:.0f} s (the run step "
                 "waits for that if you get there sooner)" if left > 0 else "the garbage collector is on their cycle")
         return (f" {flows:,} short background flows a second run beside it, as on a busy node: {when}.")
+
+    def flows_in_use(self):
+        """The background flows this session's runs use: those :meth:`up` started, or in a replay
+        (``run_id``) the replay's, found in its state folder; None: each run starts its own."""
+        if self.run_id is None or self._flows is not None:
+            return self._flows
+        where = self.testbed.node_machine()
+        return background.find(where.state_dir, host=where.host) if where is not None else None
 
     def run(self, live: bool = True) -> pd.DataFrame:
         """Run the iteration (testbed up, monitor, load, cool-down); return the key numbers.
@@ -182,7 +190,7 @@ class IterationSession:
         chart = LiveChart(f"Iteration {it.number}: the load as it ran", live=live,
                           expected_s=float(it.duration_s) + float(it.cooldown_s) + 2.0).begin()
         run_iteration(self.testbed, it, self.out_dir, compress=self.compress, on_step=chart.step, live=chart,
-                      calibration=self.prepared.calibration)
+                      calibration=self.prepared.calibration, flows=self.flows_in_use())
         return self.result_table()
 
     # --- the article's commands ---------------------------------------------------------

@@ -246,8 +246,10 @@ def run_load_on(host: Host, spec: LoadSpec, *, transfers: bool = False, python: 
         timeout: seconds before the command is ended; default the load's
             duration plus the transfer deadline plus a minute (None for a
             ``count`` load: it ends when its transfers do).
-        cgroup: a cgroup of this machine to run the loadgen in (a local host or
-            namespace only), so that whoever removes the cgroup ends it.
+        cgroup: a cgroup of ``host``'s machine to run the loadgen in, so that whoever
+            removes the cgroup ends it (and all it forks).  The command's shell writes
+            itself into it before it enters the namespace (``ip netns exec`` hides
+            ``/sys/fs/cgroup``) and becomes the loadgen.
         transfers_path: where the per-transfer CSV goes (default a file in ``/tmp``).
         progress: called from a helper thread with the running totals
             (elapsed_s, started, ok, failed, in_flight) about once a second
@@ -278,14 +280,16 @@ def run_load_on(host: Host, spec: LoadSpec, *, transfers: bool = False, python: 
         timeout = spec.duration + spec.deadline + 60.0
     runner = host
     if cgroup is not None:
-        if not local:
-            raise LoadgenError(f"{host.name}: a cgroup of this machine is for a local load only")
+        # the shell joins the cgroup, then becomes the loadgen (ip netns exec hides /sys/fs/cgroup):
+        # run on the machine itself, with the namespace's prefix inside
         if isinstance(host, NetnsHost):
-            argv = ["ip", "netns", "exec", host.netns, *argv]
-        # the shell joins the cgroup, then becomes the loadgen (ip netns exec hides /sys/fs/cgroup)
+            argv, runner = ["ip", "netns", "exec", host.netns, *argv], LocalHost(host.name)
+        elif local:
+            runner = LocalHost(host.name)
+        elif getattr(host, "parent", None) is not None and getattr(host, "prefix", None) is not None:
+            argv, runner = [*host.prefix, *argv], host.parent  # a namespace view of a remote machine
         argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', os.path.join(os.fspath(cgroup), "cgroup.procs"),
                 *argv]
-        runner = LocalHost(host.name)
     try:
         if feed:
             feed.start()

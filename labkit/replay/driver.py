@@ -74,8 +74,8 @@ class ReplayOptions:
         report: receives one line per step; None stays silent.
         progress_bar: papermill's per-cell bar (for a terminal).
         show_code: keep code cells in the HTML reports.
-        recalibrate: for the ``lab`` profile on a testbed of this machine (netns), check this machine
-            before the first iteration and derive its own profile when it differs
+        recalibrate: for the ``lab`` profile on a netns testbed (on this machine or another), check
+            the testbed's machine before the first iteration and derive its own profile when it differs
             (:mod:`labkit.adapt`); False keeps the committed profile as it is.
     """
 
@@ -347,43 +347,45 @@ def run_summary_notebook(options: ReplayOptions, run_dir: Path, manifest: Manife
     return entry
 
 
-def _background_flows(options: ReplayOptions, run_id: str) -> int:
-    """The background flows the batch keeps going for all its notebooks (0: none).
-
-    Started once, before the first notebook, and warm before its load: the notebooks'
-    :func:`labkit.run.run_iteration` finds them running instead of starting (and waiting
-    for) their own.  They run on this machine, so only for a testbed whose node is this
-    machine (see :func:`labkit.run.background_flows`).
-    """
-    from labkit.run import background_flows
-
-    scenario = load_scenario()
-    its = [scenario.iteration(n, options.profile) for n in options.iterations]
-    busiest = max(its, key=lambda it: it.background_flows, default=None)
-    if busiest is None or not busiest.background_flows:
-        return 0
-    return background_flows(_testbed(options, run_id), busiest)
-
-
 class _Flows:
-    """The batch's background flows: one set for the whole replay, a fresh one after a failure."""
+    """The batch's background flows: one set for the whole replay, a fresh one after a failure.
 
-    def __init__(self, flows: int, options: ReplayOptions, manifest: Manifest):
-        self.count, self.options, self.manifest = flows, options, manifest
+    Started once, before the first notebook, and warm before its load, on the machine of
+    the replay's testbed (see :func:`labkit.run.background_flows`: none on a cluster), in
+    the replay's state folder there, where the notebooks' sessions find them and pass them
+    to :func:`labkit.run.run_iteration` instead of starting (and waiting for) their own.
+    """
+
+    def __init__(self, options: ReplayOptions, manifest: Manifest):
+        from labkit.run import background_flows
+
+        self.options, self.manifest = options, manifest
+        self.count, self.testbed = 0, None
         self.current: background.BackgroundFlows | None = None
+        scenario = load_scenario()
+        its = [scenario.iteration(n, options.profile) for n in options.iterations]
+        busiest = max(its, key=lambda it: it.background_flows, default=None)
+        if busiest is not None and busiest.background_flows:
+            self.testbed = _testbed(options, manifest.data["run_id"])
+            self.count = background_flows(self.testbed, busiest)
 
     def ready(self, warm: bool = False) -> None:
         """Have flows running (start them, or new ones after a failure); with ``warm``, wait
         until the garbage collector has taken up their cycle, and say why it waits."""
         if not self.count:
             return
-        if self.current is not None and self.current.failed:
-            self.current.stop()
-            _say(self.options, f"background flows: starting a fresh set after the failure ({self.current.error})")
-            self.current = None
+        if self.current is not None:
+            error = self.current.error
+            if error is not None:
+                self.current.stop()
+                _say(self.options, f"background flows: starting a fresh set after the failure ({error})")
+                self.current = None
         if self.current is None:
-            self.current = background.BackgroundFlows(self.count).start()
-            log_entry = {"started": now(), "namespaces": self.current.namespaces, "flows": self.count}
+            where = self.testbed.node_machine()
+            self.current = background.BackgroundFlows(self.count, host=where.host, directory=where.state_dir,
+                                                      python=where.python).start()
+            log_entry = {"started": now(), "namespaces": self.current.namespaces, "flows": self.count,
+                         "machine": where.host.name, "pid": self.current.pid}
             self.manifest.data.setdefault("background_flows", []).append(log_entry)
             self.manifest.save()
         if warm:
@@ -391,26 +393,29 @@ class _Flows:
 
     def failure(self) -> str | None:
         """Why the current flows stopped (recorded in the manifest once), None while they run."""
-        if self.current is None or not self.current.failed:
+        error = self.current.error if self.current is not None else None
+        if error is None:
             return None
         entry = self.manifest.data["background_flows"][-1]
         if "failed" not in entry:
-            entry.update(failed=now(), error=self.current.error)
+            entry.update(failed=now(), error=error)
             self.manifest.save()
-        return self.current.error
+        return error
 
     def stop(self) -> None:
         if self.current is not None:
             self.current.stop()
 
 
-def _check_machine(options: ReplayOptions, run_dir: Path, manifest: Manifest) -> str:
-    """The profile the notebooks get: the lab profile checked (and derived) for this machine.
+def _check_machine(options: ReplayOptions, run_dir: Path, manifest: Manifest, flows: Any = None) -> str:
+    """The profile the notebooks get: the lab profile checked (and derived) for the testbed's machine.
 
     On ``--resume`` the run's recorded choice is kept.  Otherwise, for the ``lab``
-    profile on a testbed whose node is this machine (the netns testbed), one short load compares this machine with the
-    profile's basis; when it differs, the derived profile is written to the run
-    folder (``profile-lab.yaml``), recorded in the manifest, and used.
+    profile on a testbed whose node's machine labkit drives (the netns testbed, on this
+    machine or one reached over SSH: that machine is the one measured), one short load
+    beside the replay's ``flows`` compares it with the profile's basis; when it differs,
+    the derived profile is written to the run folder (``profile-lab.yaml``), recorded in
+    the manifest, and used.
     """
     from labkit import adapt
     from labkit.calibrate import write_profile
@@ -420,10 +425,12 @@ def _check_machine(options: ReplayOptions, run_dir: Path, manifest: Manifest) ->
     used = options.profile
     run_id = manifest.data["run_id"]
     testbed = _testbed(options, run_id) if options.profile == "lab" else None
-    if testbed is not None and testbed.is_local and options.recalibrate:
+    measurable = testbed is not None and testbed.node_machine() is not None
+    if measurable and options.recalibrate:
         scenario = load_scenario()
         try:
-            result = adapt.check(testbed, scenario, scenario._profile("lab"), on_step=lambda l: _say(options, l))
+            result = adapt.check(testbed, scenario, scenario._profile("lab"), on_step=lambda l: _say(options, l),
+                                 flows=flows)
         finally:
             error = _teardown(options, run_id, 0)
             if error:
@@ -432,11 +439,12 @@ def _check_machine(options: ReplayOptions, run_dir: Path, manifest: Manifest) ->
         if result.profile is not None:
             path = write_profile(result.profile, run_dir / adapt.PROFILE_FILE)
             used = str(path.resolve())
-            _say(options, "machine check: this machine differs from the lab profile's ("
+            _say(options, f"machine check: the testbed's machine ({testbed.node_machine().host.name}) differs "
+                 "from the lab profile's ("
                  + "; ".join(result.reasons) + f"): using the profile derived for it, {path.name}")
         else:
             _say(options, "machine check: within the calibration's tolerance: the committed lab profile is used")
-    elif testbed is not None and testbed.is_local:
+    elif measurable:
         manifest.data["calibration"] = {"skipped": "--no-recalibrate: the committed lab profile is used as it is"}
     manifest.data["profile_used"] = used
     manifest.save()
@@ -464,10 +472,10 @@ def replay(options: ReplayOptions) -> Path:
     render_html(START_HERE_NOTEBOOK, run_dir / START_HERE_HTML, show_code=True)
     total = len(options.iterations)
     guard.claim(manifest.data["run_id"])  # `labkit clean` leaves a live replay alone
-    flows = _Flows(_background_flows(options, manifest.data["run_id"]), options, manifest)
+    flows = _Flows(options, manifest)
     try:
         flows.ready()  # the check and a plain server need no warm collector: they run meanwhile
-        profile_used = _check_machine(options, run_dir, manifest)
+        profile_used = _check_machine(options, run_dir, manifest, flows.current)
         params = {**options.parameters, "profile": profile_used}
         scenario = load_scenario()
         for i, number in enumerate(options.iterations, 1):

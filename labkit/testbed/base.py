@@ -29,6 +29,24 @@ class ServedFile:
     sha256: str
 
 
+@dataclass(frozen=True)
+class NodeMachine:
+    """The machine whose kernel is a testbed's node, as labkit drives it directly.
+
+    The background flows (:mod:`labkit.background`) and the replay's machine check
+    (:mod:`labkit.adapt`) run there.
+
+    Attributes:
+        host: the machine (this one, or one reached over SSH).
+        state_dir: the testbed's state directory on it.
+        python: the interpreter there that can import labkit.
+    """
+
+    host: Host
+    state_dir: Any
+    python: str
+
+
 class Testbed(ABC):
     """A Kubernetes-shaped node with TFTP pods behind a NodePort, and a client.
 
@@ -37,9 +55,8 @@ class Testbed(ABC):
     """
 
     name: str = "testbed"
-    #: True when the testbed's node is this machine's own kernel (its namespaces): the
-    #: background flows, which run here, then share its conntrack garbage collector, and a
-    #: measurement of this machine (the replay's machine check) is a measurement of the node.
+    #: True when the testbed's node is this machine's own kernel (its namespaces).  Where
+    #: background flows and the machine check run is :meth:`node_machine`.
     is_local: bool = False
     #: The replay run this testbed was built for (:meth:`for_replay`), None outside a replay.
     replay_run_id: str | None = None
@@ -115,6 +132,11 @@ class Testbed(ABC):
     def netns_roles(self) -> dict[int, str]:
         """Network namespace inode -> role, to attribute kernel log lines (empty when unknown)."""
         return {}
+
+    def node_machine(self) -> NodeMachine | None:
+        """The machine whose kernel is the node, where labkit can run processes of its own
+        beside the lab (background flows, the machine check); None when it cannot (a cluster)."""
+        return None
 
     @property
     def is_up(self) -> bool:

@@ -37,7 +37,7 @@ from labkit.ledger import Ledger
 from labkit.manifests import Manifests, admit_sysctls, check_allowlist
 from labkit.signals import Interrupts, signals_deferred
 from labkit.sysctls import state_dir as default_state_dir
-from labkit.testbed.base import ServedFile, Testbed
+from labkit.testbed.base import NodeMachine, ServedFile, Testbed
 from labkit.testbed.netns_apply import Builder, NodeRules, template_hash
 from labkit.testbed.runstate import (RUN_DIR_PREFIX, STATE_NAME, RunState, new_run_id, parse_state, read_state,
                                      run_dirs, state_lock)
@@ -106,6 +106,10 @@ class NetnsTestbed(Testbed):
 
             self._python = deploy_labkit(self.machine)
         return self._python
+
+    @python.setter
+    def python(self, value: str) -> None:
+        self._python = value
 
     def _load(self) -> None:
         """Attach to the run recorded in the state directory (the newest), if any."""
@@ -347,10 +351,11 @@ class NetnsTestbed(Testbed):
 
     # --- a replay run's testbed ---
 
-    @property
-    def is_local(self) -> bool:
-        """True when the namespaces are this machine's (background flows run only then)."""
-        return self.machine.is_local
+    is_local = property(lambda self: self.machine.is_local, doc="True when the namespaces are this machine's.")
+
+    def node_machine(self) -> NodeMachine:
+        """The machine the namespaces are on: background flows and the machine check run there."""
+        return NodeMachine(self.machine, self.state_dir, self.python)
 
     @classmethod
     def for_replay(cls, run_id: str, **options: Any) -> "NetnsTestbed":

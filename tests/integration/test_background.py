@@ -3,7 +3,6 @@ and they bring the conntrack garbage collector's passes from a minute apart to s
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import statistics
@@ -16,7 +15,8 @@ import pytest
 
 from labkit import background
 from labkit.background import BackgroundFlows
-from labkit.host import NetnsHost
+from labkit.cleanup import clean as clean_report
+from labkit.host import LocalHost, NetnsHost
 from labkit.testbed.netns import clean
 from tests.conftest import need_program, need_root
 
@@ -34,59 +34,90 @@ def _namespaces() -> set[str]:
     return {n for n in names if n.startswith("lkbg")}
 
 
-def test_flows_stay_in_their_namespace_bounded_and_leave_nothing(tmp_path):
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_flows_are_a_process_of_their_own_bounded_in_their_namespace_and_leave_nothing(tmp_path):
     need_root()
     need_program("ip", "iptables", "conntrack")
     before = _namespaces()
     flows = BackgroundFlows(500, directory=tmp_path).start()
     try:
+        assert flows.pid != os.getpid() and "labkit.background" in _cmdline(flows.pid)
         time.sleep(3.5)
         counts = [_count(flows.netns)]
         for _ in range(10):
             time.sleep(0.13)
             counts.append(_count(flows.netns))
         # every second 500 new flows; the previous second's are deleted first
-        assert 0 < max(counts) <= 500 and flows.sent >= 1500, counts
-        info = background.running(tmp_path)
-        assert info["netns"] == flows.netns and info["pid"] == os.getpid() and info["flows"] == 500
+        assert 0 < max(counts) <= 500, counts
+        info = background.running(flows)
+        assert info["netns"] == flows.netns and info["pid"] == flows.pid and info["flows"] == 500
         assert info["warm_at"] == pytest.approx(flows.started + background.WARM_S)
+        assert flows.folder.parent == tmp_path and flows.folder.name.startswith("netns-bg-")
     finally:
         flows.stop()
     assert _namespaces() == before
-    assert background.running(tmp_path) is None and list(tmp_path.iterdir()) == []
+    assert _cmdline(flows.pid) == "" and list(tmp_path.iterdir()) == []
 
 
-def test_flows_of_a_killed_process_are_removed_by_clean(tmp_path):
+def test_flows_whose_process_was_killed_are_removed_by_clean(tmp_path):
     need_root()
     need_program("ip", "iptables", "conntrack")
     before = _namespaces()
-    child = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from labkit.background import "
-         "BackgroundFlows; BackgroundFlows(100, directory=Path(sys.argv[1])).start(); print('up', flush=True); "
-         "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "up"
-        made = _namespaces() - before
-        assert len(made) == 1 and next(iter(made)).startswith("lkbg")
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-    assert background.running(tmp_path) is None  # its process is gone
+    flows = BackgroundFlows(100, directory=tmp_path).start()
+    made = _namespaces() - before
+    assert len(made) == 1 and next(iter(made)).startswith("lkbg")
+    assert "running (pid" in " ".join(clean_report(tmp_path).kept)  # alive: `labkit clean` leaves them
+    os.kill(flows.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while background.running(flows) is not None and time.monotonic() < deadline:
+        LocalHost().reap([flows.pid])
+        time.sleep(0.05)
+    assert background.running(flows) is None and "has ended" in background.failure(flows)
     removed = clean(tmp_path)
     assert any("lkbg" in line for line in removed), removed
-    assert _namespaces() == before
+    assert _namespaces() == before and not flows.folder.exists()
 
 
-def test_ensure_uses_running_flows_instead_of_starting_more(tmp_path):
+def test_flows_end_by_themselves_when_their_owner_is_gone(tmp_path):
+    """A crashed replay leaves no flows running: they stop renewing their lease, and end."""
     need_root()
     need_program("ip", "iptables", "conntrack")
-    with BackgroundFlows(50, directory=tmp_path) as flows:
-        marker = json.loads(background.marker_path(tmp_path).read_text())
-        marker["warm_at"] = time.time() - 1  # pretend warm, so ensure() does not wait
-        background.marker_path(tmp_path).write_text(json.dumps(marker))
+    before = _namespaces()
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from labkit import background as b; b.LEASE_S, b.RENEW_S = 2.0, "
+         "0.5; f = b.BackgroundFlows(100, directory=sys.argv[1]).start(); print(f.pid, flush=True); time.sleep(60)",
+         str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(owner.stdout.readline())
+        assert "labkit.background" in _cmdline(pid) and len(_namespaces() - before) == 1
+        time.sleep(3)  # renewed meanwhile: still running
+        assert "labkit.background" in _cmdline(pid)
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while _cmdline(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _cmdline(pid) == "" and _namespaces() == before and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_uses_the_flows_it_is_given_and_never_another_runs(tmp_path):
+    need_root()
+    need_program("ip", "iptables", "conntrack")
+    with BackgroundFlows(50, directory=tmp_path, warm_s=0) as flows:
         before = _namespaces()
-        with background.ensure(2000, directory=tmp_path) as info:
+        with background.ensure(2000, directory=tmp_path, use=flows) as info:
             assert info["netns"] == flows.netns and _namespaces() == before
+        # without them, a run starts its own beside them (and stops only those)
+        with background.ensure(50, directory=tmp_path, wait=False) as info:
+            assert info["netns"] != flows.netns and len(_namespaces() - before) == 1
+        assert _namespaces() == before and background.running(flows) is not None
     with background.ensure(0, directory=tmp_path) as info:
         assert info is None
 

@@ -9,7 +9,10 @@ no in.tftpd, no cgroup, the global sysctls as they were.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,3 +124,100 @@ def test_the_machine_primitives_over_ssh_act_on_that_machine(sshd, tmp_path):
         machine.remove(run / "state.json")
         machine.remove(run.parent)
         assert not run.parent.exists()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+class _DuringTheLoad:
+    """A live view of the load (see run_iteration's ``live``) that looks at the machine once the
+    load reports progress, and optionally does something to it then."""
+
+    def __init__(self, look, act=None):
+        self.look, self.act, self.seen = look, act, None
+
+    def start(self, monitor):
+        pass
+
+    def progress(self, totals):
+        if self.seen is None and totals.get("started"):
+            self.seen = self.look()
+            if self.act is not None:
+                self.act(self.seen)
+
+    def stop(self):
+        pass
+
+
+def test_background_flows_and_the_loadgens_cgroup_live_on_the_testbeds_machine(sshd, tmp_path):
+    """Through SSH: the flows are a process started there (by sshd, not by us), in namespaces there,
+    the loadgen runs in a cgroup there; both are gone after the iteration.  Flows that fail during
+    the next load (one of their namespaces removed) end that load at once, with their reason."""
+    need_program("in.tftpd", "conntrack", "iptables", "flock")
+    from labkit.exceptions import TestbedError
+    from labkit.run import run_iteration
+    from labkit.testbed import get_testbed
+
+    state = tmp_path / "state"
+    iteration = dataclasses.replace(load_scenario().iteration(2, "quick"), background_flows=300)
+    root, _ = cpu_root()
+
+    def look() -> dict:
+        folders = list(state.glob("netns-bg-*"))
+        marker = json.loads((folders[0] / "background-flows.json").read_text())
+        pid = int(marker["pid"])
+        loads = [p for p in root.glob(f"lk{testbed.run_id}-load*")]
+        procs = [int(x) for p in loads for x in (p / "cgroup.procs").read_text().split()]
+        return {"folders": folders, "marker": marker, "cmdline": _cmdline(pid),
+                "environ": Path(f"/proc/{pid}/environ").read_bytes(),
+                "namespaces": [n for n in marker["namespaces"] if os.path.exists(f"/run/netns/{n}")],
+                "count": int(LocalHost().netns(marker["netns"]).read_sysctl("net.netfilter.nf_conntrack_count")),
+                "loads": loads, "loadgens": [p for p in procs if b"loadgen" in _cmdline(p)]}
+
+    started = time.monotonic()
+    with sshd.ssh_host() as machine:
+        testbed = get_testbed("netns", host=machine, state_dir=state, python=sys.executable, global_wait=300)
+        try:
+            testbed.up(iteration)
+            run_id = testbed.run_id
+            probe = _DuringTheLoad(look)
+            row = run_iteration(testbed, iteration, tmp_path / "out", wait_warm=False, live=probe)
+            seen = probe.seen
+            after = {"folders": list(state.glob("netns-bg-*")), "cmdline": _cmdline(seen["marker"]["pid"]),
+                     "namespaces": [n for n in seen["marker"]["namespaces"] if os.path.exists(f"/run/netns/{n}")],
+                     "loads": [p for p in seen["loads"] if p.exists()]}
+            ok_s = time.monotonic() - started
+
+            def break_the_flows(seen):
+                subprocess.run(["ip", "netns", "del", seen["marker"]["namespaces"][0]], check=True)
+
+            failing = _DuringTheLoad(look, break_the_flows)
+            began = time.monotonic()
+            with pytest.raises(TestbedError, match="background flows stopped during the load: their namespace "
+                                                   "lkbg.* was removed by someone else"):
+                run_iteration(testbed, iteration, tmp_path / "out-failed", wait_warm=False, live=failing)
+            failed_s = time.monotonic() - began
+        finally:
+            testbed.down()
+    print(f"\nflows over SSH: pid {seen['marker']['pid']} in {seen['namespaces']}, count {seen['count']} there "
+          f"during the load; loadgen cgroup {[p.name for p in seen['loads']]} held {seen['loadgens']}; "
+          f"iteration {ok_s:.1f} s ({row['transfers_ok']} ok); the failing one ended after {failed_s:.1f} s")
+    # during the load: the flows process, started through sshd, sending in its namespaces there
+    assert b"labkit.background" in seen["cmdline"] and b"SSH_CONNECTION=" in seen["environ"]
+    assert seen["marker"]["status"] == "running" and seen["marker"]["flows"] == 300
+    assert seen["namespaces"] == seen["marker"]["namespaces"] and 0 < seen["count"] <= 300
+    assert row["background_flows"] == 300
+    # ... and the loadgen in its cgroup there
+    assert len(seen["loads"]) == 1 and seen["loadgens"]
+    # after the iteration: all of it gone
+    assert after == {"folders": [], "cmdline": b"", "namespaces": [], "loads": []}
+    # the failing flows ended their load at once (8 s planned) and left nothing either
+    assert failed_s < iteration.duration_s + 5
+    assert not list(state.glob("netns-bg-*")) and not _cmdline(failing.seen["marker"]["pid"])
+    assert not [n for n in failing.seen["marker"]["namespaces"] if os.path.exists(f"/run/netns/{n}")]
+    assert not [p for p in failing.seen["loads"] if p.exists()]
+    assert _leftovers(run_id) == []

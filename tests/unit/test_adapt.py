@@ -134,6 +134,9 @@ def test_an_iteration_run_with_a_derived_profile_is_predicted_from_that_profile(
 
 
 class _FakeTestbed:
+    def node_machine(self):
+        return None  # (cores are given)
+
     def down(self):
         pass
 
@@ -202,3 +205,78 @@ def test_a_check_that_served_nothing_in_its_steady_half_comes_down_by_its_whole_
     monkeypatch.setattr(run, "run_iteration", fake_run)
     result = adapt.check(_FakeTestbed(), SCENARIO, LAB, cores=2.0)
     assert loads == [64, adapt.MIN_IN_FLIGHT] and result.concurrency == adapt.MIN_IN_FLIGHT
+
+class _OneCpuMachine:
+    """A machine reached over SSH with 1 CPU and no cgroup controller (as available_cpus asks)."""
+
+    is_local, name = False, "root@lab"
+
+    def run(self, argv, **kw):
+        from labkit.host import Result
+
+        return Result(list(argv), 0, {"nproc": "1\n", "cat": "0::/\n"}[argv[0]], "", 0.0, self.name)
+
+    def exists(self, path):
+        return False
+
+
+class _RemoteNetns:
+    """A netns testbed on another machine (1 CPU there, whatever this one has)."""
+
+    is_local = False
+    name = "netns"
+
+    def __init__(self):
+        self.machine, self.downs = _OneCpuMachine(), 0
+
+    def node_machine(self):
+        from labkit.testbed.base import NodeMachine
+
+        return NodeMachine(self.machine, "/run/labkit/replay-x", "python3")
+
+    def down(self):
+        self.downs += 1
+
+
+def test_the_machine_check_measures_the_testbeds_machine_beside_the_replays_flows(monkeypatch):
+    import labkit.run
+
+    seen = {}
+
+    def run_iteration(testbed, it, out, **kw):
+        seen.update(cpu_limit=it.cpu_limit, flows=kw.get("flows"))
+        return {"transfers_per_s": BASIS.check_capacity, "peak_node_count": 1000, "mean_node_count": 900.0,
+                "replicas": 1, "transfers_failed": 0, "transfers_ok": 1000}
+
+    monkeypatch.setattr(labkit.run, "run_iteration", run_iteration)
+    testbed = _RemoteNetns()
+    result = adapt.check(testbed, SCENARIO, LAB, flows="/run/labkit/replay-x/netns-bg-abcde")
+    # that machine gives the lab 1 CPU (not this one's): a pod gets its share
+    assert result.cores == 1.0 and seen["cpu_limit"] == pod_cpu(1.0, BASIS) < BASIS.cpu_limit
+    assert seen["flows"] == "/run/labkit/replay-x/netns-bg-abcde" and testbed.downs == 2
+    assert any("1 CPU(s) where the profile was derived with 2" in r for r in result.reasons)
+
+
+def test_a_replay_checks_a_netns_testbed_on_another_machine_too(monkeypatch, tmp_path):
+    from labkit.replay import driver
+
+    checked = []
+
+    class Manifest:
+        data = {"run_id": "20261201-lab-x"}
+
+        def save(self):
+            pass
+
+    def check(testbed, scenario, committed, *, on_step=None, flows=None):
+        checked.append((testbed, flows))
+        return adapt.Check(1.0, 0.175, check_load(100, 7.3), BASIS, ["slower"], None)
+
+    testbed = _RemoteNetns()
+    monkeypatch.setattr(driver, "build_testbed", lambda name, run_id: testbed)
+    monkeypatch.setattr(driver, "_teardown", lambda options, run_id, number: None)
+    monkeypatch.setattr(adapt, "check", check)
+    options = driver.ReplayOptions(profile="lab", iterations=[2], out=tmp_path, report=None)
+    assert driver._check_machine(options, tmp_path, Manifest(), flows="their flows") == "lab"
+    assert checked == [(testbed, "their flows")]
+    assert Manifest.data["calibration"]["differs"] is True

@@ -55,3 +55,44 @@ def test_available_cpus_is_at_most_the_cpus_this_process_may_run_on():
     import os
 
     assert 0 < cgroups.available_cpus() <= len(os.sched_getaffinity(0))
+
+
+class _OtherMachine:
+    """A machine reached over SSH (as far as available_cpus asks): 4 CPUs, the lab's session
+    in a cgroup with a 1.5-core quota under a parent with 3 (cgroup v2)."""
+
+    is_local = False
+    name = "root@lab"
+    files = {"/sys/fs/cgroup/cgroup.controllers": "cpuset cpu io memory pids\n",
+             "/sys/fs/cgroup/cgroup.subtree_control": "cpu memory pids\n",
+             "/sys/fs/cgroup/lab.slice/cpu.max": "300000 100000\n",
+             "/sys/fs/cgroup/lab.slice/session-4.scope/cpu.max": "150000 100000\n"}
+
+    def __init__(self):
+        self.commands = []
+
+    def run(self, argv, **kw):
+        from labkit.host import Result
+
+        self.commands.append(list(argv))
+        out = {"nproc": "4\n", "cat": "0::/lab.slice/session-4.scope\n"}[argv[0]]
+        return Result(list(argv), 0, out, "", 0.01, self.name)
+
+    def exists(self, path):
+        return str(path) in self.files
+
+    def read_file(self, path):
+        try:
+            return self.files[str(path)].encode()
+        except KeyError:
+            raise FileNotFoundError(path) from None
+
+
+def test_available_cpus_of_another_machine_are_measured_there():
+    machine = _OtherMachine()
+    assert cgroups.available_cpus(machine) == 1.5  # that machine's CPUs and quotas, not this one's
+    assert ["nproc"] in machine.commands and ["cat", "/proc/self/cgroup"] in machine.commands
+    del machine.files["/sys/fs/cgroup/lab.slice/session-4.scope/cpu.max"]
+    assert cgroups.available_cpus(machine) == 3.0
+    machine.files.pop("/sys/fs/cgroup/lab.slice/cpu.max")
+    assert cgroups.available_cpus(machine) == 4.0

@@ -149,3 +149,46 @@ def test_the_progress_file_gets_one_json_line_a_second(slow_server, tmp_path):
     assert len(lines) >= 2 and lines[-1]["ok"] > 0
     gaps = [b["at"] - a["at"] for a, b in zip(lines, lines[1:])]
     assert all(0.5 < g < 1.6 for g in gaps), gaps
+
+
+def test_a_load_on_another_machine_joins_its_cgroup_there_before_entering_the_namespace(slow_server, tmp_path):
+    """A namespace view of a machine reached over SSH: the loadgen's shell runs on that machine
+    (the view's parent), writes itself into the cgroup, then enters the namespace (the prefix)."""
+    from labkit.host import Host, run_subprocess
+
+    class Machine(Host):  # runs what it is given (here, locally), like SSHHost does there
+        name, commands = "root@lab", []
+
+        def _run(self, cmd, *, timeout, input, env):
+            argv = [str(c) for c in cmd]
+            Machine.commands.append(argv)
+            return run_subprocess(argv, " ".join(argv), self.name, timeout=timeout, input=input, env=env)
+
+        def read_file(self, path):
+            with open(path, "rb") as f:
+                return f.read()
+
+        def write_file(self, path, data, mode=None):
+            raise AssertionError("not used")
+
+    class View(Machine):  # the client namespace there: its commands go through the machine with a prefix
+        name = "client"
+
+        def __init__(self, parent):
+            self.parent, self.prefix, self.netns = parent, ["env", "LABKIT_TEST_NETNS=client"], "lkx-client"
+
+        def _run(self, cmd, **kw):  # what runs in the namespace: through the machine, after the prefix
+            return self.parent._run([*self.prefix, *cmd], **kw)
+
+    cgroup = tmp_path / "lkx-loadabc"
+    cgroup.mkdir()
+    (cgroup / "cgroup.procs").write_text("")
+    spec = LoadSpec("127.0.0.1", slow_server.port, "f", expected_size=len(CONTENT), count=4, concurrency=2)
+    result = run_load_on(View(Machine()), spec, transfers=True, cgroup=cgroup, python=sys.executable,
+                         transfers_path=str(tmp_path / "load.csv"))
+    assert result.summary["ok"] == 4 and len(result.transfers) == 4
+    argv = Machine.commands[0]
+    assert argv[:4] == ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup / "cgroup.procs")]
+    assert argv[4:7] == ["env", "LABKIT_TEST_NETNS=client", sys.executable]
+    assert (cgroup / "cgroup.procs").read_text().strip().isdigit()  # the shell, which became the loadgen
+    assert not (tmp_path / "load.csv").exists()  # removed there

@@ -381,12 +381,17 @@ def test_the_notebooks_stay_thin():
 class FakeFlows:
     made: list = []
 
-    def __init__(self, flows):
-        self.flows, self.started, self.warm_s, self.stopped = flows, time.time(), 61.0, False
+    def __init__(self, flows, **where):
+        self.flows, self.where, self.started, self.warm_s, self.stopped = flows, where, time.time(), 61.0, False
+        self.failed_with = None
         FakeFlows.made.append(self)
 
     def start(self):
         return self
+
+    @property
+    def info(self):
+        return None if self.stopped or self.failed_with else {"warm_at": self.started + self.warm_s}
 
     def stop(self):
         self.stopped = True
@@ -394,10 +399,16 @@ class FakeFlows:
 
 class UpTestbed:
     name = "netns"
-    is_local = True  # the background flows run beside it
+    is_local = True
 
     def __init__(self):
         self.ups, self.downs = 0, 0
+
+    def node_machine(self):  # the flows run on the testbed's machine
+        from labkit.host import LocalHost
+        from labkit.testbed.base import NodeMachine
+
+        return NodeMachine(LocalHost("init"), "/run/labkit-test-state", "python-there")
 
     def up(self, iteration):
         self.ups += 1
@@ -410,13 +421,13 @@ class UpTestbed:
                 "hosts": [{"role": "pod", "name": "pod-1"}]}
 
 
-def _session(monkeypatch, running, run_id=None):
+def _session(monkeypatch, run_id=None, found=None):
     from labkit import background, prepare
     from labkit.session import IterationSession
 
     FakeFlows.made = []
     monkeypatch.setattr(background, "BackgroundFlows", FakeFlows)
-    monkeypatch.setattr(background, "running", lambda directory=None: running())
+    monkeypatch.setattr(background, "find", lambda directory, host=None: found)
     monkeypatch.setattr(prepare, "build_testbed", lambda *a, **kw: UpTestbed())
     session = IterationSession(2, "lab", run_id=run_id)
     assert session.iteration.background_flows > 0  # the lab profile runs them
@@ -424,20 +435,29 @@ def _session(monkeypatch, running, run_id=None):
 
 
 def test_up_starts_the_background_flows_so_they_warm_while_the_participant_reads(monkeypatch):
-    session = _session(monkeypatch, lambda: None)
+    session = _session(monkeypatch)
     text = session.up().data
     assert len(FakeFlows.made) == 1 and FakeFlows.made[0].flows == session.iteration.background_flows
+    assert FakeFlows.made[0].where["directory"] == "/run/labkit-test-state"  # on the testbed's machine
+    assert FakeFlows.made[0].where["python"] == "python-there"
     assert "background flows" in text and ("within 61 s" in text or "within 60 s" in text)
+    assert session.flows_in_use() is FakeFlows.made[0]  # the run step uses these, not new ones
     session.down()
     assert FakeFlows.made[0].stopped and session.testbed.downs == 1
 
 
-def test_up_uses_flows_already_running_and_a_replay_leaves_them_to_its_driver(monkeypatch):
-    session = _session(monkeypatch, lambda: {"warm_at": time.time() - 5})
-    assert "the garbage collector is on their cycle" in session.up().data and FakeFlows.made == []
+def test_up_keeps_its_own_flows_replaces_failed_ones_and_a_replay_leaves_them_to_its_driver(monkeypatch):
+    session = _session(monkeypatch)
+    session.up()
+    session.up()  # the next iteration's up: the same flows
+    assert len(FakeFlows.made) == 1
+    FakeFlows.made[0].failed_with = "OSError: injected"
+    session.up()  # they failed: fresh ones
+    assert len(FakeFlows.made) == 2 and FakeFlows.made[0].stopped and session.flows_in_use() is FakeFlows.made[1]
     session.down()
-    replay = _session(monkeypatch, lambda: None, run_id="20261201-lab-x")
+    replay = _session(monkeypatch, run_id="20261201-lab-x", found="/run/labkit/replay-x/netns-bg-abcde")
     assert "background" not in replay.up().data and FakeFlows.made == []
+    assert replay.flows_in_use() == "/run/labkit/replay-x/netns-bg-abcde"  # the replay's, found in its folder
 
 
 def test_sandbox_widgets_show_a_bad_value_refused_in_their_output(monkeypatch, tmp_path):
