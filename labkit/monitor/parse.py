@@ -13,8 +13,8 @@ column).
 
 Kernel log lines of interest, as the kernel versions print them::
 
-    nf_conntrack: nf_conntrack: table full in netns 4026532246, dropping packet   (>= 5.x, not init_net)
-    nf_conntrack: nf_conntrack: table full, dropping packet                       (init_net; all netns on 4.x)
+    nf_conntrack: nf_conntrack: table full in netns 4026532246, dropping packet   (6.18, not init_net)
+    nf_conntrack: nf_conntrack: table full, dropping packet                       (init_net; every netns on 6.1)
     nf_conntrack: table full, dropping packet                                     (3.x, the article's)
     nf_conntrack: table full, dropping packet.                                    (2.6)
     nf_conntrack: expectation table full
