@@ -365,47 +365,53 @@ class NetnsTestbed(Testbed):
         return super().for_replay(run_id, state_dir=replay_state_dir(run_id), **options)
 
     def teardown(self) -> list[str]:
-        """Outside a replay, :meth:`down`; in a replay run, undo every testbed run its state folder
-        records (one a dead kernel left too), restore the global sysctls and remove the emptied folders.
+        """Outside a replay, :meth:`down`; in a replay run, undo every testbed run its state folder records
+        on the machine (one a dead kernel left too), restore the global sysctls, remove the emptied folders.
 
         Raises:
             TestbedError: something could not be removed (named; the rest was).
         """
-        if self.replay_run_id is None or not self.machine.is_local:
-            return super().teardown()  # a replay's folder is on this machine; elsewhere down() undoes it
-        removed = clean_folder(self.state_dir)
+        if self.replay_run_id is None:
+            return super().teardown()
+        removed = clean_folder(self.state_dir, host=self.machine)
         self.state, self.run_id = None, None
         return removed
 
 
-def clean(directory: str | os.PathLike | None = None) -> list[str]:
-    """Undo every run recorded in a state directory (also crashed ones); restore the globals.
+def clean(directory: str | os.PathLike | None = None, *, host: Host | None = None) -> list[str]:
+    """Undo every run recorded in a state directory of a machine (also crashed ones); restore the globals.
 
-    See :func:`labkit.cleanup.clean` (replays, background flows, damaged records).
-    Only what the runs' records name is removed; look-alike resources made by others stay.
+    See :func:`labkit.cleanup.clean` (replays, background flows, damaged records).  Only what
+    the runs' records name is removed; look-alike resources made by others stay.
+
+    Args:
+        directory: the state directory ($LABKIT_STATE_DIR or /run/labkit).
+        host: the machine it is on (this one by default).
 
     Returns:
         A line per resource removed.
-
     Raises:
         TestbedError: something could not be removed (named in the message).
     """
     from labkit.cleanup import clean as clean_all
 
-    report = clean_all(directory)
+    report = clean_all(directory, host=host)
     if report.problems:
         raise TestbedError("clean: " + "; ".join(report.problems))
     return report.removed
 
 
-def clean_folder(directory: Path) -> list[str]:
-    """:func:`clean` a state folder of its own (a replay run's), then remove the folders it emptied."""
-    if not directory.exists():
+def clean_folder(directory: str | os.PathLike, host: Host | None = None) -> list[str]:
+    """:func:`clean` a state folder of its own (a replay run's) on ``host`` (this machine by default),
+    then remove the folders it emptied."""
+    machine, directory = host or _here, Path(directory)
+    if not machine.exists(directory):
         return []
-    removed = clean(directory)
-    for folder in sorted(directory.glob("*"), reverse=True) + [directory]:
+    removed = clean(directory, host=machine)
+    emptied = [directory / n for n, is_dir, _ in sorted(machine.entries(directory), reverse=True) if is_dir]
+    for folder in emptied + [directory]:
         try:  # what clean() emptied; anything still holding files stays
-            folder.rmdir()
+            machine.rmdir(folder)
         except OSError:
             pass
     return removed

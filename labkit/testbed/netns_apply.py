@@ -3,8 +3,11 @@
 :class:`Builder` applies an iteration to a running (or new) netns testbed: the
 base (:func:`~labkit.testbed.topology.base`), the served file, the global and
 node sysctls, then either the plain server or the pods (:func:`~labkit.testbed.topology.pod`),
-kept, added and removed by template and replica count, and the node's rules
-(iptables, nftables, NOTRACK, the helper rule switch).  Everything goes through
+kept, added and removed by template and replica count, and the node's rules:
+:class:`NodeRules` applies, in order, the rule sets the topology gives for each
+change (:func:`~labkit.testbed.topology.node_rule_change`: iptables, nftables,
+NOTRACK, the helper rule switch) with :func:`apply_rule_set`, and records what
+the tables hold in the run state.  Everything goes through
 the testbed's machine (:class:`~labkit.host.Host`: this one, or one over SSH), and
 every resource is written to the run's ledger before it is made.
 """
@@ -23,8 +26,6 @@ import time
 from labkit import cgroups
 from labkit.exceptions import GlobalSysctlsHeld, TestbedError
 from labkit.host import NETNS_DIR
-from labkit.kubeproxy import (Endpoint, render_helper_rule, render_nft_cleanup, render_nft_rules,
-                              render_notrack_rule, render_rules)
 from labkit.manifests import PodTemplate
 from labkit.sysctls import GlobalSysctls
 from labkit.testbed import topology as topo
@@ -89,8 +90,6 @@ class Builder:
             steps += [["ip", "-n", addr.netns, "addr", "add", addr.cidr, "dev", addr.dev],
                       ["ip", "-n", addr.netns, "link", "set", addr.dev, "up"]]
         steps += [["ip", "-n", r.netns, "route", "add", r.dest, "via", r.via] for r in part.routes]
-        # a pod's own rules (the node's come from the reconcile below)
-        rules = [["ip", "netns", "exec", r.netns, "iptables", "-w", *r.text.split()] for r in part.rules]
         if self.machine.is_local:
             for argv in steps:
                 self.machine.run(argv, timeout=30)
@@ -98,16 +97,21 @@ class Builder:
                 host = self.ns_host(ns)
                 for name, value in values.items():
                     host.write_sysctl(name, value)
-            for argv in rules:
-                self.machine.run(argv, timeout=30)
+            for rule_set in part.rules:
+                apply_rule_set(self.machine, rule_set)
             inodes = [self.machine.netns_inode(name) for _, name in made]
-        else:
+        else:  # a pod's own rules (the node's come from NodeRules) in the script too
+            rules = [["ip", "netns", "exec", r.netns, "iptables", "-w", *line.split()]
+                     for r in part.rules if r.tool == "iptables" for line in r.text.splitlines() if line.strip()]
             steps += [["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{name}={value}"]
                       for ns, values in part.sysctls.items() for name, value in values.items()] + rules
             steps += [["stat", "-L", "-c", "%i", *(f"{NETNS_DIR}/{name}" for _, name in made)]] if made else []
             script = "set -e\n" + "\n".join(shlex.join(argv) for argv in steps)
             out = self.machine.run(["sh", "-c", script], timeout=120).stdout.split()
             inodes = [int(i) for i in out[-len(made):]] if made else []
+            for rule_set in part.rules:  # (the pods' are iptables lines, in the script)
+                if rule_set.tool != "iptables":
+                    apply_rule_set(self.machine, rule_set)
         for (ident, _), inode in zip(made, inodes):
             ledger.note(ident, inode=inode)
 
@@ -305,60 +309,57 @@ class Builder:
         self.tb.rules.clear()
 
 
+def apply_rule_set(machine, rules: topo.RuleSet) -> None:
+    """Load one :class:`~labkit.testbed.topology.RuleSet` through its tool in its namespace of ``machine``.
+
+    Raises:
+        TestbedError: ``nft`` is not installed (for an ``nft`` set), or the tool refused the rules.
+    """
+    inside = machine.netns(rules.netns)
+    if rules.tool == "iptables-restore":
+        inside.run(["iptables-restore", "-w", *([] if rules.flush else ["--noflush"])], input=rules.text)
+    elif rules.tool == "nft":
+        if not machine.which("nft"):
+            raise TestbedError("iteration needs nft for kube-proxy's nftables mode: install the Debian "
+                               "package nftables (make lab does)")
+        inside.run(["nft", "-f", "-"], input=rules.text)
+    elif rules.tool == "iptables":
+        for line in rules.text.splitlines():
+            if line.strip():
+                inside.run(["iptables", "-w", *line.split()], timeout=30)
+    else:
+        raise TestbedError(f"{rules.purpose}: no way to load rules with {rules.tool!r}")
+
+
 class NodeRules:
-    """The node's kube-proxy rules of a running testbed: loaded, updated per endpoint change, cleared."""
+    """The node's kube-proxy rules of a running testbed: each change's rule sets
+    (:func:`~labkit.testbed.topology.node_rule_change`) applied in order, and recorded in the run state."""
 
     def __init__(self, testbed):
         self.tb = testbed
-
-    def _node(self):
-        return self.tb.machine.netns(self.tb.ns("node"))
 
     def apply(self, current: list[Pod], stale: list[Pod], iteration=None) -> None:
         """Load the rules for the ``current`` pods, dropping the chains of the ``stale`` ones."""
         state = self.tb.state
         mode = getattr(iteration, "proxy_mode", "iptables")
         notrack = bool(getattr(iteration, "node_notrack", False))
-        if state.rules_applied and (state.proxy_mode, state.notrack) != (mode, notrack):
-            self.clear()  # another kind of rules: start from empty tables
-        state.proxy_mode, state.notrack = mode, notrack
-        svc = self.tb.manifests.service_port()
-        port = self.tb.manifests.pod_template().container_port
-        endpoints = [Endpoint(p.ip, port) for p in current]
-        node = self._node()
-        if mode == "nftables":
-            if not self.tb.machine.which("nft"):
-                raise TestbedError("iteration needs nft for kube-proxy's nftables mode: install the Debian "
-                                   "package nftables (make lab does)")
-            node.run(["nft", "-f", "-"], input=render_nft_rules(svc, endpoints, cluster_ip=topo.CLUSTER_IP,
-                                                                helper_rule=state.helper_rule))
-        else:
-            first = not state.rules_applied
-            text = render_rules(svc, endpoints, cluster_ip=topo.CLUSTER_IP, helper_rule=state.helper_rule,
-                                jumps=first, stale_endpoints=[Endpoint(p.ip, port) for p in stale])
-            option = self.tb.helper_option
-            if not first and option not in (None, state.helper_rule):
-                # The helper switch changed on a running testbed: the raw table holds only that rule.
-                node.run(["iptables-restore", "-w"], input="*raw\nCOMMIT\n")
-                if option:
-                    node.run(["iptables-restore", "-w", "--noflush"], input=render_helper_rule(svc))
-                state.helper_rule = option
-            node.run(["iptables-restore", "-w", "--noflush"], input=text)
-            if first and notrack:  # iteration 11: the NodePort's requests untracked, ahead of the helper
-                node.run(["iptables-restore", "-w", "--noflush"], input=render_notrack_rule(svc))
-        state.rules_applied = True
-        state.endpoints = [str(e) for e in endpoints]
+        change = topo.node_rule_change(
+            self.tb.manifests, self.tb.ns("node"), [p.ip for p in current], stale_ips=[p.ip for p in stale],
+            proxy_mode=mode, notrack=notrack, helper_rule=state.helper_rule,
+            loaded=(state.proxy_mode, state.notrack) if state.rules_applied else None,
+            helper_option=self.tb.helper_option)
+        for rules in change.sets:
+            apply_rule_set(self.tb.machine, rules)
+        state.proxy_mode, state.notrack, state.helper_rule = mode, notrack, change.helper_rule
+        state.rules_applied, state.endpoints = True, change.endpoints
         self.tb.save()
 
     def clear(self) -> None:
-        """Empty the node's tables (nftables' table too); nothing to do when none are loaded."""
+        """Empty the node's tables (nftables' tables too); nothing to do when none are loaded."""
         state = self.tb.state
         if not state.rules_applied:
             return
-        node = self._node()
-        if state.proxy_mode == "nftables":
-            node.run(["nft", "-f", "-"], input=render_nft_cleanup())
-        empty = "".join(f"*{t}\nCOMMIT\n" for t in ("raw", "filter", "nat"))
-        node.run(["iptables-restore", "-w"], input=empty)
+        for rules in topo.clear_node_rules(self.tb.ns("node"), state.proxy_mode):
+            apply_rule_set(self.tb.machine, rules)
         state.rules_applied, state.endpoints = False, []
         self.tb.save()

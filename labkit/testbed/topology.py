@@ -12,6 +12,10 @@ budget.  It is pure (no root, no machine) and prints readably in a notebook
 The backend (:mod:`labkit.testbed.netns_apply`) builds the same pieces from
 :func:`base` and :func:`pod`, one fragment at a time, as the running testbed
 grows and shrinks; their names and addresses are the ones every run has had.
+The node's rules come from one place, :func:`node_rule_change`: the rule sets
+that take the node's tables from what they hold to what an iteration needs
+(the first load, a change of endpoints, the helper rule switched, another proxy
+mode); :func:`plan` shows the first load, the backend applies each change.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from labkit.exceptions import TestbedError
-from labkit.kubeproxy import (Endpoint, render_helper_rule, render_nft_rules, render_notrack_rule,
-                              render_rules)
+from labkit.kubeproxy import (Endpoint, render_helper_rule, render_nft_cleanup, render_nft_rules,
+                              render_notrack_rule, render_rules)
 
 NODE_IP = "10.69.0.1"
 CLIENT_IP = "10.69.0.2"
@@ -92,12 +96,18 @@ class Route:
 
 @dataclass(frozen=True)
 class RuleSet:
-    """Rules loaded in a namespace with ``tool`` (``iptables-restore`` or ``nft``)."""
+    """Rules loaded in a namespace with ``tool``.
+
+    ``iptables-restore`` loads ``text`` with ``--noflush`` (with ``flush``, the tables it
+    names are emptied first); ``nft`` loads it with ``nft -f -``; ``iptables`` adds each
+    line of ``text`` as one rule (``iptables -w <line>``).
+    """
 
     netns: str
     tool: str
     purpose: str
     text: str
+    flush: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,22 +237,86 @@ def plain_server(run_id: str, template, cpu_limit: float | None, served_dir: str
                       netns_name(run_id, "server"), cpu_limit, NODE_IP)
 
 
-def node_rules(manifests, iteration, pod_ips: Sequence[str], *, helper_rule: bool = True,
-               netns: str = "node") -> list[RuleSet]:
-    """The node's rules for ``iteration`` with pods at ``pod_ips`` (none for the plain server)."""
-    if iteration.setup == "plain":
-        return []
+@dataclass
+class NodeRuleChange:
+    """What a change of the node's rules is: the :class:`RuleSet` s to apply, in order, and what
+    the node's tables then hold (the helper rule's state, the endpoints)."""
+
+    sets: list[RuleSet]
+    helper_rule: bool
+    endpoints: list[str]
+
+
+def clear_node_rules(netns: str, loaded_mode: str = "iptables") -> list[RuleSet]:
+    """The rule sets that empty the node's tables of rules loaded in ``loaded_mode`` (nftables' tables too)."""
+    out = []
+    if loaded_mode == "nftables":
+        out.append(RuleSet(netns, "nft", "kube-proxy's nftables tables removed", render_nft_cleanup()))
+    out.append(RuleSet(netns, "iptables-restore", "tables emptied",
+                       "".join(f"*{t}\nCOMMIT\n" for t in ("raw", "filter", "nat")), flush=True))
+    return out
+
+
+def node_rule_change(manifests, netns: str, pod_ips: Sequence[str], *, stale_ips: Sequence[str] = (),
+                     proxy_mode: str = "iptables", notrack: bool = False, helper_rule: bool = True,
+                     loaded: tuple[str, bool] | None = None, helper_option: bool | None = None) -> NodeRuleChange:
+    """The rule sets that bring the node's tables from what they hold to kube-proxy's rules for ``pod_ips``.
+
+    As kube-proxy does, the first load adds the jumps from the built-in chains (and the
+    TFTP helper rule); a later one redefines the ``KUBE-*`` chains, deleting those of the
+    ``stale_ips`` endpoints.  Rules of another kind (proxy mode or NOTRACK) are cleared
+    first; iteration 11's NOTRACK rule comes with the first load.
+
+    Args:
+        manifests: a :class:`~labkit.manifests.Manifests` (the Service and the pods' port).
+        netns: the node's namespace.
+        pod_ips: the endpoints now, in order.
+        stale_ips: endpoints gone since the last change.
+        proxy_mode: ``iptables`` or ``nftables``.
+        notrack: the NodePort's requests untracked (iteration 11).
+        helper_rule: whether the loaded rules have the explicit TFTP helper rule.
+        loaded: ``(proxy_mode, notrack)`` of the rules the tables hold, None when none are loaded.
+        helper_option: the testbed's helper switch; when it differs from ``helper_rule`` on
+            loaded iptables rules, the raw table is emptied and the helper rule added (or not).
+
+    Returns:
+        The :class:`NodeRuleChange`.
+    """
     svc = manifests.service_port()
     port = manifests.pod_template().container_port
     endpoints = [Endpoint(ip, port) for ip in pod_ips]
-    if getattr(iteration, "proxy_mode", "iptables") == "nftables":
-        return [RuleSet(netns, "nft", "kube-proxy (nftables mode)",
-                        render_nft_rules(svc, endpoints, cluster_ip=CLUSTER_IP, helper_rule=helper_rule))]
-    out = [RuleSet(netns, "iptables-restore", "kube-proxy (iptables mode)",
-                   render_rules(svc, endpoints, cluster_ip=CLUSTER_IP, helper_rule=helper_rule))]
-    if getattr(iteration, "node_notrack", False):
-        out.append(RuleSet(netns, "iptables-restore", "NodePort untracked (NOTRACK)", render_notrack_rule(svc)))
-    return out
+    sets: list[RuleSet] = []
+    if loaded is not None and tuple(loaded) != (proxy_mode, notrack):
+        sets += clear_node_rules(netns, loaded[0])  # another kind of rules: start from empty tables
+        loaded = None
+    if proxy_mode == "nftables":
+        sets.append(RuleSet(netns, "nft", "kube-proxy (nftables mode)",
+                            render_nft_rules(svc, endpoints, cluster_ip=CLUSTER_IP, helper_rule=helper_rule)))
+        return NodeRuleChange(sets, helper_rule, [str(e) for e in endpoints])
+    first = loaded is None
+    text = render_rules(svc, endpoints, cluster_ip=CLUSTER_IP, helper_rule=helper_rule, jumps=first,
+                        stale_endpoints=[Endpoint(ip, port) for ip in stale_ips])
+    if not first and helper_option not in (None, helper_rule):
+        # the helper switch changed on a running testbed: the raw table holds only that rule
+        sets.append(RuleSet(netns, "iptables-restore", "raw table emptied (helper rule switched)",
+                            "*raw\nCOMMIT\n", flush=True))
+        if helper_option:
+            sets.append(RuleSet(netns, "iptables-restore", "TFTP conntrack helper rule", render_helper_rule(svc)))
+        helper_rule = bool(helper_option)
+    sets.append(RuleSet(netns, "iptables-restore", "kube-proxy (iptables mode)", text))
+    if first and notrack:  # iteration 11: the NodePort's requests untracked, ahead of the helper
+        sets.append(RuleSet(netns, "iptables-restore", "NodePort untracked (NOTRACK)", render_notrack_rule(svc)))
+    return NodeRuleChange(sets, helper_rule, [str(e) for e in endpoints])
+
+
+def node_rules(manifests, iteration, pod_ips: Sequence[str], *, helper_rule: bool = True,
+               netns: str = "node") -> list[RuleSet]:
+    """The node's rules for ``iteration`` with pods at ``pod_ips`` (none for the plain server), as first loaded."""
+    if iteration.setup == "plain":
+        return []
+    return node_rule_change(manifests, netns, pod_ips, proxy_mode=getattr(iteration, "proxy_mode", "iptables"),
+                            notrack=bool(getattr(iteration, "node_notrack", False)),
+                            helper_rule=helper_rule).sets
 
 
 def pod_ip(n: int) -> str:

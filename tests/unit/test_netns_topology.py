@@ -128,3 +128,135 @@ def test_a_damaged_state_file_is_refused_naming_it(doc, why):
     with pytest.raises(StateCorrupt) as info:
         parse_state(doc, "/run/labkit/netns-k2x9p/state.json")
     assert "/run/labkit/netns-k2x9p/state.json" in str(info.value) and why in str(info.value)
+
+
+# --- the node's rules: one source (the topology), applied in order by the backend -----------
+
+NODE = "lkab12c-node"
+
+
+def _change(manifests, ips, **kw):
+    return topology.node_rule_change(manifests, NODE, ips, **kw)
+
+
+def test_the_first_load_has_the_jumps_and_the_helper_later_ones_redefine_and_drop_stale_chains(manifests):
+    first = _change(manifests, ["10.244.0.2"])
+    [kube] = first.sets
+    assert (kube.tool, kube.flush, kube.netns) == ("iptables-restore", False, NODE)
+    assert "-A PREROUTING" in kube.text and "--helper tftp" in kube.text and "-X " not in kube.text
+    assert first.endpoints == ["10.244.0.2:69"] and first.helper_rule
+    rescaled = _change(manifests, ["10.244.0.3", "10.244.0.4"], stale_ips=["10.244.0.2"],
+                       loaded=("iptables", False))
+    [kube] = rescaled.sets
+    assert "-A PREROUTING" not in kube.text and "--helper" not in kube.text  # the jumps stay from the first load
+    assert kube.text.count("\n-X KUBE-SEP-") == 1 and "10.244.0.2" not in kube.text.replace("-X", "")
+    assert rescaled.endpoints == ["10.244.0.3:69", "10.244.0.4:69"]
+
+
+def test_switching_the_helper_rule_on_a_running_testbed_empties_the_raw_table_first(manifests):
+    off = _change(manifests, ["10.244.0.2"], loaded=("iptables", False), helper_rule=True, helper_option=False)
+    assert [(s.purpose, s.flush) for s in off.sets] == [("raw table emptied (helper rule switched)", True),
+                                                        ("kube-proxy (iptables mode)", False)]
+    assert off.sets[0].text == "*raw\nCOMMIT\n" and off.helper_rule is False
+    on = _change(manifests, ["10.244.0.2"], loaded=("iptables", False), helper_rule=False, helper_option=True)
+    assert [s.purpose for s in on.sets] == ["raw table emptied (helper rule switched)",
+                                            "TFTP conntrack helper rule", "kube-proxy (iptables mode)"]
+    assert "-j CT --helper tftp" in on.sets[1].text and on.helper_rule is True
+    # the same switch as the running rules, or none given, or a first load: nothing extra
+    for kw in (dict(helper_option=True), dict(helper_option=None), dict(loaded=None, helper_option=False)):
+        change = _change(manifests, ["10.244.0.2"], **{"loaded": ("iptables", False), **kw})
+        assert [s.purpose for s in change.sets] == ["kube-proxy (iptables mode)"] and change.helper_rule
+
+
+def test_another_kind_of_rules_starts_from_empty_tables(manifests):
+    to_nft = _change(manifests, ["10.244.0.2"], proxy_mode="nftables", loaded=("iptables", False))
+    assert [(s.tool, s.purpose, s.flush) for s in to_nft.sets] == [
+        ("iptables-restore", "tables emptied", True), ("nft", "kube-proxy (nftables mode)", False)]
+    assert to_nft.sets[0].text == "*raw\nCOMMIT\n*filter\nCOMMIT\n*nat\nCOMMIT\n"
+    back = _change(manifests, ["10.244.0.2"], notrack=True, loaded=("nftables", False))
+    assert [(s.tool, s.purpose) for s in back.sets] == [
+        ("nft", "kube-proxy's nftables tables removed"), ("iptables-restore", "tables emptied"),
+        ("iptables-restore", "kube-proxy (iptables mode)"), ("iptables-restore", "NodePort untracked (NOTRACK)")]
+    assert "delete table ip kube-proxy" in back.sets[0].text and "-A PREROUTING" in back.sets[2].text
+    # NOTRACK comes with the first load only; an endpoint change keeps it
+    again = _change(manifests, ["10.244.0.3"], stale_ips=["10.244.0.2"], notrack=True, loaded=("iptables", True))
+    assert [s.purpose for s in again.sets] == ["kube-proxy (iptables mode)"]
+    nft_again = _change(manifests, ["10.244.0.3"], proxy_mode="nftables", loaded=("nftables", False))
+    assert [s.tool for s in nft_again.sets] == ["nft"] and "10.244.0.3" in nft_again.sets[0].text
+
+
+def test_plan_shows_the_node_rules_of_a_first_load(scenario, manifests):
+    for number in (2, 3, 11, 12):
+        it = scenario.iteration(number, "quick")
+        top = topology.plan(it, manifests, "ab12c")
+        ips = [s.ip for s in top.servers]
+        first = topology.node_rule_change(manifests, NODE, ips, proxy_mode=it.proxy_mode, notrack=it.node_notrack)
+        assert [r for r in top.rules if r.netns == NODE] == first.sets
+
+
+class _Recorder:
+    """A machine that records the commands run in its namespaces."""
+
+    def __init__(self, log, netns=None, nft=True):
+        self.log, self.ns, self.nft = log, netns, nft
+
+    def netns(self, name, host_name=None):
+        return _Recorder(self.log, name, self.nft)
+
+    def which(self, program):
+        return self.nft or program != "nft"
+
+    def run(self, argv, input=None, timeout=None, check=True):
+        self.log.append((self.ns, " ".join(argv), input))
+
+
+class _Testbed:
+    def __init__(self, manifests, helper_option=None, nft=True):
+        self.state = RunState("ab12c")
+        self.manifests, self.helper_option, self.log, self.saved = manifests, helper_option, [], []
+        self.machine = _Recorder(self.log, nft=nft)
+
+    def ns(self, what):
+        return f"lkab12c-{what}"
+
+    def save(self):
+        self.saved.append(self.state.to_dict())
+
+
+def test_node_rules_apply_each_change_in_order_through_its_tool_and_record_what_is_loaded(manifests):
+    from types import SimpleNamespace
+
+    from labkit.testbed.netns_apply import NodeRules
+
+    tb = _Testbed(manifests)
+    rules = NodeRules(tb)
+    iptables, nft = SimpleNamespace(proxy_mode="iptables", node_notrack=False), SimpleNamespace(proxy_mode="nftables")
+    rules.apply([Pod("t", "10.244.0.2")], [], iptables)
+    assert [(ns, cmd) for ns, cmd, _ in tb.log] == [(NODE, "iptables-restore -w --noflush")]
+    assert tb.log[0][2] == _change(manifests, ["10.244.0.2"]).sets[0].text
+    assert (tb.state.rules_applied, tb.state.endpoints) == (True, ["10.244.0.2:69"])
+    tb.helper_option = False
+    rules.apply([Pod("t", "10.244.0.3")], [Pod("t", "10.244.0.2")], iptables)
+    assert [cmd for _, cmd, _ in tb.log[1:]] == ["iptables-restore -w", "iptables-restore -w --noflush"]
+    assert tb.state.helper_rule is False and tb.saved[-1]["endpoints"] == ["10.244.0.3:69"]
+    rules.apply([Pod("t", "10.244.0.3")], [], nft)
+    assert [cmd for _, cmd, _ in tb.log[3:]] == ["iptables-restore -w", "nft -f -"]
+    assert (tb.state.proxy_mode, tb.state.helper_rule) == ("nftables", False)
+    assert "ct helper" not in tb.log[-1][2]  # the switch the running testbed has
+    rules.clear()
+    assert [cmd for _, cmd, _ in tb.log[5:]] == ["nft -f -", "iptables-restore -w"]
+    assert (tb.state.rules_applied, tb.state.endpoints) == (False, [])
+    rules.clear()  # nothing loaded: nothing to do
+    assert len(tb.log) == 7
+
+
+def test_nftables_mode_without_nft_installed_says_what_to_install(manifests):
+    from types import SimpleNamespace
+
+    from labkit.exceptions import TestbedError
+    from labkit.testbed.netns_apply import NodeRules
+
+    tb = _Testbed(manifests, nft=False)
+    with pytest.raises(TestbedError, match="package nftables"):
+        NodeRules(tb).apply([Pod("t", "10.244.0.2")], [], SimpleNamespace(proxy_mode="nftables"))
+    assert tb.log == [] and not tb.state.rules_applied
