@@ -176,7 +176,7 @@ def _prepare_run_dir(options: ReplayOptions) -> tuple[Path, Manifest]:
     manifest = Manifest.create(run_dir, run_id=_run_id_for(run_dir, generated=not options.out),
                                profile=options.profile,
                                testbed=options.testbed, iterations=options.iterations,
-                               kernel=options.kernel)
+                               kernel=options.kernel, on=options.on, sysctls=_sysctls(options))
     return run_dir, manifest
 
 
@@ -213,6 +213,20 @@ def _testbed(options: ReplayOptions, run_id: str):
     return build_testbed(options.testbed, run_id, **({"on": options.on} if options.on else {}))
 
 
+_MACHINES: dict[str, Any] = {}  # --on's machine, resolved once a run (vagrant ssh-config is slow)
+
+
+def _sysctls(options: ReplayOptions) -> dict[str, str | None]:
+    """The conntrack sysctls of the machine the lab runs on (``--on``'s, else this one's)."""
+    if not options.on:
+        return read_sysctls()
+    if options.on not in _MACHINES:
+        from labkit.remote.targets import machine_for
+
+        _MACHINES[options.on] = machine_for(options.on)
+    return read_sysctls(_MACHINES[options.on])
+
+
 def _testbed_teardown(options: ReplayOptions, run_id: str, number: int) -> None:
     """Tear down the testbed the replay run's notebooks use (the one :func:`build_testbed` makes them)."""
     removed = _testbed(options, run_id).teardown()
@@ -236,7 +250,7 @@ def run_iteration_notebook(options: ReplayOptions, run_dir: Path, manifest: Mani
               **options.parameters}
     entry: dict[str, Any] = {"iteration": number, "status": "running", "started": now(),
                              "folder": folder.name, "parameters": params,
-                             "sysctls_before": read_sysctls()}
+                             "sysctls_before": _sysctls(options)}
     manifest.set_entry(number, entry)
     output = folder / "iteration.ipynb"
     outcome: Outcome | None = None
@@ -249,7 +263,7 @@ def run_iteration_notebook(options: ReplayOptions, run_dir: Path, manifest: Mani
                               engine_kwargs=engine)
     finally:
         teardown_error = _teardown(options, run_id, number)
-        entry["sysctls_after"] = read_sysctls()
+        entry["sysctls_after"] = _sysctls(options)
         if outcome is None:  # interrupted: record what is known, then let it propagate
             entry.update(status="interrupted", finished=now())
             manifest.set_entry(number, entry)
@@ -516,7 +530,7 @@ def replay(options: ReplayOptions) -> Path:
     manifest.data.update(
         status="complete" if not failed and summary_ok else "failed",
         failed_iterations=failed, finished=now(), duration_s=elapsed,
-        sysctls={**manifest.data["sysctls"], "after": read_sysctls()},
+        sysctls={**manifest.data["sysctls"], "after": _sysctls(options)},
     )
     manifest.save()
     index_page.write(run_dir, manifest)

@@ -122,20 +122,26 @@ class Manifest:
 
     @classmethod
     def create(cls, run_dir: str | os.PathLike, *, run_id: str, profile: str, testbed: str,
-               iterations: list[int], kernel: str) -> "Manifest":
-        """A new manifest for a run that starts now (saved)."""
+               iterations: list[int], kernel: str, on: str | None = None,
+               sysctls: dict[str, str | None] | None = None) -> "Manifest":
+        """A new manifest for a run that starts now (saved).
+
+        ``on``: the machine the netns testbed runs on (``--on``), None for this one;
+        ``sysctls``: that machine's conntrack sysctls now (read here when None).
+        """
         manifest = cls(run_dir, {
             "run_id": run_id,
             "status": "running",
             "profile": profile,
             "testbed": testbed,
+            "on": on,
             "iterations_requested": list(iterations),
             "jupyter_kernel": kernel,
             "started": now(),
             "finished": None,
             "duration_s": None,
             "environment": environment(),
-            "sysctls": {"before": read_sysctls(), "after": None},
+            "sysctls": {"before": read_sysctls() if sysctls is None else sysctls, "after": None},
             "iterations": {},
             "summary": None,
             "resumed": [],

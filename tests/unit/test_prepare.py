@@ -139,3 +139,20 @@ def test_a_replay_on_another_machine_gives_its_notebooks_and_teardown_that_machi
     session = IterationSession(4, "quick", on="bench", run_id="20261201-120000-lab", out_dir=tmp_path / "it-4")
     assert session.testbed.machine.name == "bench" and not session.testbed.is_local
     assert "on `bench`" in session.title().data
+
+
+def test_a_replay_on_another_machine_records_that_machine_and_its_sysctls(tmp_path, monkeypatch):
+    from labkit.remote import targets
+    from labkit.replay import driver
+    from labkit.replay.manifest import Manifest
+
+    class There:
+        def read_sysctl(self, name):
+            return {"net.netfilter.nf_conntrack_max": "128"}.get(name, "7")
+
+    monkeypatch.setattr(targets, "machine_for", lambda spec, **kw: There())
+    monkeypatch.setattr(driver, "_MACHINES", {})
+    options = driver.ReplayOptions(profile="quick", iterations=[2], out=tmp_path / "run", on="bench")
+    run_dir, manifest = driver._prepare_run_dir(options)
+    data = Manifest.load(run_dir).data
+    assert data["on"] == "bench" and data["sysctls"]["before"]["net.netfilter.nf_conntrack_max"] == "128"
