@@ -377,3 +377,34 @@ def _where(owner: dict[str, Any]) -> str:
 
 def _on(machine: Host) -> str:
     return "" if machine.is_local else f" {machine.name}"
+
+
+def clean_strict(directory: str | os.PathLike | None = None, *, host: Host | None = None) -> list[str]:
+    """:func:`clean`, raising when anything is left (``labkit.testbed.netns.clean``).
+
+    Returns:
+        A line per resource removed.
+
+    Raises:
+        TestbedError: something could not be removed (named in the message).
+    """
+    report = clean(directory, host=host)
+    if report.problems:
+        raise TestbedError("clean: " + "; ".join(report.problems))
+    return report.removed
+
+
+def clean_folder(directory: str | os.PathLike, host: Host | None = None) -> list[str]:
+    """:func:`clean_strict` a state folder of its own (a replay run's) on ``host`` (this machine by
+    default), then remove the folders it emptied."""
+    machine, directory = host or LocalHost("init"), Path(directory)
+    if not machine.exists(directory):
+        return []
+    removed = clean_strict(directory, host=machine)
+    emptied = [directory / n for n, is_dir, _ in sorted(machine.entries(directory), reverse=True) if is_dir]
+    for folder in emptied + [directory]:
+        try:  # what clean() emptied; anything still holding files stays
+            machine.rmdir(folder)
+        except OSError:
+            pass
+    return removed

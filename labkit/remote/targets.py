@@ -144,3 +144,20 @@ def machine_for(spec: str, *, inventory: str | os.PathLike | None = None,
     sudo = target.user is not None and target.user != "root" or (target.user is None and os.geteuid() != 0)
     return SSHHost(target.name, port=target.port, username=target.user, trust_on_first_use=trust_on_first_use,
                    name=str(target), sudo=sudo, via_netns=via_netns)
+
+
+def the_machine(host=None, on: str | None = None, inventory: str | os.PathLike | None = None):
+    """A testbed's machine from its ``host=`` or ``on=`` option (one of them; neither: this one).
+
+    Raises:
+        TestbedError: both were given, or ``on`` is bad (see :func:`machine_for`).
+    """
+    if on and host is not None:
+        raise TestbedError("give the netns testbed's machine once: host= or on=, not both")
+    if on:
+        return machine_for(on, inventory=inventory)
+    if host is None:
+        from labkit.host import LocalHost
+
+        return LocalHost("init")
+    return host

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from labkit.cleanup import OWNER_NAME, owner_record
+from labkit.cleanup import OWNER_NAME, clean_folder, clean_strict as clean, owner_record
 from labkit.exceptions import GlobalSysctlsHeld, TestbedError
 from labkit.host import Host, LocalHost
 from labkit.ledger import Ledger
@@ -40,7 +40,7 @@ from labkit.sysctls import state_dir as default_state_dir
 from labkit.testbed.base import NodeMachine, ServedFile, Testbed
 from labkit.testbed.netns_apply import Builder, NodeRules, template_hash
 from labkit.testbed.runstate import (RUN_DIR_PREFIX, STATE_NAME, RunState, new_run_id, parse_state, read_state,
-                                     run_dirs, state_lock)
+                                     run_dirs, state_lock, status_document)
 from labkit.testbed.topology import (CLIENT_IP, CLUSTER_IP, LINK_PREFIX, NODE_IP, POD_GATEWAY, POD_NET,
                                      link_name)
 
@@ -79,14 +79,9 @@ class NetnsTestbed(Testbed):
                  manifests_dir: str | os.PathLike | None = None, helper_rule: bool | None = None,
                  global_wait: float = 0.0, host: Host | None = None, python: str | None = None,
                  on: str | None = None, inventory: str | os.PathLike | None = None):
-        if on and host is not None:
-            raise TestbedError("give the netns testbed's machine once: host= or on=, not both")
-        if on:
-            from labkit.remote.targets import machine_for
+        from labkit.remote.targets import the_machine
 
-            host = machine_for(on, inventory=inventory)
-        self.on = on
-        self.machine = host or LocalHost("init")
+        self.on, self.machine = on, the_machine(host, on, inventory)
         self._python = python or (sys.executable if self.machine.is_local else None)
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
         self.manifests = Manifests(manifests_dir)
@@ -317,37 +312,7 @@ class NetnsTestbed(Testbed):
 
     def status(self) -> dict[str, Any]:
         """The ``labkit status --json`` document (``state: down`` when nothing is up)."""
-        if self.state is None:
-            return {"testbed": "netns", "state": "down", "state_dir": str(self.state_dir), "hosts": []}
-        s, m = self.state, self.machine
-        it = s.iteration or {}
-        hosts = [{"role": "client", "name": "client", "ip": CLIENT_IP, "netns": self.ns("client")},
-                 {"role": "node", "name": "node", "ip": NODE_IP, "netns": self.ns("node")}]
-        problems = [f"namespace {h['netns']} is missing" for h in hosts if m.netns_inode(h["netns"]) is None]
-        if s.server:
-            hosts[1]["server_pid"] = s.server.pid
-            if m.proc_start_time(s.server.pid) != s.server.start:
-                problems.append("the plain server is not running")
-        for i, p in enumerate(self.pods(), 1):
-            hosts.append({"role": "pod", "name": f"pod-{i}", "pod": p.name, "ip": p.ip, "netns": p.netns,
-                          "pid": p.pid, "cgroup": p.cgroup, "cpu_limit": p.cpu_limit, "sysctls": p.sysctls})
-            if not p.pid or m.proc_start_time(p.pid) != p.start:
-                problems.append(f"pod-{i}: in.tftpd is not running")
-        svc = self.manifests.service_port()
-        f = s.file
-        return {
-            "testbed": "netns", "state": s.state if not problems else "broken", "problems": problems,
-            "run_id": s.run_id, "state_dir": str(self.state_dir), "machine": m.name,
-            "iteration": it.get("number"), "profile": it.get("profile"), "setup": it.get("setup"),
-            "service": {"node_ip": NODE_IP, "node_port": 69 if s.server else svc.node_port, "protocol": "udp",
-                        "name": f"{svc.namespace}/{svc.name}", "cluster_ip": CLUSTER_IP},
-            "file": {"name": f and f.name, "size": f and f.size, "sha256": f and f.sha256},
-            "hosts": hosts, "replicas": len(s.pods), "cpu_limit": it.get("cpu_limit"),
-            "helper_rule": s.helper_rule, "pods_track_conntrack": it.get("pods_track_conntrack"),
-            "node_sysctls": it.get("node_sysctls", {}), "pod_sysctls": it.get("pod_sysctls", {}),
-            "allowed_unsafe_sysctls": it.get("allowed_unsafe_sysctls", []),
-            "endpoints": s.endpoints, "updated": s.updated, "last_up": s.last_up,
-        }
+        return status_document(self)
 
     # --- a replay run's testbed ---
 
@@ -376,45 +341,6 @@ class NetnsTestbed(Testbed):
         removed = clean_folder(self.state_dir, host=self.machine)
         self.state, self.run_id = None, None
         return removed
-
-
-def clean(directory: str | os.PathLike | None = None, *, host: Host | None = None) -> list[str]:
-    """Undo every run recorded in a state directory of a machine (also crashed ones); restore the globals.
-
-    See :func:`labkit.cleanup.clean` (replays, background flows, damaged records).  Only what
-    the runs' records name is removed; look-alike resources made by others stay.
-
-    Args:
-        directory: the state directory ($LABKIT_STATE_DIR or /run/labkit).
-        host: the machine it is on (this one by default).
-
-    Returns:
-        A line per resource removed.
-    Raises:
-        TestbedError: something could not be removed (named in the message).
-    """
-    from labkit.cleanup import clean as clean_all
-
-    report = clean_all(directory, host=host)
-    if report.problems:
-        raise TestbedError("clean: " + "; ".join(report.problems))
-    return report.removed
-
-
-def clean_folder(directory: str | os.PathLike, host: Host | None = None) -> list[str]:
-    """:func:`clean` a state folder of its own (a replay run's) on ``host`` (this machine by default),
-    then remove the folders it emptied."""
-    machine, directory = host or _here, Path(directory)
-    if not machine.exists(directory):
-        return []
-    removed = clean(directory, host=machine)
-    emptied = [directory / n for n, is_dir, _ in sorted(machine.entries(directory), reverse=True) if is_dir]
-    for folder in emptied + [directory]:
-        try:  # what clean() emptied; anything still holding files stays
-            machine.rmdir(folder)
-        except OSError:
-            pass
-    return removed
 
 
 def _discard_run(run: Path, host: Host | None = None) -> list[dict[str, Any]]:

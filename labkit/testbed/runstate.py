@@ -193,3 +193,41 @@ def state_lock(directory: Path, host: Host | None = None) -> Iterator[None]:
     host.makedirs(directory)
     with host.lock(directory):
         yield
+
+
+def status_document(tb: Any) -> dict[str, Any]:
+    """The ``labkit status --json`` document of a netns testbed ``tb`` (``state: down`` when nothing
+    is up); a namespace or server that should be there and is not makes it ``broken``, named."""
+    from labkit.testbed.topology import CLIENT_IP, CLUSTER_IP, NODE_IP
+
+    if tb.state is None:
+        return {"testbed": "netns", "state": "down", "state_dir": str(tb.state_dir), "hosts": []}
+    s, m = tb.state, tb.machine
+    it = s.iteration or {}
+    hosts = [{"role": "client", "name": "client", "ip": CLIENT_IP, "netns": tb.ns("client")},
+             {"role": "node", "name": "node", "ip": NODE_IP, "netns": tb.ns("node")}]
+    problems = [f"namespace {h['netns']} is missing" for h in hosts if m.netns_inode(h["netns"]) is None]
+    if s.server:
+        hosts[1]["server_pid"] = s.server.pid
+        if m.proc_start_time(s.server.pid) != s.server.start:
+            problems.append("the plain server is not running")
+    for i, p in enumerate(tb.pods(), 1):
+        hosts.append({"role": "pod", "name": f"pod-{i}", "pod": p.name, "ip": p.ip, "netns": p.netns,
+                      "pid": p.pid, "cgroup": p.cgroup, "cpu_limit": p.cpu_limit, "sysctls": p.sysctls})
+        if not p.pid or m.proc_start_time(p.pid) != p.start:
+            problems.append(f"pod-{i}: in.tftpd is not running")
+    svc = tb.manifests.service_port()
+    f = s.file
+    return {
+        "testbed": "netns", "state": s.state if not problems else "broken", "problems": problems,
+        "run_id": s.run_id, "state_dir": str(tb.state_dir), "machine": m.name,
+        "iteration": it.get("number"), "profile": it.get("profile"), "setup": it.get("setup"),
+        "service": {"node_ip": NODE_IP, "node_port": 69 if s.server else svc.node_port, "protocol": "udp",
+                    "name": f"{svc.namespace}/{svc.name}", "cluster_ip": CLUSTER_IP},
+        "file": {"name": f and f.name, "size": f and f.size, "sha256": f and f.sha256},
+        "hosts": hosts, "replicas": len(s.pods), "cpu_limit": it.get("cpu_limit"),
+        "helper_rule": s.helper_rule, "pods_track_conntrack": it.get("pods_track_conntrack"),
+        "node_sysctls": it.get("node_sysctls", {}), "pod_sysctls": it.get("pod_sysctls", {}),
+        "allowed_unsafe_sysctls": it.get("allowed_unsafe_sysctls", []),
+        "endpoints": s.endpoints, "updated": s.updated, "last_up": s.last_up,
+    }
