@@ -294,7 +294,7 @@ class _Sender:
                 log.info("background flows: %d/s in %s", self.flows, ", ".join(self.namespaces))
                 self._loop(senders)
             except Exception as exc:  # said in the marker: whoever relies on the flows raises it
-                self.error = f"{type(exc).__name__}: {exc}"
+                self.error = str(exc) if isinstance(exc, TestbedError) else f"{type(exc).__name__}: {exc}"
                 log.error("background flows in %s stopped: %s", self.namespaces[0], self.error)
                 self._announce("failed")
             finally:
