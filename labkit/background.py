@@ -84,6 +84,7 @@ from typing import Any, Callable, Iterator, Sequence
 from labkit.exceptions import LabkitError, TestbedError
 from labkit.host import Host, LocalHost, NetnsHost, in_netns
 from labkit.ledger import Ledger
+from labkit.machine import parse_proc_start
 from labkit.sysctls import state_dir
 from labkit.util import atomic_write
 
@@ -99,6 +100,7 @@ LEASE_NAME = "lease"
 LOG_NAME = "flows.log"
 DIR_PREFIX = "netns-bg-"  # ``labkit clean`` undoes the ledgers of netns-* state folders
 WATCH_EVERY_S = 0.25
+REMOTE_WATCH_EVERY_S = 1.0  # on another machine: one command a poll
 LEASE_S = 30.0  # the flows end by themselves when their owner has not renewed the lease for this long
 RENEW_S = 5.0
 START_TIMEOUT_S = 60.0
@@ -143,20 +145,40 @@ def _log_tail(folder: Path, host: Host) -> str:
     return lines[-1].strip() if lines else ""
 
 
+_REMOTE_READ = (
+    'm="$1/background-flows.json"; cat -- "$m" 2>/dev/null; printf "\\n@@\\n"; '
+    'p=$(sed -n \'s/^{"pid": \\([0-9]*\\).*/\\1/p\' "$m" 2>/dev/null); '
+    '[ -n "$p" ] && cat "/proc/$p/stat" 2>/dev/null; printf "\\n@@\\n"; tail -n 1 "$1/flows.log" 2>/dev/null; exit 0')
+"""One command: the marker, its process's ``/proc/PID/stat`` and the log's last line (``@@`` between).
+On another machine the flows are watched from threads, and an SSH host's one SFTP session must not
+be shared by threads (paramiko hands one thread's answer to another): commands have channels of their own."""
+
+
 def _read(folder: Path, host: Host) -> tuple[str, dict | None, str | None]:
     """``(kind, marker, reason)``: kind ``running``, ``starting``, ``failed``, ``ended``, ``missing``
     (no marker: not written yet, or removed when they stopped) or ``unreadable``."""
     path = marker_path(folder)
+    stat = tail = None
     try:
-        info = json.loads(host.read_file(str(path)))
+        if host.is_local:
+            text = host.read_file(str(path))
+        else:
+            res = host.run(["sh", "-c", _REMOTE_READ, "sh", str(folder)], timeout=30)
+            text, stat, tail = (res.stdout.split("\n@@\n") + ["", ""])[:3]
+            if not text.strip():
+                raise FileNotFoundError(path)
+        info = json.loads(text)
         pid, start = int(info["pid"]), info.get("start")
     except FileNotFoundError:
         return "missing", None, f"they are no longer running (they were stopped: {path} is gone)"
     except (OSError, LabkitError, ValueError, KeyError, TypeError) as exc:
         return "unreadable", None, f"their marker {path} cannot be read ({exc})"
-    alive = host.proc_start_time(pid)
+    if host.is_local:
+        alive = host.proc_start_time(pid)
+    else:
+        alive = parse_proc_start(stat) if stat and stat.strip() else None
     if alive is None or (start is not None and alive != start):
-        tail = _log_tail(folder, host)
+        tail = _log_tail(folder, host) if tail is None else tail.strip()
         return "ended", None, f"their process (pid {pid}) has ended" + (f": {tail}" if tail else " without a word")
     if info.get("status") == "failed":
         return "failed", None, str(info.get("error") or "no reason recorded")
@@ -288,7 +310,7 @@ class _Sender:
                 log.info("background flows: %d/s in %s", self.flows, ", ".join(self.namespaces))
                 self._loop(senders)
             except Exception as exc:  # said in the marker: whoever relies on the flows raises it
-                self.error = f"{type(exc).__name__}: {exc}"
+                self.error = str(exc) if isinstance(exc, TestbedError) else f"{type(exc).__name__}: {exc}"
                 log.error("background flows in %s stopped: %s", self.namespaces[0], self.error)
                 self._announce("failed")
             finally:
@@ -451,7 +473,7 @@ class BackgroundFlows:
                     tail = _log_tail(self.folder, host)
                     raise TestbedError(f"background flows on {host.name} did not start within "
                                        f"{START_TIMEOUT_S:g} s" + (f": {tail}" if tail else ""))
-                time.sleep(0.05)
+                time.sleep(0.05 if host.is_local else 0.2)
         except BaseException:
             self.stop()
             raise
@@ -466,7 +488,11 @@ class BackgroundFlows:
         return self.host.proc_start_time(self.pid) == self._start_ticks
 
     def _renew(self) -> None:
-        self.host.write_file(str(self.folder / LEASE_NAME), f"{time.time():.3f}\n".encode())
+        lease = str(self.folder / LEASE_NAME)
+        if self.host.is_local:
+            self.host.write_file(lease, f"{time.time():.3f}\n".encode())
+        else:  # a command, not SFTP: this runs in a thread of its own (see _REMOTE_READ)
+            self.host.run(["touch", "--", lease], timeout=30)
 
     def _keep(self) -> None:
         """Renew the lease every :data:`RENEW_S` until stopped (a failed renewal is retried;
@@ -604,7 +630,7 @@ def watch(info: dict | None, *, host: Host | None = None,
     """Watch the flows of ``info`` (their marker) while the block runs; on their failure, stop it at once.
 
     A thread reads their marker (through ``host``, this machine by default) every
-    :data:`WATCH_EVERY_S`; when it says failed (or they are gone), ``on_failure(reason)``
+    :data:`WATCH_EVERY_S` (:data:`REMOTE_WATCH_EVERY_S` on another machine); when it says failed (or they are gone), ``on_failure(reason)``
     is called once.  The default interrupts the main thread (SIGINT to it), so a load
     under way there ends with its usual clean-up; the block then raises
     :class:`~labkit.exceptions.TestbedError` with the flows' reason instead of
@@ -628,8 +654,10 @@ def watch(info: dict | None, *, host: Host | None = None,
         elif main_thread is not None:
             signal.pthread_kill(main_thread, signal.SIGINT)
 
+    every = WATCH_EVERY_S if host.is_local else max(WATCH_EVERY_S, REMOTE_WATCH_EVERY_S)
+
     def loop() -> None:
-        while not stop.wait(WATCH_EVERY_S):
+        while not stop.wait(every):
             try:
                 marker, reason = state(info, host)
             except (OSError, LabkitError) as exc:  # the machine cannot be asked: the load's own step says so

@@ -214,7 +214,7 @@ class _OneCpuMachine:
     def run(self, argv, **kw):
         from labkit.host import Result
 
-        return Result(list(argv), 0, {"nproc": "1\n", "cat": "0::/\n"}[argv[0]], "", 0.0, self.name)
+        return Result(" ".join(argv), self.name, 0, {"nproc": "1\n", "cat": "0::/\n"}[argv[0]], "", 0.0)
 
     def exists(self, path):
         return False

@@ -244,3 +244,32 @@ def test_a_table_filled_by_a_max_lowered_mid_burst_drops_the_rest_of_that_burst_
     sender.halt.set()
     thread.join(5)
     assert errors == [] and udp.sent == 3 and udp.tries == 5
+
+def test_on_another_machine_the_flows_state_is_read_with_one_command(tmp_path):
+    """A host that only runs commands (as SSHHost's threads must: its SFTP session is not theirs)."""
+    from labkit.ledger import proc_start_time
+    from tests.unit.test_host_machine import ShellHost
+
+    class There(ShellHost):
+        commands = []
+
+        def _run(self, cmd, **kw):
+            There.commands.append(cmd)
+            return super()._run(cmd, **kw)
+
+        def read_file(self, path):
+            raise AssertionError("read through a command, not a file session")
+
+    folder = tmp_path / "netns-bg-there"
+    assert background.state(folder, There())[1].startswith("they are no longer running")
+    _marker(folder)
+    marker = json.loads((folder / "background-flows.json").read_text())
+    marker["start"] = proc_start_time(os.getpid())
+    (folder / "background-flows.json").write_text(json.dumps(marker))
+    assert background.running(folder, There())["pid"] == os.getpid()
+    marker["start"] += 1  # the pid now belongs to another process: they have ended
+    (folder / "background-flows.json").write_text(json.dumps(marker))
+    (folder / "flows.log").write_text("started\nOSError: the kernel said no\n")
+    assert background.failure(folder, There()) == f"their process (pid {os.getpid()}) has ended: " \
+                                                  "OSError: the kernel said no"
+    assert len(There.commands) == 3

@@ -76,7 +76,7 @@ class _OtherMachine:
 
         self.commands.append(list(argv))
         out = {"nproc": "4\n", "cat": "0::/lab.slice/session-4.scope\n"}[argv[0]]
-        return Result(list(argv), 0, out, "", 0.01, self.name)
+        return Result(" ".join(argv), self.name, 0, out, "", 0.01)
 
     def exists(self, path):
         return str(path) in self.files
