@@ -377,10 +377,11 @@ class _Sender:
             self.halt.wait(max(0.0, 1.0 - (time.monotonic() - began)))
 
     def _announce(self, status: str) -> None:
-        from labkit.ledger import proc_start_time
+        from labkit.cleanup import owner_record  # pid, start, and the machine's boot id: `labkit clean
+        # --on` looks for the process where it runs
 
         atomic_write(marker_path(self.folder), json.dumps({
-            "pid": os.getpid(), "start": proc_start_time(os.getpid()), "folder": str(self.folder),
+            **owner_record(), "folder": str(self.folder),
             "netns": self.namespaces[0], "namespaces": self.namespaces, "flows": self.flows,
             "started": self.started, "warm_at": (self.started or time.time()) + self.warm_s,
             "status": status, "error": self.error}).encode())

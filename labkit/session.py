@@ -67,11 +67,10 @@ class IterationSession:
 
     def title(self):
         """The heading: iteration number and title."""
-        it = self.iteration
+        it, on = self.iteration, self.prepared.testbed_options.get("on")
+        where = f" on `{on}`" if on else ""
         return markdown(f"# Iteration {it.number}: {it.title}\n\n*Profile `{it.profile}` on the "
-                        f"`{self.testbed_name}` testbed"
-                        + (f" on `{self.prepared.testbed_options['on']}`" if self.prepared.testbed_options.get("on")
-                           else "") + ".*")
+                        f"`{self.testbed_name}` testbed{where}.*")
 
     def story(self):
         """What this iteration changes and what the kernel does (Markdown)."""
@@ -275,42 +274,7 @@ class IterationSession:
 
     def result_table(self) -> pd.DataFrame:
         """The measured numbers that tell this iteration's story."""
-        r = self.row
-        rows = [
-            ("transfers/s (lab, second half of the load)", f"{r['transfers_per_s']:.0f}"),
-            ("transfers/s (article)", f"{r['article_transfers_per_s']}"),
-            ("transfers ok / failed", f"{r['transfers_ok']} / {r['transfers_failed']}"),
-            ("failures by reason", ", ".join(f"{k}: {v}" for k, v in json.loads(r["failed_by_reason"]).items()) or "-"),
-            ("nf_conntrack_max / expect_max", f"{r['conntrack_max']} / {r['expect_max']}"),
-            ("peak count: node / busiest pod", f"{r['peak_node_count']} / {r['peak_pod_count']}"),
-            ("peak expectations (node)", f"{r['peak_expect_count']}"),
-            ("drops / early drops: node", f"{r['node_drops']} / {r['node_early_drops']}"),
-            ("drops / early drops: pods", f"{r['pod_drops']} / {r['pod_early_drops']}"),
-            ('log lines "table full": node / pods', f"{r['node_table_full_logs']} / {r['pod_table_full_logs']}"),
-            ('log lines "expectation table full"', f"{r['expect_full_logs']}"),
-            ("node count when the load stopped / "
-             f"{r['after_stop_s']:g} s later", f"{r['node_count_at_stop']:.0f} / {r['node_count_after_stop']:.0f}"
-             if r.get("node_count_at_stop") is not None else "-"),
-            ("UDP timeout: node / pod (s)", f"{r['node_udp_timeout']} / {r['pod_udp_timeout']}"),
-        ]
-        if r.get("predicted_node_fills") is not None:  # the sizing model beside it (labkit size)
-            fills = lambda v: "fills" if v else "does not fill"  # noqa: E731
-            rows += [
-                ("model: transfers/s the tables let through (offered)",
-                 f"{r['predicted_transfers_per_s']:.0f} ({r['model_offered_per_s']:.0f})"),
-                ("model: node table / pod table", f"{fills(r['predicted_node_fills'])} / "
-                                                  f"{fills(r['predicted_pod_fills'])}"),
-                ("measured: node table / pod table", f"{fills(r['measured_node_fills'])} / "
-                                                     f"{fills(r['measured_pod_fills'])}"),
-                ("model: steady count node / each pod (measured mean, 2nd half)",
-                 f"{r['predicted_node_count']:.0f} / {r['predicted_pod_count']:.0f} "
-                 f"({r['mean_node_count']:.0f} / {r['mean_pod_count']:.0f})"),
-                ("model: entries' slab memory (measured at the peak, less the start)",
-                 f"{r['predicted_entry_bytes'] / 1024:.0f} KiB"
-                 + (f" ({r['slab_lab_bytes_peak'] / 1024:.0f} KiB)" if r.get("slab_lab_bytes_peak") is not None
-                    else "")),
-            ]
-        return pd.DataFrame(rows, columns=["measured", "value"]).set_index("measured")
+        return result_table(self.row)
 
     def conntrack_chart(self):
         """Conntrack count of node and pods against the max, drops, and kernel log lines."""
@@ -331,3 +295,42 @@ class IterationSession:
         t0, load_s = self._window()
         return charts.transfers_chart(read_table(self.out_dir, "load"), t0=t0, load_s=load_s,
                                       title=f"Iteration {self.iteration.number}: transfers per second")
+
+
+def result_table(r: dict) -> pd.DataFrame:
+    """The measured numbers of a summary row ``r`` that tell its iteration's story (pure)."""
+    rows = [
+        ("transfers/s (lab, second half of the load)", f"{r['transfers_per_s']:.0f}"),
+        ("transfers/s (article)", f"{r['article_transfers_per_s']}"),
+        ("transfers ok / failed", f"{r['transfers_ok']} / {r['transfers_failed']}"),
+        ("failures by reason", ", ".join(f"{k}: {v}" for k, v in json.loads(r["failed_by_reason"]).items()) or "-"),
+        ("nf_conntrack_max / expect_max", f"{r['conntrack_max']} / {r['expect_max']}"),
+        ("peak count: node / busiest pod", f"{r['peak_node_count']} / {r['peak_pod_count']}"),
+        ("peak expectations (node)", f"{r['peak_expect_count']}"),
+        ("drops / early drops: node", f"{r['node_drops']} / {r['node_early_drops']}"),
+        ("drops / early drops: pods", f"{r['pod_drops']} / {r['pod_early_drops']}"),
+        ('log lines "table full": node / pods', f"{r['node_table_full_logs']} / {r['pod_table_full_logs']}"),
+        ('log lines "expectation table full"', f"{r['expect_full_logs']}"),
+        ("node count when the load stopped / "
+         f"{r['after_stop_s']:g} s later", f"{r['node_count_at_stop']:.0f} / {r['node_count_after_stop']:.0f}"
+         if r.get("node_count_at_stop") is not None else "-"),
+        ("UDP timeout: node / pod (s)", f"{r['node_udp_timeout']} / {r['pod_udp_timeout']}"),
+    ]
+    if r.get("predicted_node_fills") is not None:  # the sizing model beside it (labkit size)
+        fills = lambda v: "fills" if v else "does not fill"  # noqa: E731
+        rows += [
+            ("model: transfers/s the tables let through (offered)",
+             f"{r['predicted_transfers_per_s']:.0f} ({r['model_offered_per_s']:.0f})"),
+            ("model: node table / pod table", f"{fills(r['predicted_node_fills'])} / "
+                                              f"{fills(r['predicted_pod_fills'])}"),
+            ("measured: node table / pod table", f"{fills(r['measured_node_fills'])} / "
+                                                 f"{fills(r['measured_pod_fills'])}"),
+            ("model: steady count node / each pod (measured mean, 2nd half)",
+             f"{r['predicted_node_count']:.0f} / {r['predicted_pod_count']:.0f} "
+             f"({r['mean_node_count']:.0f} / {r['mean_pod_count']:.0f})"),
+            ("model: entries' slab memory (measured at the peak, less the start)",
+             f"{r['predicted_entry_bytes'] / 1024:.0f} KiB"
+             + (f" ({r['slab_lab_bytes_peak'] / 1024:.0f} KiB)" if r.get("slab_lab_bytes_peak") is not None
+                else "")),
+        ]
+    return pd.DataFrame(rows, columns=["measured", "value"]).set_index("measured")
