@@ -70,6 +70,12 @@ def test_a_user_runs_the_netns_testbed_on_an_inventory_machine_from_the_cli(sshd
         after = json.loads(_labkit(env, "status", "--on", "bench", "--json").stdout)
         assert after["state"] == "down"
         assert _namespaces("lk") == [] or all(not n.startswith(f"lk{run_id}") for n in _namespaces("lk"))
+        # a testbed left up by a process that ended (as `labkit up` leaves it): clean --on removes it
+        left = json.loads(_labkit(env, "up", "--on", "bench", "--iteration", "3", "--profile", "quick",
+                                  "--wait", "300", "--json").stdout)
+        assert len(_namespaces(f"lk{left['run_id']}-")) >= 4
+        cleaned = _labkit(env, "clean", "--on", "bench")
+        assert "removed" in cleaned.stdout and _namespaces(f"lk{left['run_id']}-") == []
     finally:
         _labkit(env, "down", "--on", "bench", check=False)
     assert not [p for p in (tmp_path / "state").rglob("state.json")]
