@@ -8,10 +8,10 @@ machine as an :class:`~labkit.remote.SSHHost` whose TCP connection is made insid
 that namespace, with the guest's host key pinned (read through ``vagrant ssh``,
 the channel Vagrant trusts) and checked from then on.
 
-:func:`upload_labkit` copies labkit's source into a guest (the box holds its
-Python dependencies, so nothing is installed there) and :func:`labkit_in_guest`
-runs ``python -m labkit ...`` in it as root: how the netns testbed is driven
-inside a lab VM until the testbed itself runs on any Host (issue 13).
+The netns testbed runs in a lab VM driven from the host with ``--on vagrant:lab``
+(:mod:`labkit.remote.targets`); labkit's source gets there through
+:func:`labkit.remote.deploy.deploy_labkit` (the box holds its Python dependencies,
+so nothing is installed in the guest).
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ import shlex
 import subprocess
 import time
 from pathlib import Path
-from typing import Sequence
 
 
 from labkit.exceptions import TestbedError, VMError
 from labkit.host import Result
 from labkit.remote import SSHHost
-from labkit.remote.deploy import source_tarball
 from labkit.testbed.vagrant import SSHLogin, ssh_login, vagrant_machine_host
 from labkit.vm.box import BOX_NAME
 from labkit.vm.libvirtd import LibvirtLab
@@ -36,8 +34,6 @@ from labkit.vm.libvirtd import LibvirtLab
 log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
-GUEST_VENV = "/opt/labkit/venv"
-GUEST_SRC = "/opt/labkit/src"
 
 
 class VagrantLab:
@@ -140,31 +136,3 @@ class VagrantLab:
         (:func:`~labkit.testbed.vagrant.vagrant_machine_host`)."""
         return vagrant_machine_host(machine, root=self.root, vagrant=self.python_vagrant(),
                                     via_netns=self.libvirt.netns, known_hosts=self.known_hosts)
-
-
-def upload_labkit(host: SSHHost, root: Path = PROJECT_DIR) -> None:
-    """Copy labkit's source to ``/opt/labkit/src`` in the guest (replacing an older copy).
-
-    Raises:
-        VMError: the guest has no labkit venv (not labkit's box?) or unpacking failed.
-    """
-    check = host.run(["test", "-x", f"{GUEST_VENV}/bin/python"], timeout=60)
-    if not check.ok:
-        raise VMError(f"{host.name}: no {GUEST_VENV}: is it labkit's box (scripts/build-box.sh)?")
-    host.write_file("/tmp/labkit-src.tar.gz", source_tarball(root))
-    script = (f"rm -rf {GUEST_SRC} && mkdir -p {GUEST_SRC} && "
-              f"tar -xzf /tmp/labkit-src.tar.gz -C {GUEST_SRC} && rm -f /tmp/labkit-src.tar.gz")
-    done = host.run(script, timeout=300)
-    if not done.ok:
-        raise VMError(f"{host.name}: unpacking labkit failed: {done.stderr.strip()}")
-
-
-def labkit_in_guest(host: SSHHost, args: Sequence[str], *, timeout: float = 900,
-                    check: bool = True) -> Result:
-    """Run ``python -m labkit ARGS`` in the guest as root, from the uploaded source.
-
-    Raises:
-        CommandFailed: it exited non-zero (with ``check``).
-    """
-    return host.run(["env", f"PYTHONPATH={GUEST_SRC}", "MPLBACKEND=Agg", f"{GUEST_VENV}/bin/python",
-                     "-m", "labkit", *args], timeout=timeout, check=check)
