@@ -240,7 +240,9 @@ def test_a_table_filled_by_a_max_lowered_mid_burst_drops_the_rest_of_that_burst_
 
     thread = threading.Thread(target=loop)
     thread.start()
-    time.sleep(1.4)  # two seconds' bursts: 3 sent + 1 refused, then 1 refused
+    deadline = time.monotonic() + 5  # two seconds' bursts: 3 sent + 1 refused, then 1 refused
+    while udp.tries < 5 and not errors and time.monotonic() < deadline:
+        time.sleep(0.01)
     sender.halt.set()
     thread.join(5)
     assert errors == [] and udp.sent == 3 and udp.tries == 5
