@@ -450,7 +450,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-
 def _tally(proc, what: str, removed: list[str], errors: list[str]) -> None:
     """Note ``what`` as removed when the virsh command succeeded, else as an error with its reason."""
     if proc.returncode == 0:
