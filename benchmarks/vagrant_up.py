@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=ROOT, help="the folder of the Vagrantfile")
     parser.add_argument("--json", type=Path, help="append the numbers to this file (one JSON object a line)")
     args = parser.parse_args(argv)
+    # killed: unwind, so the VM (and libvirt) are stopped by the finally clauses
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if Path("/run/labkit/vm/state.json").exists():
         print("a lab libvirt runs here (/run/labkit/vm/state.json); only one can", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import re
 import sys
 import tempfile
@@ -107,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="append the numbers to this file (one JSON object a line)")
     parser.add_argument("--quiet", action="store_true", help="only the numbers, not blame and the chain")
     args = parser.parse_args(argv)
+    # killed: unwind, so the VM (and libvirt) are stopped by the finally clauses
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for run in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="labkit-vm-boot-") as work:
             out = boot_once(args.box, Path(work), args)
