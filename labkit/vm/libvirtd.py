@@ -450,13 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _tally(proc, what: str, removed: list[str], errors: list[str]) -> None:
     """Note ``what`` as removed when the virsh command succeeded, else as an error with its reason."""
     if proc.returncode == 0:
         removed.append(what)
     else:
         errors.append(f"{what}: {proc.stderr.strip()}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

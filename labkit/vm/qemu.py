@@ -62,9 +62,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def box_cmdline(box_dir: Path) -> str:
+    """The kernel command line of the box in ``box_dir``: its ``cmdline`` file (written by the
+    box's recipe), or labkit's current one for a box built before boxes had that file."""
+    path = Path(box_dir) / "cmdline"
+    return path.read_text().strip() if path.is_file() else KERNEL_CMDLINE
+
+
 def qemu_argv(box_dir: Path, disk: Path, console: Path, pidfile: Path, port: int, *,
-              cpus: int = 1, memory: int = 1024) -> list[str]:
-    """The QEMU command line of a guest of the box in ``box_dir`` (its ``vmlinuz``, ``initrd.img``).
+              cpus: int = 1, memory: int = 1024, cmdline: str | None = None,
+              initrd: Path | None = None) -> list[str]:
+    """The QEMU command line of a guest of the box in ``box_dir`` (its ``vmlinuz``, ``initrd.img``
+    and kernel command line, unless ``initrd``/``cmdline`` say otherwise).
 
     User networking with ``restrict=on``: the guest can open no connection off its network;
     only ``127.0.0.1:port`` is forwarded to its SSH port.
@@ -72,8 +81,8 @@ def qemu_argv(box_dir: Path, disk: Path, console: Path, pidfile: Path, port: int
     return ["qemu-system-x86_64", "-accel", "tcg", "-smp", str(cpus), "-m", str(memory),
             "-nodefaults", "-display", "none", "-monitor", "none", "-serial", f"file:{console}",
             "-pidfile", str(pidfile),
-            "-kernel", str(box_dir / "vmlinuz"), "-initrd", str(box_dir / "initrd.img"),
-            "-append", KERNEL_CMDLINE,
+            "-kernel", str(box_dir / "vmlinuz"), "-initrd", str(initrd or box_dir / "initrd.img"),
+            "-append", box_cmdline(box_dir) if cmdline is None else cmdline,
             "-drive", f"file={disk},if=virtio,format=qcow2",
             "-netdev", f"user,id=net0,restrict=on,ipv6=off,hostfwd=tcp:127.0.0.1:{port}-:22",
             "-device", "virtio-net-pci,netdev=net0"]
@@ -87,13 +96,17 @@ class QemuGuest:
         work: a folder for the overlay disk, console log, pid file and known_hosts
             (emptied at :meth:`stop`).
         cpus, memory: the guest's size (memory in MiB).
+        cmdline, initrd: another kernel command line or initrd than the box's (to measure
+            a change before it goes into the box's recipe, ``benchmarks/vm_boot.py``).
     """
 
     def __init__(self, box_dir: str | os.PathLike, work: str | os.PathLike, *, cpus: int = 1,
-                 memory: int = 1024):
+                 memory: int = 1024, cmdline: str | None = None, initrd: str | os.PathLike | None = None):
         self.box_dir = Path(box_dir)
         self.work = Path(work)
         self.cpus, self.memory = cpus, memory
+        self.cmdline = cmdline
+        self.initrd = Path(initrd) if initrd else None
         self.disk = self.work / "disk.qcow2"
         self.console = self.work / "console.log"
         self.pidfile = self.work / "qemu.pid"
@@ -110,7 +123,7 @@ class QemuGuest:
     def argv(self) -> list[str]:
         """The command line :meth:`start` runs."""
         return qemu_argv(self.box_dir, self.disk, self.console, self.pidfile, self.port,
-                         cpus=self.cpus, memory=self.memory)
+                         cpus=self.cpus, memory=self.memory, cmdline=self.cmdline, initrd=self.initrd)
 
     def start(self) -> None:
         """Make the overlay and start QEMU (returns at once; :meth:`host` waits for SSH).

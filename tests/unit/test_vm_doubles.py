@@ -62,6 +62,19 @@ def test_plain_qemu_runs_with_restricted_user_networking_and_tcg(tmp_path):
     assert "restrict=off" not in " ".join(argv)
 
 
+def test_plain_qemu_boots_with_the_boxs_own_command_line_unless_told_otherwise(tmp_path):
+    from labkit.vm.box import KERNEL_CMDLINE
+
+    def append(**kw):
+        argv = qemu_argv(tmp_path, tmp_path / "d.qcow2", tmp_path / "c.log", tmp_path / "p", 2222, **kw)
+        return argv[argv.index("-append") + 1], argv[argv.index("-initrd") + 1]
+
+    assert append() == (KERNEL_CMDLINE, str(tmp_path / "initrd.img"))  # a box older than its cmdline file
+    (tmp_path / "cmdline").write_text("root=/dev/vda rw console=ttyS0 quiet\n")
+    assert append()[0] == "root=/dev/vda rw console=ttyS0 quiet"
+    assert append(cmdline="root=/dev/vda", initrd=tmp_path / "other.img") == ("root=/dev/vda", str(tmp_path / "other.img"))
+
+
 def test_the_kubectl_double_parses_the_drivers_commands():
     kd = _double()
     pos, opts = kd._parse(["rollout", "status", "deployment/tftp-server", "-n", "default", "--timeout=180s"])
