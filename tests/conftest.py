@@ -10,11 +10,21 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
 
 _counter = itertools.count()
+
+
+def pytest_configure(config):
+    """Ctrl-C as a user at a terminal has it, whoever started the suite: a launcher that
+    ignores SIGINT (``cmd &`` in a script, some CI runners) would hand that on to every
+    command the tests start, and the tests of what labkit does on Ctrl-C (and the flows'
+    watch, which interrupts a load with SIGINT) would see nothing happen."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def need_root() -> None:

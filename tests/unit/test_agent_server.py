@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -22,9 +23,11 @@ class Agent:
     def __init__(self, tmp_path):
         argv = ["python3", "-I", "-c", "import base64,sys;exec(base64.b64decode(sys.argv[1]))",
                 base64.b64encode(SERVER_SOURCE.encode()).decode()]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tmp_path)
-        self.hello = json.loads(self.proc.stdout.readline())
+        # unbuffered: a line read leaves nothing in a buffer that select() would not see
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=tmp_path, bufsize=0)
+        self.hello = json.loads(self._line())
         self.next = 0
+        self.replies: dict[int, dict] = {}  # answers read while waiting for another one
 
     def send(self, **request) -> int:
         self.next += 1
@@ -34,10 +37,17 @@ class Agent:
         return request["id"]
 
     def reply(self, rid: int) -> dict:
-        while True:
-            message = json.loads(self.proc.stdout.readline())
-            if message.get("id") == rid and not message.get("ack"):
-                return message
+        """The answer to request ``rid`` (answers come in any order: others are kept)."""
+        while rid not in self.replies:
+            message = json.loads(self._line())
+            if not message.get("ack"):
+                self.replies[message["id"]] = message
+        return self.replies.pop(rid)
+
+    def _line(self, timeout: float = 30) -> bytes:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, f"the agent said nothing in {timeout} s"
+        return self.proc.stdout.readline()
 
     def run(self, argv, **kw) -> dict:
         return self.reply(self.send(op="run", argv=argv, **kw))
