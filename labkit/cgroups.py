@@ -230,13 +230,16 @@ def remove_cgroup(path: Path | str, timeout: float = 5.0, host: Host | None = No
 
     Args:
         path: the cgroup's folder.
-        timeout: seconds to wait for its processes to end.
+        timeout: seconds to wait for its processes to end (at least 30 on another machine,
+            where each look is a command: a slow guest's pod with dozens of forks needs it).
         host: the machine (this one by default).
 
     Raises:
         TestbedError: it could not be emptied or removed in time.
     """
     host = host or _here
+    if not host.is_local:
+        timeout = max(timeout, 30.0)
     path = Path(path)
     if not host.exists(path):
         return
@@ -256,8 +259,7 @@ def remove_cgroup(path: Path | str, timeout: float = 5.0, host: Host | None = No
         # after its start, which a signal can interrupt half way)
         pids = sorted(set(procs(path, host)) | set(_tasks(path, host)))
         seen.update(pids)
-        for pid in pids:
-            host.kill(pid, signal.SIGKILL)
+        host.kill_all(pids, signal.SIGKILL)  # one command for all on another machine
         host.reap(seen)
         if not pids:
             try:

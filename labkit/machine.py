@@ -208,7 +208,13 @@ class MachineOps:
 
     def kill(self, pid: int, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to process ``pid``; nothing to do when it is gone."""
-        self.run(["kill", "-s", signal.Signals(sig).name[3:], "--", str(int(pid))], check=False, timeout=30)
+        self.kill_all([pid], sig)
+
+    def kill_all(self, pids: Sequence[int], sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to every process of ``pids`` with one command; those gone are skipped."""
+        if pids:
+            self.run(["kill", "-s", signal.Signals(sig).name[3:], "--", *(str(int(p)) for p in pids)],
+                     check=False, timeout=30)
 
     def reap(self, pids=None) -> None:
         """Collect exited children of this process among ``pids`` (None: every zombie child).
@@ -348,6 +354,11 @@ class ThisMachineOps(MachineOps):
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+    def kill_all(self, pids: Sequence[int], sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to every process of ``pids``; those gone are skipped."""
+        for pid in pids:
+            self.kill(pid, sig)
 
     def reap(self, pids=None) -> None:
         """Collect our exited children among ``pids`` (None: every zombie child of ours)."""

@@ -94,3 +94,15 @@ def test_users_programs_and_namespaces(machine):
 def test_a_zombie_has_no_start_time():
     assert parse_proc_start("1 (a b) Z 0 " + "0 " * 30) is None
     assert parse_proc_start("1 (a) b) S " + " ".join(str(i) for i in range(1, 30))) == 19
+
+
+def test_kill_all_ends_every_process_given_and_skips_those_gone(machine, tmp_path):
+    pids = [machine.spawn(["sleep", "30"]) for _ in range(3)]
+    machine.kill_all(pids + [pids[0]], signal.SIGKILL)  # one already gone by the time it comes again
+    deadline = time.monotonic() + 5
+    while any(machine.proc_start_time(p) is not None for p in pids) and time.monotonic() < deadline:
+        machine.reap(pids)
+        LocalHost().reap(pids)
+        time.sleep(0.01)
+    assert [machine.proc_start_time(p) for p in pids] == [None, None, None]
+    machine.kill_all([], signal.SIGKILL)  # nothing to do
