@@ -9,6 +9,12 @@ deadline is ended (its channel closed, and on the remote side ``timeout`` ends
 its process group) and :class:`~labkit.exceptions.CommandTimedOut` is raised.
 A connection that died while idle is replaced once before the command starts;
 one lost while the command runs is reported, never retried.
+
+Commands and file accesses go through the connection's command agent
+(:mod:`labkit.remote.agent`) when the machine can run it: one process started
+once instead of a login, ``sudo``, ``timeout`` and ``env`` per command.
+Otherwise (no ``python3`` there, ``agent=False``) each command opens a channel
+as described above.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import paramiko
 
 from labkit.exceptions import CommandTimedOut, SSHError
 from labkit.host import Command, Result, command_text
+from labkit.remote.agent import AgentUnavailable, NotStarted, RemoteAgent
 from labkit.remote.channel import DRAIN_AFTER_EXIT, SSHStream, dies, drain, feed, text
 from labkit.remote.connection import SSHConnection
 
@@ -42,11 +49,55 @@ class SSHExecutor:
     Args:
         connection: the machine's connection (opened on first command).
         sudo: run every command through ``sudo -n`` (a Vagrant box's ``vagrant`` user).
+        agent: send commands through the machine's command agent when it can run
+            one (see the module); False: one channel per command.
     """
 
-    def __init__(self, connection: SSHConnection, *, sudo: bool = False):
+    def __init__(self, connection: SSHConnection, *, sudo: bool = False, agent: bool = True):
         self.connection = connection
         self.sudo = sudo
+        self.use_agent = agent
+        self.agent_python = "python3"  # the machine's interpreter that runs the agent
+        self._agent: RemoteAgent | None = None
+        self._agent_lock = threading.Lock()
+
+    def agent(self) -> RemoteAgent | None:
+        """The connection's command agent, started (or restarted after a lost connection) now;
+        None when this machine cannot run one (then once logged, and not tried again).
+
+        Raises:
+            SSHError: the connection could not be made.
+        """
+        if not self.use_agent:
+            return None
+        with self._agent_lock:
+            if self._agent is not None and self._agent.alive:
+                return self._agent
+            if self._agent is not None:
+                self._agent.close()
+            agent = None
+            for attempt in (1, 2):
+                transport = self.connection.connect()
+                agent = RemoteAgent(transport, self.connection.name, sudo=self.sudo,
+                                    python=self.agent_python)
+                try:
+                    agent.start()
+                    break
+                except AgentUnavailable as exc:
+                    if attempt == 1 and dies(transport, within=2.0):
+                        continue  # the connection died while idle: one fresh one
+                    log.info("%s; one SSH channel per command instead", exc)
+                    self.use_agent = False
+                    return None
+            self._agent = agent
+            return agent
+
+    def close_agent(self) -> None:
+        """End the command agent (the next command starts a new one)."""
+        with self._agent_lock:
+            if self._agent is not None:
+                self._agent.close()
+                self._agent = None
 
     def command_line(self, cmd: Command, *, timeout: float | None = None,
                      env: Mapping[str, str] | None = None, prefix: Sequence[str] = ()) -> str:
@@ -84,10 +135,50 @@ class SSHExecutor:
             SSHError: the connection could not be made or was lost meanwhile.
         """
         display = command_text(cmd)
-        code, out, err, duration = self.exec_bytes(
-            self.command_line(cmd, timeout=timeout, env=env, prefix=prefix),
-            timeout=timeout, input=input, display=display, host=host)
+        code, out, err, duration = self.exec_command(cmd, prefix=prefix, timeout=timeout, input=input,
+                                                     env=env, display=display, host=host)
         return Result(display, host, code, text(out), text(err), duration)
+
+    def exec_command(self, cmd: Command, *, prefix: Sequence[str] = (), timeout: float | None,
+                     input: str | bytes | None = None, env: Mapping[str, str] | None = None,
+                     display: str, host: str) -> tuple[int, bytes, bytes, float]:
+        """Run ``cmd`` (through ``prefix``) by the agent, or on a channel of its own; raw output.
+
+        Returns:
+            ``(exit_code, stdout, stderr, seconds)`` as :meth:`exec_bytes`.
+        """
+        argv = list(prefix) + (["sh", "-c", cmd] if isinstance(cmd, str) else [str(c) for c in cmd])
+        done = self._by_agent(lambda agent: agent.run(argv, input=input, env=env, timeout=timeout,
+                                                      display=display, host=host))
+        if done is not None:
+            return done
+        return self.exec_bytes(self.command_line(cmd, timeout=timeout, env=env, prefix=prefix),
+                               timeout=timeout, input=input, display=display, host=host)
+
+    def file_op(self, op: str, path: str, *, data: bytes | None = None, mode: int | None = None
+                ) -> bytes | None:
+        """A file request to the agent (see :meth:`RemoteAgent.file`); None when there is no agent.
+
+        Raises:
+            OSError: as the machine reported it.
+            SSHError: the connection went.
+        """
+        return self._by_agent(lambda agent: agent.file(op, path, data=data, mode=mode))
+
+    def _by_agent(self, call):
+        """``call(agent)``, or None without an agent.  A request the agent never read (its
+        connection had died while idle) is sent once more to a new agent on a new connection."""
+        for attempt in (1, 2):
+            agent = self.agent()
+            if agent is None:
+                return None
+            try:
+                return call(agent)
+            except NotStarted:
+                if attempt == 2:
+                    raise
+                dies(agent.transport, within=2.0)
+        raise AssertionError("unreachable")
 
     def exec_bytes(self, command: str, *, timeout: float | None, input: str | bytes | None = None,
                    display: str | None = None, host: str | None = None

@@ -68,6 +68,9 @@ class SSHHost(Host):
             Vagrant box's ``vagrant`` user).
         via_netns: open the TCP connection from inside this network namespace of
             the local machine (the lab's VMs live in one: :mod:`labkit.vm.libvirtd`).
+        agent: send commands and file accesses through one command agent per
+            connection (:mod:`labkit.remote.agent`) when the machine can run it;
+            False: one SSH channel per command.
 
     Attributes:
         connection, executor, transfer: the three parts (public, shared by the
@@ -93,13 +96,14 @@ class SSHHost(Host):
                  known_hosts: str | os.PathLike | None = None, trust_on_first_use: bool = False,
                  name: str | None = None, connect_timeout: float = 10.0,
                  banner_timeout: float = 15.0, auth_timeout: float = 15.0,
-                 keepalive: float = 15.0, sudo: bool = False, via_netns: str | None = None):
+                 keepalive: float = 15.0, sudo: bool = False, via_netns: str | None = None,
+                 agent: bool = True):
         self.connection = SSHConnection(
             hostname, port=port, username=username, key_filename=key_filename,
             known_hosts=known_hosts, trust_on_first_use=trust_on_first_use, name=name,
             connect_timeout=connect_timeout, banner_timeout=banner_timeout,
             auth_timeout=auth_timeout, keepalive=keepalive, via_netns=via_netns)
-        self.executor = SSHExecutor(self.connection, sudo=sudo)
+        self.executor = SSHExecutor(self.connection, sudo=sudo, agent=agent)
         self.transfer = SSHTransfer(self.connection, self.executor)
 
     # -- connection -------------------------------------------------------------------
@@ -112,7 +116,8 @@ class SSHHost(Host):
         return self.connection.connect()
 
     def close(self) -> None:
-        """Close the SFTP session and the connection; the next call reconnects."""
+        """End the command agent, close the SFTP session and the connection; the next call reconnects."""
+        self.executor.close_agent()
         self.connection.close()
 
     @property
@@ -177,6 +182,16 @@ class SSHHost(Host):
     def get(self, remote_path: str, local_path: str | os.PathLike) -> None:
         """Copy a file of this host to a local path over the SFTP session (with ``sudo``, ``sudo cat``)."""
         self.transfer.get(remote_path, local_path)
+
+    def append_file(self, path: str | os.PathLike, data: bytes) -> None:
+        """Append to a file (mode 0600 when made, folders made if missing) and fsync it there."""
+        if self.executor.file_op("append", os.fspath(path), data=data) is None:
+            super().append_file(path, data)
+
+    def atomic_write(self, path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+        """Write a file atomically: a temporary file beside it, fsynced, then renamed over it."""
+        if self.executor.file_op("atomic_write", os.fspath(path), data=data, mode=mode) is None:
+            super().atomic_write(path, data, mode)
 
     def write_sysctl(self, name: str, value: Any) -> None:
         """Set a sysctl with ``sysctl -w``, keeping the kernel's refusal message.

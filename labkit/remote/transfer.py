@@ -1,6 +1,8 @@
-"""Files on a machine reached over SSH: the SFTP session, or ``cat``/``tee`` run as commands.
+"""Files on a machine reached over SSH: the command agent, the SFTP session, or ``cat``/``tee``.
 
-:class:`SSHTransfer` reads, writes and copies files over the connection's one
+:class:`SSHTransfer` reads, writes and copies files through the connection's
+command agent (:mod:`labkit.remote.agent`, as the user it runs as: root with
+``sudo``) when the machine runs one; otherwise over the connection's one
 SFTP session.  Files the login user cannot touch (a Vagrant box's ``vagrant``
 user writing the kubelet's configuration) and files that only look right from
 inside a network namespace (``/proc/sys/net/...``) are read with ``cat`` and
@@ -53,6 +55,9 @@ class SSHTransfer:
             OSError: as the remote side reports it (no such file, permission denied).
             SSHError: the connection failed.
         """
+        data = self.executor.file_op("read", path)
+        if data is not None:
+            return data
         if self.executor.sudo:
             return self.cat(path)
         try:
@@ -68,6 +73,8 @@ class SSHTransfer:
             OSError: as the remote side reports it.
             SSHError: the connection failed.
         """
+        if self.executor.file_op("write", path, data=data, mode=mode) is not None:
+            return
         if self.executor.sudo:
             return self.tee(path, data, mode)
         try:
@@ -81,9 +88,9 @@ class SSHTransfer:
             raise SSHError(f"{self.name}: writing {path}: {exc}") from None
 
     def put(self, local_path: str | os.PathLike, remote_path: str, mode: int | None = None) -> None:
-        """Copy a local file to the machine (over SFTP; with ``sudo``, ``sudo tee``)."""
-        if self.executor.sudo:
-            return self.tee(remote_path, Path(local_path).read_bytes(), mode)
+        """Copy a local file to the machine (by the agent, or over SFTP; with ``sudo``, ``sudo tee``)."""
+        if self.executor.sudo or self.executor.agent() is not None:
+            return self.write_file(remote_path, Path(local_path).read_bytes(), mode)
         try:
             sftp = self.connection.sftp()
             sftp.put(os.fspath(local_path), remote_path)
@@ -93,9 +100,9 @@ class SSHTransfer:
             raise SSHError(f"{self.name}: copying {local_path} to {remote_path}: {exc}") from None
 
     def get(self, remote_path: str, local_path: str | os.PathLike) -> None:
-        """Copy a file of the machine to a local path (over SFTP; with ``sudo``, ``sudo cat``)."""
-        if self.executor.sudo:
-            Path(local_path).write_bytes(self.cat(remote_path))
+        """Copy a file of the machine to a local path (by the agent, or over SFTP; with ``sudo``, ``sudo cat``)."""
+        if self.executor.sudo or self.executor.agent() is not None:
+            Path(local_path).write_bytes(self.read_file(remote_path))
             return
         try:
             self.connection.sftp().get(remote_path, os.fspath(local_path))
@@ -108,9 +115,9 @@ class SSHTransfer:
         Raises:
             OSError: ``cat`` failed (its message kept).
         """
-        code, out, err, _ = self.executor.exec_bytes(
-            self.executor.command_line(["cat", "--", path], prefix=prefix),
-            timeout=FILE_COMMAND_TIMEOUT, display=f"cat {path}", host=host)
+        code, out, err, _ = self.executor.exec_command(
+            ["cat", "--", path], prefix=prefix, timeout=FILE_COMMAND_TIMEOUT, display=f"cat {path}",
+            host=host or self.name)
         if code != 0:
             raise remote_os_error(err.decode(errors="replace"), path)
         return out
@@ -124,9 +131,9 @@ class SSHTransfer:
         """
         script = 'cat > "$1"' + (' && chmod "$2" "$1"' if mode is not None else "")
         argv = ["sh", "-c", script, "sh", path] + ([f"{mode:o}"] if mode is not None else [])
-        code, _, err, _ = self.executor.exec_bytes(
-            self.executor.command_line(argv, prefix=prefix), timeout=FILE_COMMAND_TIMEOUT,
-            input=data, display=f"write {path}", host=host)
+        code, _, err, _ = self.executor.exec_command(
+            argv, prefix=prefix, timeout=FILE_COMMAND_TIMEOUT, input=data, display=f"write {path}",
+            host=host or self.name)
         if code != 0:
             raise remote_os_error(err.decode(errors="replace"), path)
 

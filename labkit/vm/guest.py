@@ -117,7 +117,13 @@ class VagrantLab:
         """``vagrant destroy -f`` every machine, and forget their pinned keys."""
         if (self.work / "dot").exists():
             self.vagrant("destroy", "-f", timeout=600)
+        self.forget_keys()
+
+    def forget_keys(self) -> None:
+        """Forget every host key pinned for this lab's machines: this lab's own file and the
+        Vagrant folder's ``labkit_known_hosts``, where ``labkit ... --on vagrant:NAME`` pins."""
         self.known_hosts.unlink(missing_ok=True)
+        (self.work / "dot" / "labkit_known_hosts").unlink(missing_ok=True)
 
     def ssh_config(self, machine: str) -> SSHLogin:
         """``machine``'s login, from ``vagrant ssh-config MACHINE``.

@@ -26,6 +26,8 @@ from pathlib import Path
 from labkit.cgroups import cpu_root
 from labkit.host import LocalHost
 
+LAB_NAMES = ("lk", "labkit-")  # names of lab runs that may come and go meanwhile (netns runs, the vm tier)
+
 
 def ledger_lines(path: Path) -> list[dict]:
     out = []
@@ -148,7 +150,7 @@ def differences(before: dict, after: dict, ours: set[str]) -> list[str]:
     for key in ("netns", "links", "cgroups"):
         changed = before[key] ^ after[key]
         mine = {n for n in changed if any(i in n for i in ours)}
-        foreign = {n for n in changed if not n.startswith("lk")}
+        foreign = {n for n in changed if not n.startswith(LAB_NAMES)}
         if mine or foreign:
             problems.append(f"{key}: {sorted(mine | foreign)}")
     if after["iptables"] != before["iptables"]:

@@ -111,7 +111,11 @@ def test_the_machine_primitives_over_ssh_act_on_that_machine(sshd, tmp_path):
         assert machine.exists(run / "state.json") and not machine.exists(run / "nothing")
         pid = machine.spawn(["sleep", "30"], log=str(run / "sleep.log"))
         start = machine.proc_start_time(pid)
+        deadline = time.monotonic() + 5  # spawn returns at the fork; the exec of sleep may still be under way
+        while Path(f"/proc/{pid}/cmdline").read_bytes() != b"sleep\x0030\x00" and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert start is not None and Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x0030\x00"
+        assert machine.proc_start_time(pid) == start
         machine.kill(pid)
         deadline = time.monotonic() + 5
         while machine.proc_start_time(pid) == start and time.monotonic() < deadline:

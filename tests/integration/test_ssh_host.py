@@ -6,6 +6,7 @@ import os
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import paramiko
 import pytest
@@ -81,6 +82,38 @@ def test_a_deadline_ends_a_hung_command_and_its_process(sshd):
         # the remote process group is ended too, not left sleeping
         assert _gone(f"sleep {marker}", within=8), f"sleep {marker} still runs"
         assert host.run("echo still usable").stdout.strip() == "still usable"
+
+
+def test_commands_share_one_agent_process_and_plain_channels_remain_possible(sshd):
+    with sshd.ssh_host() as host:
+        parents = {host.run("echo $PPID").stdout.strip() for _ in range(3)}
+        agent = host.executor.agent()
+        assert parents == {str(agent.pid)}  # one process started every command: no login each
+        assert "python" in Path(f"/proc/{agent.pid}/cmdline").read_text()
+    assert _wait_gone(agent.pid)  # closing the host ends its agent
+    with sshd.ssh_host(agent=False) as host:
+        parents = {host.run("echo $PPID").stdout.strip() for _ in range(3)}
+        assert len(parents) == 3 and host.executor.agent() is None  # a session each
+
+
+def _wait_gone(pid: int, within: float = 8) -> bool:
+    deadline = time.monotonic() + within
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_machine_that_cannot_run_the_agent_gets_a_channel_per_command(sshd, tmp_path, caplog):
+    remote = str(sshd.dir / f"{unique_name()}.txt")
+    with sshd.ssh_host() as host:
+        host.executor.agent_python = "/no/such/python3"
+        with caplog.at_level("INFO", logger="labkit.remote.executor"):
+            assert host.run("echo $LK", env={"LK": "x"}).stdout == "x\n"
+        assert host.executor.agent() is None
+        assert "command agent did not start" in caplog.text and "/no/such/python3" in caplog.text
+        host.atomic_write(remote, b"one\n", mode=0o600)
+        host.append_file(remote, b"two\n")
+        assert host.read_file(remote) == b"one\ntwo\n" and os.stat(remote).st_mode & 0o777 == 0o600
 
 
 def test_files_go_both_ways_over_one_sftp_session(sshd, tmp_path):

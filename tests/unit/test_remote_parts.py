@@ -92,6 +92,7 @@ class FakeTransport:
 
 
 def _host(transport: FakeTransport, monkeypatch, **kw) -> SSHHost:
+    kw.setdefault("agent", False)  # the per-command channel path (the agent: test_agent_server, test_ssh_host)
     host = SSHHost("192.0.2.10", username="vagrant", known_hosts="/nonexistent/kh", name="node", **kw)
     monkeypatch.setattr(host.connection, "connect", lambda: transport)
     return host
@@ -125,7 +126,7 @@ def test_a_namespace_view_runs_through_the_hosts_one_executor_with_its_prefix(mo
     assert shlex.split(transport.commands[-1]) == ["sudo", "-n", "timeout", "-k", "2", "6", *enter,
                                                    "conntrack", "-C"]
     assert view.read_sysctl("net.netfilter.nf_conntrack_max") == "6000"
-    assert shlex.split(transport.commands[-1]) == ["sudo", "-n", *enter, "cat", "--",
+    assert shlex.split(transport.commands[-1]) == ["sudo", "-n", "timeout", "-k", "2", "61", *enter, "cat", "--",
                                                    "/proc/sys/net/netfilter/nf_conntrack_max"]
     with pytest.raises(SysctlError, match="pod-1.*Invalid argument"):
         view.write_sysctl("net.netfilter.nf_conntrack_max", "abc")
@@ -135,7 +136,8 @@ def test_a_namespace_view_runs_through_the_hosts_one_executor_with_its_prefix(mo
     assert shlex.split(transport.commands[-1]) == ["sudo", "-n", *enter, "cat", "/tmp/lines"]
     # a file outside /proc is the machine's file: the host's own path, no namespace prefix
     view.read_file("/etc/hostname")
-    assert shlex.split(transport.commands[-1]) == ["sudo", "-n", "cat", "--", "/etc/hostname"]
+    assert shlex.split(transport.commands[-1]) == ["sudo", "-n", "timeout", "-k", "2", "61", "cat", "--",
+                                                   "/etc/hostname"]
     # the host itself: same executor, same connection, no prefix
     assert host.run("echo hi", timeout=None).host == "node"
     assert transport.commands[-1] == "sudo -n sh -c 'echo hi'"
@@ -157,8 +159,8 @@ def test_without_sudo_files_go_over_sftp_and_proc_files_of_a_view_through_cat(mo
     assert view.read_file("/etc/hostname") == b"from sftp" and SFTP.opened == ["/etc/hostname"]
     assert transport.commands == []
     assert view.read_file("/proc/sys/net/ipv4/ip_forward") == b"1\n"
-    assert shlex.split(transport.commands[-1]) == ["ip", "netns", "exec", "lkpod1", "cat", "--",
-                                                   "/proc/sys/net/ipv4/ip_forward"]
+    assert shlex.split(transport.commands[-1]) == ["timeout", "-k", "2", "61", "ip", "netns", "exec", "lkpod1",
+                                                   "cat", "--", "/proc/sys/net/ipv4/ip_forward"]
 
 
 def test_sudo_put_and_write_send_the_bytes_to_tee_and_refusals_become_oserrors(monkeypatch, tmp_path):
@@ -173,7 +175,8 @@ def test_sudo_put_and_write_send_the_bytes_to_tee_and_refusals_become_oserrors(m
     local.write_bytes(b"allowedUnsafeSysctls: []\n")
     host.put(local, "/var/lib/kubelet/config.yaml", mode=0o600)
     assert shlex.split(transport.commands[-1]) == [
-        "sudo", "-n", "sh", "-c", 'cat > "$1" && chmod "$2" "$1"', "sh", "/var/lib/kubelet/config.yaml", "600"]
+        "sudo", "-n", "timeout", "-k", "2", "61", "sh", "-c", 'cat > "$1" && chmod "$2" "$1"', "sh",
+        "/var/lib/kubelet/config.yaml", "600"]
     assert transport.channels[-1].wrote.wait(5) and transport.inputs[-1] == local.read_bytes()
     with pytest.raises(OSError) as info:
         host.write_file("/etc/ro.conf", b"x", mode=0o644)
@@ -186,7 +189,7 @@ def test_a_connection_found_dead_before_a_command_is_replaced_once(monkeypatch):
     dead, live = FakeTransport(dead=True), FakeTransport(lambda argv: (b"up\n", b"", 0))
     handed = iter([dead, live])
     monkeypatch.setattr(conn, "connect", lambda: next(handed))
-    result = SSHExecutor(conn).run(["echo", "up"], host="node", timeout=None)
+    result = SSHExecutor(conn, agent=False).run(["echo", "up"], host="node", timeout=None)
     assert result.stdout == "up\n" and live.commands == ["echo up"] and dead.commands == []
 
 
@@ -200,7 +203,7 @@ def test_a_second_dead_connection_is_reported_not_retried_forever(monkeypatch):
 
     monkeypatch.setattr(conn, "connect", connect)
     with pytest.raises(SSHError, match=r"node: cannot start 'echo up': the server closed the connection"):
-        SSHExecutor(conn).run(["echo", "up"], host="node", timeout=None)
+        SSHExecutor(conn, agent=False).run(["echo", "up"], host="node", timeout=None)
     assert len(calls) == 2
 
 

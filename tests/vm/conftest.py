@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -29,6 +30,19 @@ from tests.conftest import need_program, need_root
 VM_WORK = Path(os.environ.get("LABKIT_VM_WORK", "/var/cache/labkit/vm"))
 TIMINGS: dict[str, float] = {}
 NOTES: list[str] = []  # what the tier measured besides time, printed at the end
+
+
+def pytest_configure(config):
+    """INT and TERM end the tier through its fixtures' teardown (VMs destroyed, libvirt stopped):
+    ``make test`` starts it in the background, where a shell has it ignore INT, and CI ends
+    overrunning jobs with TERM."""
+    if config.getoption("markexpr", "") and "not vm" not in config.getoption("markexpr", ""):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
 def need_vms() -> None:
