@@ -103,9 +103,9 @@ class RemoteAgent:
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise AgentUnavailable(f"{self.name}: cannot start the command agent: {exc}") from None
         buf = bytearray()
-        deadline = _now() + timeout
+        deadline = time.monotonic() + timeout
         while b"\n" not in buf:
-            left = deadline - _now()
+            left = deadline - time.monotonic()
             if left <= 0 or chan.exit_status_ready() and not chan.recv_ready():
                 chan.close()
                 why = text(self._stderr).strip().splitlines()[-1:] or [
@@ -274,7 +274,3 @@ class RemoteAgent:
 
 def _bytes(data: str | None) -> bytes:
     return base64.b64decode(data) if data else b""
-
-
-def _now() -> float:
-    return time.monotonic()
