@@ -77,7 +77,8 @@ class SSHStream:
                 self.stop()
                 raise CommandTimedOut(self.display, self.name, self.line_timeout,
                                       stderr=text(err))
-            select.select([chan], [], [], 0.5)
+            if not _wait_readable(chan, self._stopped, 0.5):
+                break
         self.stderr = text(err)
         if self._stopped.is_set():
             return
@@ -102,6 +103,24 @@ class SSHStream:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _wait_readable(chan: paramiko.Channel, stopped: threading.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``chan`` to have data; False once :meth:`SSHStream.stop` ran.
+
+    ``stop()`` may close the channel from another thread, and closing it closes the
+    pipe ``select`` waits on: EBADF (or a negative descriptor) then means "stopped",
+    never an error of the command.
+    """
+    if stopped.is_set():
+        return False
+    try:
+        select.select([chan], [], [], seconds)
+    except (OSError, ValueError):
+        if stopped.is_set():
+            return False
+        raise
+    return True
 
 
 def dies(transport: paramiko.Transport, within: float) -> bool:
