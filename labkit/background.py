@@ -502,6 +502,15 @@ class BackgroundFlows:
             try:
                 self._renew()
             except (OSError, LabkitError) as exc:
+                try:
+                    gone = not self.host.exists(self.folder)
+                except (OSError, LabkitError):
+                    gone = False    # the machine did not answer: keep trying
+                if gone:
+                    # stopped or removed under us (``labkit clean`` of flows whose process
+                    # was killed): nothing is left to renew
+                    log.info("background flows %s: their folder is gone; lease no longer renewed", self.netns)
+                    return
                 log.warning("background flows %s: cannot renew their lease (%s); they end after %g s "
                             "without one", self.netns, exc, LEASE_S)
 

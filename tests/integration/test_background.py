@@ -82,6 +82,10 @@ def test_flows_whose_process_was_killed_are_removed_by_clean(tmp_path):
     removed = clean(tmp_path)
     assert any("lkbg" in line for line in removed), removed
     assert _namespaces() == before and not flows.folder.exists()
+    # the owner's lease thread notices the folder is gone and ends (no warning each renewal)
+    flows._renewer.join(background.RENEW_S + 5)
+    assert not flows._renewer.is_alive()
+    flows.stop()
 
 
 def test_flows_end_by_themselves_when_their_owner_is_gone(tmp_path):
