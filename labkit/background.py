@@ -679,6 +679,18 @@ def watch(info: dict | None, *, host: Host | None = None,
                 fire(reason)
                 return
 
+    restore = None
+    if on_failure is None and threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
+        # launched with SIGINT ignored (``nohup cmd &``) or at its default (death): our own
+        # interrupt must still end the load, while a stray SIGINT keeps doing what it did
+        previous = signal.getsignal(signal.SIGINT)
+
+        def ours(signum, frame):
+            if result["reason"] is not None or previous == signal.SIG_DFL:
+                raise KeyboardInterrupt("SIGINT")
+
+        restore = signal.signal(signal.SIGINT, ours)
     thread = threading.Thread(target=loop, name="labkit-background-watch", daemon=True)
     thread.start()
     try:
@@ -690,6 +702,8 @@ def watch(info: dict | None, *, host: Host | None = None,
     finally:
         stop.set()
         thread.join(timeout=2)
+        if restore is not None:
+            signal.signal(signal.SIGINT, restore)
     if result["reason"] is not None:
         raise TestbedError(f"the background flows stopped during the load: {result['reason']}")
 

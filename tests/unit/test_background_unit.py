@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import struct
 import threading
 import time
@@ -166,6 +167,27 @@ def test_watch_ends_a_blocking_load_at_once_by_interrupting_the_main_thread(tmp_
         with background.watch({"folder": str(folder)}):
             time.sleep(30)  # a load: ends by the watcher's SIGINT, not by itself
     assert time.monotonic() - began < 5
+
+
+@pytest.mark.parametrize("inherited", [signal.SIG_IGN, signal.SIG_DFL], ids=["ignored", "default"])
+def test_watch_ends_the_load_when_sigint_was_inherited_ignored_or_default(tmp_path, monkeypatch, inherited):
+    """``nohup labkit replay &`` starts with SIGINT ignored: the flows' failure still ends the load at once
+    (and with SIGINT at its default, the watcher's interrupt does not kill the process)."""
+    from labkit.exceptions import TestbedError
+
+    monkeypatch.setattr(background, "WATCH_EVERY_S", 0.02)
+    folder = _marker(tmp_path / "netns-bg-x")
+    old = signal.signal(signal.SIGINT, inherited)
+    try:
+        threading.Timer(0.2, _failed_marker, args=(folder,)).start()
+        began = time.monotonic()
+        with pytest.raises(TestbedError, match="No such device"):
+            with background.watch({"folder": str(folder)}):
+                time.sleep(30)
+        assert time.monotonic() - began < 5
+        assert signal.getsignal(signal.SIGINT) == inherited  # given back as it was
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def test_the_flows_process_refuses_a_bad_command_line(tmp_path, capsys):
