@@ -72,6 +72,7 @@ class _Watch:
     stop: threading.Event
     latest: tuple[float, dict[str, int]] | None = None
     at_expect_max: float | None = None   # last sample time with expectations at the max
+    at_table_max: float | None = None    # last sample time with the connection table full
     table_full: int = 0
     expect_full: int = 0
 
@@ -274,6 +275,9 @@ class ConntrackExporter:
             emax = values.get("nf_conntrack_expect_max")
             if emax and values.get("expect_count", 0) >= emax:
                 watch.at_expect_max = t
+            cmax = values.get("nf_conntrack_max")
+            if cmax and values.get("nf_conntrack_count", 0) >= cmax:
+                watch.at_table_max = t
 
         sampler = NetnsSampler(NetnsTarget(found.label, found.path), self.hz, emit, stop)
         holder.append(_Watch(found, sampler, stop))
@@ -304,7 +308,8 @@ class ConntrackExporter:
                 self.error = self.error or exc
         with self._lock:
             at_max = {inode: w.at_expect_max for inode, w in self._watch.items()}
-            inode = attribute_line(event, wall, at_max, self.hz)
+            full = {inode: w.at_table_max for inode, w in self._watch.items()}
+            inode = attribute_line(event, wall, at_max, self.hz, at_table_max=full)
             watch = self._watch.get(inode) if inode is not None else None
             if watch is not None:
                 if event.kind == TABLE_FULL:
@@ -342,29 +347,39 @@ class ConntrackExporter:
 
 
 def attribute_line(event: KernelEvent, wall: float, at_expect_max: dict[int, float | None],
-                   hz: float) -> int | None:
+                   hz: float, *, at_table_max: dict[int, float | None] | None = None) -> int | None:
     """The namespace (inode) a kernel conntrack line belongs to.
 
-    ``table full in netns N`` belongs to N; a ``table full`` line that names no
-    namespace to the initial one (current kernels name every other).  An
-    ``expectation table full`` line names none: it goes to the one namespace whose
-    expectations were at the limit within two sampling periods (at least 1.5 s)
-    of the line, if exactly one was.
+    ``table full in netns N`` belongs to N.  A ``table full`` line that names no
+    namespace comes from the initial one on current kernels (they name every
+    other), but older ones (6.1) name none at all: it goes to the one namespace
+    whose table was full within two sampling periods (at least 1.5 s) of the line,
+    if exactly one was, else to the initial one.  An ``expectation table full`` line
+    names none: it goes to the one namespace whose expectations were at the limit
+    then, if exactly one was.
 
     Args:
         event: a ``table_full`` or ``expect_table_full`` event.
         wall: when the kernel logged it (Unix time).
         at_expect_max: ``{inode: last sample time with expectations at the limit, or None}``.
         hz: the sampling rate.
+        at_table_max: ``{inode: last sample time with the table full (count at the max), or None}``.
 
     Returns:
         The inode, or None for an expectation line no one namespace can be given.
     """
-    if event.kind == TABLE_FULL:
-        return event.netns_inode if event.netns_inode is not None else INIT_NET_INODE
     slack = max(1.5, 2.0 / hz)
-    near = [inode for inode, t in at_expect_max.items() if t is not None and abs(t - wall) <= slack]
-    return near[0] if len(near) == 1 else None
+
+    def one_near(times: dict[int, float | None]) -> int | None:
+        near = [inode for inode, t in times.items() if t is not None and abs(t - wall) <= slack]
+        return near[0] if len(near) == 1 else None
+
+    if event.kind == TABLE_FULL:
+        if event.netns_inode is not None:
+            return event.netns_inode
+        full = one_near(at_table_max or {})
+        return full if full is not None else INIT_NET_INODE
+    return one_near(at_expect_max)
 
 
 class ConntrackCollector:

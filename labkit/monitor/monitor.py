@@ -27,7 +27,7 @@ import pandas as pd
 from labkit.exceptions import MonitorError
 from labkit.host import NETNS_DIR, Host, LocalHost, NetnsHost
 from labkit.monitor.agent import AgentSession, remote_target
-from labkit.monitor.parse import EXPECT_TABLE_FULL, KernelEvent
+from labkit.monitor.parse import EXPECT_TABLE_FULL, TABLE_FULL, KernelEvent
 from labkit.monitor.sampler import (
     KmsgFollower, NetnsSampler, NetnsTarget, Tick, event_role,
 )
@@ -257,14 +257,15 @@ class Monitor:
         """Long table ``time, host, netns, kind, message`` of the kernel's conntrack lines.
 
         ``netns`` is the role the line belongs to: named in the line (``table full
-        in netns N``), the initial namespace for a table-full line that names
-        none, and for ``expectation table full`` (which names none) the one
+        in netns N``); for a table-full line that names none (kernel 6.1 names
+        none at all), the one namespace whose table was full then if exactly one
+        was, else the initial namespace; and for ``expectation table full`` (which names none) the one
         namespace whose expectation count was at its max then, if exactly one
         was; else empty.  ``suppressed`` lines (the machine-wide rate limiter)
         have an empty ``netns``.
         """
         rows = []
-        at_max = None
+        at_max = table_full = None
         for machine in list(self._machines.values()):
             for wall, event in list(machine.events):
                 role = event_role(event, machine.roles, machine.own_inode)
@@ -274,20 +275,25 @@ class Monitor:
                     role = f"netns:{event.netns_inode}"
                 if event.kind == EXPECT_TABLE_FULL:
                     if at_max is None:
-                        at_max = self._expect_full_windows()
+                        at_max = self._full_windows("expect_count", "nf_conntrack_expect_max")
                     role = _role_at_max(at_max, machine.name, wall)
+                elif event.kind == TABLE_FULL and event.netns_inode is None:
+                    # kernel 6.1 names no namespace in any table-full line
+                    if table_full is None:
+                        table_full = self._full_windows("nf_conntrack_count", "nf_conntrack_max")
+                    role = _role_at_max(table_full, machine.name, wall) or role
                 rows.append((wall, machine.name, role, event.kind, event.message))
         frame = pd.DataFrame(rows, columns=EVENT_COLUMNS)
         frame["time"] = pd.to_datetime(frame["time"], unit="s", utc=True)
         return frame.sort_values("time", kind="stable").reset_index(drop=True)
 
-    def _expect_full_windows(self) -> dict[str, list[tuple[float, str]]]:
-        """Per machine, the (time, role) of ticks whose expectation count was at the max."""
+    def _full_windows(self, count: str, limit: str) -> dict[str, list[tuple[float, str]]]:
+        """Per machine, the (time, role) of ticks whose ``count`` was at its ``limit``."""
         out: dict[str, list[tuple[float, str]]] = {}
         for machine in self._machines.values():
             out[machine.name] = [
                 (t, role) for t, role, v in list(machine.ticks)
-                if v.get("nf_conntrack_expect_max") and v.get("expect_count", 0) >= v["nf_conntrack_expect_max"]
+                if v.get(limit) and v.get(count, 0) >= v[limit]
             ]
         return out
 
@@ -316,7 +322,7 @@ class Monitor:
 
 def _role_at_max(windows: dict[str, list[tuple[float, str]]], host: str, wall: float,
                  slack: float = 1.0) -> str:
-    """The one role whose expectation count was at its max within ``slack`` s of ``wall``."""
+    """The one role whose count was at its max within ``slack`` s of ``wall`` ("" if none or several)."""
     roles = {role for t, role in windows.get(host, ()) if abs(t - wall) <= slack}
     return roles.pop() if len(roles) == 1 else ""
 

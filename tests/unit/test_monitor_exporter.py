@@ -194,3 +194,12 @@ def test_an_address_that_is_not_this_machines_is_refused(capsys):
     code, err = run_cli(capsys, "--serve", "192.0.2.1:9101", "--no-kmsg")   # TEST-NET-1: never local
     assert code == 1
     assert "--serve 192.0.2.1:9101: 192.0.2.1 is not an address of this machine" in err, err
+
+
+def test_a_table_full_line_naming_no_netns_goes_to_the_one_namespace_whose_table_was_full():
+    from labkit.monitor.parse import KernelEvent
+    line = KernelEvent(TABLE_FULL, "nf_conntrack: nf_conntrack: table full, dropping packet")  # kernel 6.1
+    now = 1_000_000.0
+    assert attribute_line(line, now, {}, 1.0, at_table_max={NODE: now - 0.5, POD: None}) == NODE
+    assert attribute_line(line, now, {}, 1.0, at_table_max={NODE: now - 0.5, POD: now}) == INIT_NET_INODE
+    assert attribute_line(line, now, {}, 1.0, at_table_max={NODE: now - 30}) == INIT_NET_INODE

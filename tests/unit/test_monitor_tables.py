@@ -61,3 +61,30 @@ def test_chart_refuses_empty_samples(recorded):
     samples, _ = recorded
     with pytest.raises(MonitorError, match="nothing to plot"):
         conntrack_chart(samples.iloc[0:0])
+
+
+def _recorded(ticks, events, roles):
+    """A Monitor whose one machine recorded ``ticks`` and ``events`` (no sampling)."""
+    from labkit.host import LocalHost
+    from labkit.monitor.monitor import Monitor, _Machine
+
+    monitor = Monitor({"node": LocalHost()})
+    machine = _Machine("vm")
+    machine.ticks, machine.events, machine.roles = ticks, events, roles
+    machine.own_inode = 4026531840
+    monitor._machines = {"vm": machine}
+    return monitor
+
+
+def test_a_61_table_full_line_naming_no_netns_goes_to_the_one_full_namespace():
+    """Kernel 6.1 prints ``table full, dropping packet`` with no namespace even from a netns."""
+    from labkit.monitor.parse import TABLE_FULL, KernelEvent
+
+    line = KernelEvent(TABLE_FULL, "nf_conntrack: nf_conntrack: table full, dropping packet")
+    full, spare = {"nf_conntrack_count": 1024, "nf_conntrack_max": 1024}, {"nf_conntrack_count": 10,
+                                                                           "nf_conntrack_max": 1024}
+    ticks = [(100.0, "node", full), (100.0, "pod-1", spare), (200.0, "node", full), (200.0, "pod-1", full)]
+    roles = {4026531840: "init", 11: "node", 12: "pod-1"}
+    events = _recorded(ticks, [(100.3, line), (200.2, line), (300.0, line)], roles).events
+    # only the node full at 100 s: the node's; both at 200 s, none at 300 s: the initial namespace's
+    assert list(events["netns"]) == ["node", "init", "init"]
