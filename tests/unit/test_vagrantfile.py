@@ -113,3 +113,26 @@ def test_the_lab_machine_is_opt_in_and_isolated_with_the_local_box(project):
     text = (ROOT / "Vagrantfile").read_text()
     assert 'define_machine(config, "lab", nil, settings["machines"]["lab"], isolated: local_box, autostart: false)' in text
     assert 'lv.management_network_mode = "none"' in text and 'libvirt__forward_mode: "none"' in text
+
+
+def test_each_vm_gets_its_files_as_one_archive_made_from_this_folder(project):
+    """One upload per VM (a file provisioner pays an SSH round trip per file): labkit's source
+    and the manifests as .tar.gz, with modes kept and no bytecode."""
+    import tarfile
+
+    cache = project / "labkit" / "__pycache__"
+    cache.mkdir(exist_ok=True)
+    (cache / "stale.cpython-311.pyc").write_bytes(b"\0")
+    r = _validate(project)
+    assert r.returncode == 0, r.stdout + r.stderr
+    upload = project / ".vagrant" / "labkit-upload"
+    with tarfile.open(upload / "labkit-src.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"labkit/__init__.py", "labkit/testbed", "pyproject.toml", "README.md"} <= names
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
+    with tarfile.open(upload / "k8s-manifests.tar.gz") as tar:
+        entry = tar.getmember("k8s-manifests/image/entrypoint.sh")
+        assert entry.mode & 0o111 and tar.extractfile(entry).read() == \
+            (ROOT / "k8s-manifests" / "image" / "entrypoint.sh").read_bytes()
+    text = (ROOT / "Vagrantfile").read_text()
+    assert text.count('m.vm.provision "file"') == 3   # control plane, workers, client: one each

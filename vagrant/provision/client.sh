@@ -5,6 +5,11 @@
 # dependencies; the uploaded source goes beside it and `python3` is that venv's.
 set -euo pipefail
 
+# labkit's source, uploaded as one archive by the Vagrantfile
+rm -rf /tmp/labkit-src
+install -d -m 0755 /tmp/labkit-src
+tar -xzf /tmp/labkit-src.tar.gz -C /tmp/labkit-src --no-same-owner
+
 if [ "${LOCAL_BOX:-}" = 1 ]; then
     rm -rf /opt/labkit/src
     cp -a /tmp/labkit-src /opt/labkit/src

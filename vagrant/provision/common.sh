@@ -9,6 +9,11 @@ set -euo pipefail
 minor=${K8S_VERSION%.*}
 export DEBIAN_FRONTEND=noninteractive
 
+# k8s-manifests, uploaded as one archive by the Vagrantfile, to /tmp/labkit/k8s-manifests
+rm -rf /tmp/labkit
+install -d -m 0755 /tmp/labkit
+tar -xzf /tmp/labkit-k8s-manifests.tar.gz -C /tmp/labkit --no-same-owner
+
 # kubelet refuses to run with swap on
 swapoff -a
 sed -i '/\sswap\s/s/^/#/' /etc/fstab
