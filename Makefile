@@ -12,8 +12,8 @@ lab: setup-lab
 notebook: setup-lab
 	$(VENV)/bin/labkit notebook
 
-# the whole suite; the vm tier (real VMs under QEMU, see docs/vagrant.md) beside the rest,
-# without the three-VM cluster (scripts/test.sh)
+# the whole suite; the vm tier (real VMs under QEMU, see docs/vagrant.md) beside the rest
+# (scripts/test.sh)
 test: setup-vm
 	@bash scripts/test.sh
 
