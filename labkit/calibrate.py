@@ -23,7 +23,10 @@ found it to be the limit (131072 in iteration 2, 524288 in iteration 5,
 with ``article_capacity`` = the article's one-pod rate without table pressure
 (iteration 8, 5,100/s): the lab table admits the same share of the machine's
 capacity as the article's table admitted of the article's.  ``expect_max``
-keeps the article's ratio to the default max (1024 : 131072).  The 30 s UDP
+keeps the article's ratio to the default max (1024 : 131072), at least 8, but the
+default's stays below the transfers in flight (they hold at most one expectation each, so
+on a slow machine keeping 2 in flight a table of 8 could never fill) and the raised one
+(8192) at least that.  The 30 s UDP
 timeout stays (it is the pods' kernel default, and iteration 7 hinges on the
 node's timeout differing from the pod's); the article's 10 s stays 10 s only if
 it shortens the measured entry lifetime by at least 40 % and one pod's node
@@ -197,11 +200,21 @@ def derive_from(capacity: float, lifetimes: dict[int, float], peak_t10: float, a
                + ("; " + "; ".join(why) if why else "")})
     scale = maxes[DEFAULT_MAX] / DEFAULT_MAX
     expects = {}
+    in_flight = int((run or LAB_RUN)["concurrency"])
     for value in (1024, 8192):
         expects[value] = max(8, int(round(value * scale)))
-        derivation.append({"sysctl": EXPECT_MAX, "article": value, "lab": expects[value],
-                           "why": f"the article's ratio to the default max: {value} x "
-                                  f"{maxes[DEFAULT_MAX]}/{DEFAULT_MAX}"})
+        why = f"the article's ratio to the default max: {value} x {maxes[DEFAULT_MAX]}/{DEFAULT_MAX}"
+        # N transfers in flight hold at most N expectations (one per request until the server
+        # answers): the default's table must stay below that, for a server that falls behind
+        # to fill it as the article's did (I4), and the raised one at least that, so it cannot
+        cap = max(1, in_flight - 1)
+        if value == DEFAULT_EXPECT_MAX and expects[value] > cap:
+            expects[value] = cap
+            why += f", below the {in_flight} transfers in flight (they hold at most {in_flight})"
+        elif value != DEFAULT_EXPECT_MAX and expects[value] < in_flight:
+            expects[value] = in_flight
+            why += f", at least the {in_flight} transfers in flight"
+        derivation.append({"sysctl": EXPECT_MAX, "article": value, "lab": expects[value], "why": why})
     return {
         "name": "lab",
         "description": (
