@@ -72,8 +72,13 @@ class RunSummary:
         env = m.get("environment", {})
         shown = (f"{m.get('profile', 'lab')} (derived for this machine: {Path(self.profile).name})"
                  if str(self.profile).endswith((".yaml", ".yml")) else self.profile)
-        who = (f"Run `{m.get('run_id', self.run_dir.name)}`, profile `{shown}`, "
-               f"Linux {env.get('kernel', '?')} on {env.get('cpus', '?')} CPUs, "
+        where = f"Linux {env.get('kernel', '?')} on {env.get('cpus', '?')} CPUs"
+        tb = m.get("testbed_machine")
+        if tb:   # --on: the kernel under test is that machine's, the notebooks ran here
+            where = (f"the testbed on `{m.get('on') or tb.get('name')}`: Linux {tb.get('kernel', '?')} "
+                     f"({tb.get('distro', '?')}) on {tb.get('cpus', '?')} CPUs; the notebooks on "
+                     f"{env.get('hostname', 'this machine')}: {where}")
+        who = (f"Run `{m.get('run_id', self.run_dir.name)}`, profile `{shown}`, {where}, "
                f"{len(self.summary)} iteration(s) completed.") if m else ""
         return markdown(f"{load_story()['summary']['intro'].strip()}\n\n{who}")
 
@@ -163,4 +168,10 @@ class RunSummary:
                 ("Python", env.get("python")), ("labkit revision", f"{git.get('revision')}"
                                                  + (" (uncommitted changes)" if git.get("dirty") else "")),
                 *[(f"package {k}", v) for k, v in (env.get("packages") or {}).items()]]
+        tb = m.get("testbed_machine")
+        if tb:   # --on: the testbed's machine first; kernel, distribution and CPUs below are the notebooks'
+            rows[2:5] = [("testbed machine", m.get("on") or tb.get("name")), ("testbed kernel", tb.get("kernel")),
+                         ("testbed distribution", tb.get("distro")), ("testbed CPUs", tb.get("cpus")),
+                         ("notebooks' kernel", env.get("kernel")), ("notebooks' distribution", env.get("distro")),
+                         ("notebooks' CPUs", env.get("cpus"))]
         return pd.DataFrame(rows, columns=["", "value"]).set_index("")

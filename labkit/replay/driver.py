@@ -27,7 +27,7 @@ from labkit.exceptions import ReplayError
 from labkit.replay import guard
 from labkit.replay import index as index_page
 from labkit.replay.kernel import KERNEL_NAME, ensure_kernel
-from labkit.replay.manifest import Manifest, now, read_sysctls
+from labkit.replay.manifest import Manifest, machine_environment, now, read_sysctls
 from labkit.replay.notebook import Outcome, execute, render_html
 from labkit.scenario import load_scenario
 from labkit.util import writable_dir
@@ -176,7 +176,8 @@ def _prepare_run_dir(options: ReplayOptions) -> tuple[Path, Manifest]:
     manifest = Manifest.create(run_dir, run_id=_run_id_for(run_dir, generated=not options.out),
                                profile=options.profile,
                                testbed=options.testbed, iterations=options.iterations,
-                               kernel=options.kernel, on=options.on, sysctls=_sysctls(options))
+                               kernel=options.kernel, on=options.on, sysctls=_sysctls(options),
+                               testbed_machine=machine_environment(_machine(options)) if options.on else None)
     return run_dir, manifest
 
 
@@ -216,15 +217,20 @@ def _testbed(options: ReplayOptions, run_id: str):
 _MACHINES: dict[str, Any] = {}  # --on's machine, resolved once a run (vagrant ssh-config is slow)
 
 
-def _sysctls(options: ReplayOptions) -> dict[str, str | None]:
-    """The conntrack sysctls of the machine the lab runs on (``--on``'s, else this one's)."""
-    if not options.on:
-        return read_sysctls()
+def _machine(options: ReplayOptions):
+    """The ``--on`` machine's Host (one per replay process)."""
     if options.on not in _MACHINES:
         from labkit.remote.targets import machine_for
 
         _MACHINES[options.on] = machine_for(options.on)
-    return read_sysctls(_MACHINES[options.on])
+    return _MACHINES[options.on]
+
+
+def _sysctls(options: ReplayOptions) -> dict[str, str | None]:
+    """The conntrack sysctls of the machine the lab runs on (``--on``'s, else this one's)."""
+    if not options.on:
+        return read_sysctls()
+    return read_sysctls(_machine(options))
 
 
 def _testbed_teardown(options: ReplayOptions, run_id: str, number: int) -> None:

@@ -94,7 +94,9 @@ def render(run_dir: Path, manifest: dict[str, Any]) -> str:
             f"<span class='{html.escape(str(manifest.get('status')))}'>{html.escape(str(manifest.get('status')))}</span>"
             f" &middot; started {html.escape(str(manifest.get('started')))}"
             + (f" &middot; {manifest['duration_s']:.0f} s" if manifest.get("duration_s") else "")
-            + f"<br>Linux {html.escape(str(env.get('kernel')))} &middot; {html.escape(str(env.get('distro')))}"
+            + _testbed_machine(manifest)
+            + f"<br>{'notebooks: ' if manifest.get('testbed_machine') else ''}"
+            f"Linux {html.escape(str(env.get('kernel')))} &middot; {html.escape(str(env.get('distro')))}"
             f" &middot; {env.get('cpus')} CPUs &middot; labkit {html.escape(str((env.get('git') or {}).get('revision') or '')[:10])}"
             f" &middot; <a href='manifest.json'>manifest.json</a>"
             + (" &middot; <a href='summary.csv'>summary.csv</a>" if (run_dir / "summary.csv").exists() else ""))
@@ -163,3 +165,13 @@ def write(run_dir: Path, manifest: Any) -> Path:
     path = Path(run_dir) / INDEX_FILE
     atomic_write(path, render(Path(run_dir), data).encode())
     return path
+
+
+def _testbed_machine(manifest: dict) -> str:
+    """The ``--on`` machine's kernel, distribution and CPUs (HTML; empty for a run on this machine)."""
+    tb = manifest.get("testbed_machine")
+    if not tb:
+        return ""
+    return (f"<br>testbed on {html.escape(str(manifest.get('on') or tb.get('name')))}: "
+            f"Linux {html.escape(str(tb.get('kernel')))} &middot; {html.escape(str(tb.get('distro')))}"
+            f" &middot; {tb.get('cpus')} CPUs")

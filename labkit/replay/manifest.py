@@ -108,6 +108,26 @@ def environment() -> dict[str, Any]:
     }
 
 
+# One command on the testbed's machine: its kernel, distribution and CPUs
+_MACHINE_PROBE = ('uname -n; uname -r; uname -v; uname -m; nproc; '
+                  '(. /etc/os-release 2>/dev/null && echo "$PRETTY_NAME") || uname -s')
+
+
+def machine_environment(machine: Any) -> dict[str, Any]:
+    """Where the testbed of a ``--on`` run runs: that machine's kernel, distribution and CPUs.
+
+    The notebooks, and :func:`environment`, are on this machine; the kernel the story is
+    about is that one's.
+
+    Raises:
+        LabkitError: the machine cannot be asked (the Host's own errors).
+    """
+    lines = machine.run(["sh", "-c", _MACHINE_PROBE], timeout=60).stdout.splitlines()
+    hostname, release, version, arch, cpus, name = (lines + [""] * 6)[:6]
+    return {"name": machine.name, "hostname": hostname, "kernel": release, "kernel_version": version,
+            "machine": arch, "distro": name, "cpus": int(cpus) if cpus.isdigit() else None}
+
+
 class Manifest:
     """The manifest of one run folder, saved atomically on every change.
 
@@ -123,11 +143,13 @@ class Manifest:
     @classmethod
     def create(cls, run_dir: str | os.PathLike, *, run_id: str, profile: str, testbed: str,
                iterations: list[int], kernel: str, on: str | None = None,
-               sysctls: dict[str, str | None] | None = None) -> "Manifest":
+               sysctls: dict[str, str | None] | None = None,
+               testbed_machine: dict[str, Any] | None = None) -> "Manifest":
         """A new manifest for a run that starts now (saved).
 
         ``on``: the machine the netns testbed runs on (``--on``), None for this one;
-        ``sysctls``: that machine's conntrack sysctls now (read here when None).
+        ``sysctls``: that machine's conntrack sysctls now (read here when None);
+        ``testbed_machine``: that machine's :func:`machine_environment` (None: this one).
         """
         manifest = cls(run_dir, {
             "run_id": run_id,
@@ -141,6 +163,7 @@ class Manifest:
             "finished": None,
             "duration_s": None,
             "environment": environment(),
+            "testbed_machine": testbed_machine,
             "sysctls": {"before": read_sysctls() if sysctls is None else sysctls, "after": None},
             "iterations": {},
             "summary": None,

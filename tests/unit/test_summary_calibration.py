@@ -64,3 +64,30 @@ def test_the_index_gives_no_article_rate_past_the_article(tmp_path):
     assert '<td class="num">5800</td>' in row9
     assert '<td class="num">225</td>' in row10 and '<td class="num">-</td>' in row10
     assert '<td class="num">0</td>' not in row10
+
+
+def test_a_run_on_another_machine_names_that_machines_kernel_beside_the_notebooks(tmp_path):
+    """``--on vagrant:lab``: the story's kernel is the VM's (6.1), not the laptop's where the notebooks ran."""
+    manifest = {"profile": "lab", "on": "vagrant:lab", "run_id": "r1", "iterations_requested": [2],
+                "environment": {"kernel": "6.18.44", "distro": "Debian 13", "cpus": 2, "hostname": "laptop"},
+                "testbed_machine": {"name": "vagrant:lab", "kernel": "6.1.0-50-amd64",
+                                    "distro": "Debian GNU/Linux 12 (bookworm)", "cpus": 2}}
+    summary = RunSummary(_run(tmp_path, manifest))
+    intro = summary.intro().data
+    assert "the testbed on `vagrant:lab`: Linux 6.1.0-50-amd64 (Debian GNU/Linux 12 (bookworm)) on 2 CPUs" in intro
+    assert "the notebooks on laptop: Linux 6.18.44" in intro
+    table = summary.environment()["value"]
+    assert table["testbed kernel"] == "6.1.0-50-amd64" and table["notebooks' kernel"] == "6.18.44"
+    html = index_page.render(tmp_path, manifest)
+    assert "testbed on vagrant:lab: Linux 6.1.0-50-amd64" in html and "notebooks: Linux 6.18.44" in html
+
+
+def test_the_testbed_machines_environment_is_read_from_that_machine():
+    import os
+
+    from labkit.host import LocalHost
+    from labkit.replay.manifest import machine_environment
+
+    env = machine_environment(LocalHost())
+    assert env["kernel"] == os.uname().release and env["cpus"] == os.cpu_count()
+    assert env["hostname"] == os.uname().nodename and env["distro"]

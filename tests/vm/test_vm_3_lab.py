@@ -125,6 +125,10 @@ def test_the_host_drives_the_netns_testbed_in_the_lab_vm_with_on(lab, tmp_path):
         samples = (out / f"iteration-{number}" / "samples.csv")
         assert samples.exists() and "nf_conntrack_count" in samples.read_text()
     assert (out / "index.html").exists()
+    # the reports name the guest's kernel as the testbed's, beside the host's where the notebooks ran
+    assert manifest["testbed_machine"]["kernel"].startswith("6.1.") and manifest["on"] == "vagrant:lab"
+    assert f"testbed on vagrant:lab: Linux {manifest['testbed_machine']['kernel']}" in \
+        (out / "index.html").read_text()
     # the replay took its testbeds down: no namespace, no server left in the guest
     assert host.run(["ip", "netns", "list"], timeout=60).stdout.strip() == ""
     assert not host.run(["pgrep", "-x", "in.tftpd"], timeout=60, check=False).ok
