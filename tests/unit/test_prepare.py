@@ -146,9 +146,17 @@ def test_a_replay_on_another_machine_records_that_machine_and_its_sysctls(tmp_pa
     from labkit.replay import driver
     from labkit.replay.manifest import Manifest
 
+    from labkit.host import Result
+
     class There:
+        name = "bench"
+
         def read_sysctl(self, name):
             return {"net.netfilter.nf_conntrack_max": "128"}.get(name, "7")
+
+        def run(self, cmd, **kw):   # the machine's uname, nproc and os-release, as it prints them
+            return Result(str(cmd), self.name, 0, "bench1\n6.1.0-50-amd64\n#1 SMP\nx86_64\n2\n"
+                          "Debian GNU/Linux 12 (bookworm)\n", "", 0.1)
 
     monkeypatch.setattr(targets, "machine_for", lambda spec, **kw: There())
     monkeypatch.setattr(driver, "_MACHINES", {})
@@ -156,3 +164,6 @@ def test_a_replay_on_another_machine_records_that_machine_and_its_sysctls(tmp_pa
     run_dir, manifest = driver._prepare_run_dir(options)
     data = Manifest.load(run_dir).data
     assert data["on"] == "bench" and data["sysctls"]["before"]["net.netfilter.nf_conntrack_max"] == "128"
+    assert data["testbed_machine"] == {"name": "bench", "hostname": "bench1", "kernel": "6.1.0-50-amd64",
+                                       "kernel_version": "#1 SMP", "machine": "x86_64",
+                                       "distro": "Debian GNU/Linux 12 (bookworm)", "cpus": 2}
