@@ -200,14 +200,14 @@ def derive_from(capacity: float, lifetimes: dict[int, float], peak_t10: float, a
                + ("; " + "; ".join(why) if why else "")})
     scale = maxes[DEFAULT_MAX] / DEFAULT_MAX
     expects = {}
+    # N transfers in flight hold at most N expectations (one per request until the server
+    # answers): the default's table must stay below that, for a server that falls behind
+    # to fill it as the article's did (I4), and the raised one at least that, so it cannot
     in_flight = int((run or LAB_RUN)["concurrency"])
+    cap = max(1, in_flight - 1)
     for value in (1024, 8192):
         expects[value] = max(8, int(round(value * scale)))
         why = f"the article's ratio to the default max: {value} x {maxes[DEFAULT_MAX]}/{DEFAULT_MAX}"
-        # N transfers in flight hold at most N expectations (one per request until the server
-        # answers): the default's table must stay below that, for a server that falls behind
-        # to fill it as the article's did (I4), and the raised one at least that, so it cannot
-        cap = max(1, in_flight - 1)
         if value == DEFAULT_EXPECT_MAX and expects[value] > cap:
             expects[value] = cap
             why += f", below the {in_flight} transfers in flight (they hold at most {in_flight})"
